@@ -1,0 +1,45 @@
+# lorasweep: `make demo` to watch a sweep, `make test` to run the whole suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CLUSTER := $(PY) tests/cluster/devcluster.py
+
+.PHONY: setup test lint demo cluster-up cluster-down cluster-status bins tools crds bench clean
+
+setup: $(VENV)/.installed  ## create .venv with the operator, trainer and dev dependencies
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[operator,trainer,dev]'
+	touch $@
+
+test: setup  ## the whole suite; starts the test cluster when none is running
+	$(VENV)/bin/pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bins:  ## build the cluster binaries into ~/.cache/lorasweep (once per version)
+	LORASWEEP_SKIP_TOOLS=1 bash tests/cluster/build-bins.sh
+
+tools:  ## also build helm and kubeconform
+	bash tests/cluster/build-bins.sh
+
+cluster-up: setup  ## start the dev cluster and MLflow; writes .cluster/kubeconfig and .cluster/env
+	$(CLUSTER) up
+
+cluster-down:  ## stop every process cluster-up started and remove .cluster/
+	$(CLUSTER) down
+
+cluster-status:
+	$(CLUSTER) status
+
+demo:
+	@echo "make demo is not built yet: it arrives with the operator and the trainer."
+	@echo "Meanwhile: make cluster-up && source .cluster/env && kubectl get nodes"
+	@exit 1
+
+clean: cluster-down
+	rm -rf $(VENV)

@@ -1,0 +1,671 @@
+"""The dev and test cluster: a real control plane on loopback with fake GPU nodes and MLflow.
+
+    python tests/cluster/devcluster.py up | down | status | logs POD [-n NAMESPACE]
+
+`up` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (simulating
+the `sim` GPU nodes), the pod runner (running pods of `local-gpu-0` as local processes) and an
+MLflow server, each on a free loopback port, then writes `.cluster/kubeconfig` and
+`.cluster/env`. Every process is recorded by pid in `.cluster/state.json`, which is what `down`
+stops; `up` on a healthy cluster does nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STATE_DIR = REPO / ".cluster"
+STATE_FILE = STATE_DIR / "state.json"
+KUBECONFIG = STATE_DIR / "kubeconfig"
+ENV_FILE = STATE_DIR / "env"
+HERE = Path(__file__).resolve().parent
+
+SIM_NODES = {"sim-gpu-0": 4, "sim-gpu-1": 4}
+LOCAL_NODE = "local-gpu-0"
+LOCAL_NODE_GPUS = 2
+GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+CONTROLLERS = ",".join(
+    [
+        "job-controller",
+        "garbage-collector-controller",
+        "ttl-after-finished-controller",
+        "namespace-controller",
+        "serviceaccount-controller",
+        "serviceaccount-token-controller",
+        "root-ca-certificate-publisher-controller",
+        "deployment-controller",
+        "replicaset-controller",
+    ]
+)
+
+
+def log(message: str) -> None:
+    print(f"devcluster: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a running cluster is: where to reach it and which processes are its own."""
+
+    api_url: str
+    mlflow_url: str
+    bin_dir: str
+    pids: dict[str, int]
+
+    @classmethod
+    def load(cls) -> Cluster | None:
+        if not STATE_FILE.exists():
+            return None
+        return cls(**json.loads(STATE_FILE.read_text()))
+
+    def save(self) -> None:
+        STATE_FILE.write_text(json.dumps(self.__dict__, indent=2))
+
+    def dead_processes(self) -> list[str]:
+        return [name for name, pid in self.pids.items() if not _alive(pid)]
+
+    def healthy(self) -> bool:
+        return (
+            not self.dead_processes()
+            and _api_ready(self.api_url)
+            and _http_ok(f"{self.mlflow_url}/health")
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is as good as dead.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        sockets.append(s)
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _client_ssl_context() -> ssl.SSLContext:
+    certs = STATE_DIR / "certs"
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    context.load_cert_chain(str(certs / "admin.crt"), str(certs / "admin.key"))
+    return context
+
+
+def _http_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _api_ready(api_url: str) -> bool:
+    return _http_ok(f"{api_url}/readyz", _client_ssl_context())
+
+
+def _wait(what: str, check, timeout: float, pid: int | None = None, log_file: Path | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if pid is not None and not _alive(pid):
+            tail = log_file.read_text()[-3000:] if log_file and log_file.exists() else ""
+            raise RuntimeError(f"{what} exited during start-up; log {log_file}:\n{tail}")
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready after {timeout:.0f}s (log: {log_file})")
+
+
+def _start(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+    log_file = STATE_DIR / "logs" / f"{name}.log"
+    with log_file.open("ab") as out:
+        # Own session, so `down` can stop the process with everything it spawned.
+        process = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            cwd=REPO,
+        )
+    return process.pid
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=STATE_DIR / "certs")
+
+
+def _make_certs() -> None:
+    """A CA, the apiserver's serving cert, an admin client cert and the service-account key."""
+    (STATE_DIR / "certs").mkdir(parents=True)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "3650",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-subj",
+        "/CN=lorasweep-dev-ca",
+    )
+    for name, subject, ext in [
+        (
+            "apiserver",
+            "/CN=kube-apiserver",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n"
+            "extendedKeyUsage=serverAuth",
+        ),
+        ("admin", "/O=system:masters/CN=lorasweep-admin", "extendedKeyUsage=clientAuth"),
+    ]:
+        (STATE_DIR / "certs" / f"{name}.ext").write_text(ext + "\n")
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            subject,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-out",
+            f"{name}.crt",
+            "-extfile",
+            f"{name}.ext",
+        )
+    _openssl("genrsa", "-out", "sa.key", "2048")
+    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
+
+
+def _write_kubeconfig(api_url: str) -> None:
+    certs = STATE_DIR / "certs"
+
+    def b64(name: str) -> str:
+        return base64.b64encode((certs / name).read_bytes()).decode()
+
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "lorasweep-dev",
+                "cluster": {"server": api_url, "certificate-authority-data": b64("ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": "lorasweep-admin",
+                "user": {
+                    "client-certificate-data": b64("admin.crt"),
+                    "client-key-data": b64("admin.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "lorasweep-dev",
+                "context": {
+                    "cluster": "lorasweep-dev",
+                    "user": "lorasweep-admin",
+                    "namespace": "default",
+                },
+            }
+        ],
+        "current-context": "lorasweep-dev",
+    }
+    KUBECONFIG.write_text(json.dumps(config, indent=2))
+    KUBECONFIG.chmod(0o600)
+
+
+def _build_bins() -> str:
+    env = {**os.environ, "LORASWEEP_SKIP_TOOLS": "1"}
+    out = subprocess.run(
+        ["bash", str(HERE / "build-bins.sh")],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _node_manifest(name: str, gpus: int, mode: str) -> dict:
+    capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "nvidia.com/gpu.product": GPU_PRODUCT,
+                "nvidia.com/gpu.count": str(gpus),
+                "lorasweep.io/node-mode": mode,
+            },
+        },
+        "status": {
+            "capacity": capacity,
+            "allocatable": capacity,
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "reason": "KubeletReady",
+                    "message": f"{mode} node of the lorasweep dev cluster",
+                }
+            ],
+            "addresses": [
+                {"type": "InternalIP", "address": "127.0.0.1"},
+                {"type": "Hostname", "address": name},
+            ],
+            "nodeInfo": {
+                "architecture": "amd64",
+                "operatingSystem": "linux",
+                "kubeletVersion": "v1.36.3",
+                "containerRuntimeVersion": mode,
+                "kernelVersion": "",
+                "osImage": "",
+                "bootID": "",
+                "machineID": "",
+                "systemUUID": "",
+                "kubeProxyVersion": "",
+            },
+        },
+    }
+
+
+def _create_nodes() -> None:
+    from kubernetes import client, config
+
+    api = client.CoreV1Api(config.new_client_from_config(str(KUBECONFIG)))
+    nodes = [_node_manifest(n, g, "sim") for n, g in SIM_NODES.items()]
+    nodes.append(_node_manifest(LOCAL_NODE, LOCAL_NODE_GPUS, "local"))
+    for node in nodes:
+        api.create_node(node)
+        name = node["metadata"]["name"]
+        # Create drops the status; the status subresource takes it.
+        api.patch_node_status(name, {"status": node["status"]})
+        # Admission taints a new node not-ready; with no node lifecycle controller running,
+        # nothing else would ever lift it.
+        api.patch_node(name, {"spec": {"taints": None}})
+
+
+def has_default_service_account(core, namespace: str) -> bool:
+    """Pods are refused in a namespace until its default ServiceAccount exists."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        core.read_namespaced_service_account("default", namespace)
+    except ApiException:
+        return False
+    return True
+
+
+def up() -> Cluster:
+    existing = Cluster.load()
+    if existing is not None:
+        if existing.healthy():
+            log(f"already up: {existing.api_url}, MLflow {existing.mlflow_url}")
+            return existing
+        log(f"stale state (dead: {existing.dead_processes() or 'none'}); restarting")
+        down()
+    started = time.monotonic()
+    bin_dir = _build_bins()
+    STATE_DIR.mkdir(exist_ok=True)
+    (STATE_DIR / "logs").mkdir(exist_ok=True)
+    etcd_port, peer_port, api_port, cm_port, sched_port, kwok_port, mlflow_port = _free_ports(7)
+    api_url = f"https://127.0.0.1:{api_port}"
+    mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+    pids: dict[str, int] = {}
+    cluster = Cluster(api_url=api_url, mlflow_url=mlflow_url, bin_dir=bin_dir, pids=pids)
+    # Save as we go, so a failed start can still be torn down by pid.
+    cluster.save()
+    try:
+        _start_all(
+            cluster,
+            bin_dir,
+            etcd_port,
+            peer_port,
+            api_port,
+            cm_port,
+            sched_port,
+            kwok_port,
+            mlflow_port,
+        )
+    except BaseException:
+        log("start failed; stopping what was started")
+        down(keep_logs=True)
+        raise
+    ENV_FILE.write_text(
+        f"export KUBECONFIG={KUBECONFIG}\n"
+        f"export MLFLOW_TRACKING_URI={mlflow_url}\n"
+        f"export PATH={bin_dir}:$PATH\n"
+    )
+    log(f"up in {time.monotonic() - started:.1f}s: {api_url}, MLflow {mlflow_url}")
+    log(f"use it with: source {ENV_FILE.relative_to(REPO)}")
+    return cluster
+
+
+def _start_all(
+    cluster: Cluster,
+    bin_dir: str,
+    etcd_port: int,
+    peer_port: int,
+    api_port: int,
+    cm_port: int,
+    sched_port: int,
+    kwok_port: int,
+    mlflow_port: int,
+) -> None:
+    pids = cluster.pids
+    logs = STATE_DIR / "logs"
+    certs = STATE_DIR / "certs"
+    _make_certs()
+
+    def record(name: str, pid: int) -> int:
+        pids[name] = pid
+        cluster.save()
+        return pid
+
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    peer_url = f"http://127.0.0.1:{peer_port}"
+    pid = record(
+        "etcd",
+        _start(
+            "etcd",
+            [
+                f"{bin_dir}/etcd",
+                "--name=default",
+                f"--data-dir={STATE_DIR / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+                "--quota-backend-bytes=4294967296",
+            ],
+        ),
+    )
+    _wait("etcd", lambda: _http_ok(f"{etcd_url}/health"), 30, pid, logs / "etcd.log")
+
+    pid = record(
+        "kube-apiserver",
+        _start(
+            "kube-apiserver",
+            [
+                f"{bin_dir}/kube-apiserver",
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--client-ca-file={certs / 'ca.crt'}",
+                f"--tls-cert-file={certs / 'apiserver.crt'}",
+                f"--tls-private-key-file={certs / 'apiserver.key'}",
+                f"--service-account-key-file={certs / 'sa.pub'}",
+                f"--service-account-signing-key-file={certs / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--authorization-mode=RBAC",
+                # Scheduler and controller-manager read this CA at start; without it they log noise.
+                f"--requestheader-client-ca-file={certs / 'ca.crt'}",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--profiling=false",
+                "--v=1",
+            ],
+        ),
+    )
+    _wait(
+        "kube-apiserver", lambda: _api_ready(cluster.api_url), 90, pid, logs / "kube-apiserver.log"
+    )
+    _write_kubeconfig(cluster.api_url)
+
+    pid = record(
+        "kube-controller-manager",
+        _start(
+            "kube-controller-manager",
+            [
+                f"{bin_dir}/kube-controller-manager",
+                f"--kubeconfig={KUBECONFIG}",
+                f"--authentication-kubeconfig={KUBECONFIG}",
+                f"--authorization-kubeconfig={KUBECONFIG}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={cm_port}",
+                "--leader-elect=false",
+                f"--controllers={CONTROLLERS}",
+                f"--service-account-private-key-file={certs / 'sa.key'}",
+                f"--root-ca-file={certs / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--profiling=false",
+            ],
+        ),
+    )
+    pid = record(
+        "kube-scheduler",
+        _start(
+            "kube-scheduler",
+            [
+                f"{bin_dir}/kube-scheduler",
+                f"--kubeconfig={KUBECONFIG}",
+                f"--authentication-kubeconfig={KUBECONFIG}",
+                f"--authorization-kubeconfig={KUBECONFIG}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={sched_port}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+        ),
+    )
+    record(
+        "kwok",
+        _start(
+            "kwok",
+            [
+                f"{bin_dir}/kwok",
+                f"--kubeconfig={KUBECONFIG}",
+                f"--config={HERE / 'kwok-stages.yaml'}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-label-selector=lorasweep.io/node-mode=sim",
+                "--node-ip=127.0.0.1",
+                "--cidr=10.244.0.1/16",
+                f"--server-address=127.0.0.1:{kwok_port}",
+            ],
+        ),
+    )
+    _create_nodes()
+
+    runner_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    record(
+        "pod-runner",
+        _start(
+            "pod-runner",
+            [
+                sys.executable,
+                str(HERE / "pod_runner.py"),
+                f"--kubeconfig={KUBECONFIG}",
+                f"--node={LOCAL_NODE}",
+                f"--workdir={STATE_DIR / 'pods'}",
+            ],
+            env=runner_env,
+        ),
+    )
+
+    mlflow_dir = STATE_DIR / "mlflow"
+    mlflow_dir.mkdir()
+    pid = record(
+        "mlflow",
+        _start(
+            "mlflow",
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                f"--backend-store-uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
+                f"--artifacts-destination={mlflow_dir / 'artifacts'}",
+                "--host=127.0.0.1",
+                f"--port={mlflow_port}",
+                "--workers=1",
+            ],
+        ),
+    )
+    _wait("mlflow", lambda: _http_ok(f"{cluster.mlflow_url}/health"), 120, pid, logs / "mlflow.log")
+    from kubernetes import client, config
+
+    core = client.CoreV1Api(config.new_client_from_config(str(KUBECONFIG)))
+    _wait("default service account", lambda: has_default_service_account(core, "default"), 60)
+    for name, pid in pids.items():
+        if not _alive(pid):
+            raise RuntimeError(f"{name} died during start-up; see {logs / (name + '.log')}")
+
+
+def down(keep_logs: bool = False) -> None:
+    cluster = Cluster.load()
+    if cluster is None:
+        log("not running")
+    else:
+        # Reverse start order: clients first, etcd last.
+        for name, pid in reversed(list(cluster.pids.items())):
+            _stop(name, pid)
+        log(f"stopped {', '.join(reversed(cluster.pids)) or 'nothing'}")
+    if keep_logs:
+        for path in STATE_DIR.iterdir():
+            if path.name != "logs":
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    else:
+        shutil.rmtree(STATE_DIR, ignore_errors=True)
+
+
+def _stop(name: str, pid: int, grace: float = 10.0) -> None:
+    if not _alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        log(f"{name} ignored SIGTERM; killing it")
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def memory_mib(cluster: Cluster) -> dict[str, float]:
+    """Resident memory of each of the cluster's processes and their children, in MiB."""
+    usage: dict[str, float] = {}
+    for name, pid in cluster.pids.items():
+        out = subprocess.run(
+            ["ps", "-o", "rss=", "-g", str(pid)], capture_output=True, text=True
+        ).stdout
+        usage[name] = round(sum(int(x) for x in out.split()) / 1024, 1)
+    return usage
+
+
+def status() -> int:
+    cluster = Cluster.load()
+    if cluster is None:
+        print("not running")
+        return 1
+    dead = cluster.dead_processes()
+    print(
+        json.dumps(
+            {
+                "api": cluster.api_url,
+                "mlflow": cluster.mlflow_url,
+                "healthy": cluster.healthy(),
+                "dead": dead,
+                "memory_mib": memory_mib(cluster),
+            },
+            indent=2,
+        )
+    )
+    return 0 if not dead else 1
+
+
+def pod_log_path(namespace: str, pod: str, container: str | None = None) -> Path:
+    folder = STATE_DIR / "pods" / namespace / pod
+    if container is None:
+        logs = sorted(folder.glob("*.log"))
+        if not logs:
+            raise FileNotFoundError(f"no log for pod {namespace}/{pod} under {folder}")
+        return logs[0]
+    return folder / f"{container}.log"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("up", help="start the cluster (no-op when it is already up)")
+    sub.add_parser("down", help="stop every process the cluster started and remove its state")
+    sub.add_parser("status", help="health and memory of the running cluster")
+    logs = sub.add_parser("logs", help="the log of a pod run by the pod runner")
+    logs.add_argument("pod")
+    logs.add_argument("-n", "--namespace", default="default")
+    logs.add_argument("-c", "--container")
+    args = parser.parse_args()
+    if args.command == "up":
+        up()
+    elif args.command == "down":
+        down()
+    elif args.command == "status":
+        return status()
+    elif args.command == "logs":
+        sys.stdout.write(pod_log_path(args.namespace, args.pod, args.container).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""A kubelet stand-in for one node: runs the containers of the pods bound to it as local processes.
+
+The real Job controller and scheduler put pods on `local-gpu-0`; this process starts each
+container's command and args with the pod's environment, reports Running, then Succeeded or
+Failed by exit code with the termination message, and ends the process when the pod is deleted
+(SIGTERM, then SIGKILL after the grace period), as a kubelet would. Images are ignored: the
+command runs with this machine's PATH (the project's virtualenv first).
+
+Per pod, under WORKDIR/<namespace>/<pod>/: <container>.log (stdout and stderr) and
+<container>.termination-log (the container's termination message file, also handed to the
+process as LORASWEEP_RESULT_PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from kubernetes import client, config, watch
+from kubernetes.client.exceptions import ApiException
+
+MAX_MESSAGE_BYTES = 4096
+FALLBACK_LOG_LINES = 80
+log = logging.getLogger("pod-runner")
+
+
+def now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command and args; $$(VAR) escapes it."""
+
+    def replace(match: re.Match[str]) -> str:
+        if match.group(0).startswith("$$"):
+            return match.group(0)[1:]
+        return env.get(match.group(1), match.group(0))
+
+    return re.sub(r"\$?\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, text)
+
+
+@dataclass
+class RunningContainer:
+    name: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    message_path: Path
+    fallback_to_logs: bool
+    started_at: str
+
+
+@dataclass
+class RunningPod:
+    namespace: str
+    name: str
+    uid: str
+    containers: list[RunningContainer] = field(default_factory=list)
+    terminating: bool = False
+
+
+class PodRunner:
+    def __init__(self, api: client.CoreV1Api, node: str, workdir: Path) -> None:
+        self.api = api
+        self.node = node
+        self.workdir = workdir
+        self.pods: dict[str, RunningPod] = {}
+        # Every pod this runner started, finished or not: a late watch event for one of them
+        # must never start it again or mistake it for a pod lost in a restart.
+        self.handled: set[str] = set()
+        self.lock = threading.Lock()
+
+    # --- environment -----------------------------------------------------------------------
+
+    def _config_data(self, kind: str, namespace: str, name: str) -> dict[str, str]:
+        if kind == "configMap":
+            return self.api.read_namespaced_config_map(name, namespace).data or {}
+        secret = self.api.read_namespaced_secret(name, namespace)
+        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+
+    def _field(self, pod: client.V1Pod, path: str) -> str:
+        fields = {
+            "metadata.name": pod.metadata.name,
+            "metadata.namespace": pod.metadata.namespace,
+            "metadata.uid": pod.metadata.uid,
+            "spec.nodeName": pod.spec.node_name,
+            "spec.serviceAccountName": pod.spec.service_account_name or "default",
+            "status.podIP": "127.0.0.1",
+            "status.hostIP": "127.0.0.1",
+        }
+        match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+        if match:
+            values = getattr(pod.metadata, match.group(1)) or {}
+            return values.get(match.group(2), "")
+        return fields.get(path, "")
+
+    def container_env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
+        namespace = pod.metadata.namespace
+        env: dict[str, str] = {}
+        for source in container.env_from or []:
+            ref = source.config_map_ref or source.secret_ref
+            kind = "configMap" if source.config_map_ref else "secret"
+            try:
+                data = self._config_data(kind, namespace, ref.name)
+            except ApiException:
+                if ref.optional:
+                    continue
+                raise
+            env.update({f"{source.prefix or ''}{k}": v for k, v in data.items()})
+        for var in container.env or []:
+            if var.value_from is None:
+                env[var.name] = expand(var.value or "", env)
+                continue
+            source = var.value_from
+            if source.field_ref is not None:
+                env[var.name] = self._field(pod, source.field_ref.field_path)
+                continue
+            key_ref = source.config_map_key_ref or source.secret_key_ref
+            if key_ref is None:
+                continue
+            kind = "configMap" if source.config_map_key_ref else "secret"
+            try:
+                env[var.name] = self._config_data(kind, namespace, key_ref.name)[key_ref.key]
+            except (ApiException, KeyError):
+                if not key_ref.optional:
+                    raise
+        return env
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def start(self, pod: client.V1Pod) -> None:
+        key = pod.metadata.uid
+        folder = self.workdir / pod.metadata.namespace / pod.metadata.name
+        folder.mkdir(parents=True, exist_ok=True)
+        running = RunningPod(pod.metadata.namespace, pod.metadata.name, key)
+        try:
+            for container in pod.spec.containers:
+                running.containers.append(self._start_container(pod, container, folder))
+        except Exception as error:  # a bad pod must not take the runner down
+            log.exception("cannot start %s/%s", pod.metadata.namespace, pod.metadata.name)
+            for started in running.containers:
+                _terminate(started.process, 0)
+            self._report_failed_start(pod, str(error))
+            return
+        with self.lock:
+            self.pods[key] = running
+        self._patch_status(running, self._running_status(pod, running))
+        threading.Thread(target=self._wait_for_exit, args=(pod, running), daemon=True).start()
+
+    def _start_container(
+        self, pod: client.V1Pod, container: client.V1Container, folder: Path
+    ) -> RunningContainer:
+        if not container.command:
+            raise ValueError(
+                f"container {container.name!r} has no command: the pod runner cannot run an "
+                "image's entrypoint, give the command explicitly"
+            )
+        message_path = folder / f"{container.name}.termination-log"
+        message_path.unlink(missing_ok=True)
+        env = self.container_env(pod, container)
+        env["LORASWEEP_RESULT_PATH"] = str(message_path)
+        argv = [expand(part, env) for part in [*container.command, *(container.args or [])]]
+        cwd = (
+            container.working_dir
+            if container.working_dir and Path(container.working_dir).is_dir()
+            else folder
+        )
+        log_path = folder / f"{container.name}.log"
+        with log_path.open("ab") as out:
+            process = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **env},
+                cwd=cwd,
+                start_new_session=True,
+            )
+        log.info(
+            "started %s/%s[%s] pid %d: %s",
+            pod.metadata.namespace,
+            pod.metadata.name,
+            container.name,
+            process.pid,
+            argv,
+        )
+        return RunningContainer(
+            name=container.name,
+            process=process,
+            log_path=log_path,
+            message_path=message_path,
+            fallback_to_logs=container.termination_message_policy == "FallbackToLogsOnError",
+            started_at=now(),
+        )
+
+    def _running_status(self, pod: client.V1Pod, running: RunningPod) -> dict:
+        stamp = now()
+        return {
+            "phase": "Running",
+            "hostIP": "127.0.0.1",
+            "podIP": "127.0.0.1",
+            "startTime": stamp,
+            "conditions": [
+                {"type": t, "status": "True", "lastTransitionTime": stamp}
+                for t in ("Initialized", "Ready", "ContainersReady")
+            ],
+            "containerStatuses": [
+                {
+                    "name": c.name,
+                    "image": _image(pod, c.name),
+                    "ready": True,
+                    "started": True,
+                    "restartCount": 0,
+                    "state": {"running": {"startedAt": c.started_at}},
+                }
+                for c in running.containers
+            ],
+        }
+
+    def _wait_for_exit(self, pod: client.V1Pod, running: RunningPod) -> None:
+        statuses = []
+        for container in running.containers:
+            code = container.process.wait()
+            statuses.append((container, code))
+        with self.lock:
+            terminating = running.terminating
+        failed = any(code != 0 for _, code in statuses)
+        stamp = now()
+        status = {
+            "phase": "Failed" if failed else "Succeeded",
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "lastTransitionTime": stamp,
+                    "reason": "PodFailed" if failed else "PodCompleted",
+                }
+            ],
+            "containerStatuses": [
+                {
+                    "name": c.name,
+                    "image": _image(pod, c.name),
+                    "ready": False,
+                    "started": False,
+                    "restartCount": 0,
+                    "state": {
+                        "terminated": {
+                            # A signal death reads as 128 + signal, as container runtimes report it.
+                            "exitCode": code if code >= 0 else 128 - code,
+                            "reason": "Completed" if code == 0 else "Error",
+                            "message": _termination_message(c, code),
+                            "startedAt": c.started_at,
+                            "finishedAt": stamp,
+                        }
+                    },
+                }
+                for c, code in statuses
+            ],
+        }
+        log.info(
+            "%s/%s ended: %s",
+            running.namespace,
+            running.name,
+            [(c.name, code) for c, code in statuses],
+        )
+        if terminating:
+            self._finalize_deletion(running)
+        else:
+            self._patch_status(running, status)
+        with self.lock:
+            self.pods.pop(running.uid, None)
+
+    def _report_failed_start(self, pod: client.V1Pod, message: str) -> None:
+        stamp = now()
+        running = RunningPod(pod.metadata.namespace, pod.metadata.name, pod.metadata.uid)
+        self._patch_status(
+            running,
+            {
+                "phase": "Failed",
+                "message": message[:MAX_MESSAGE_BYTES],
+                "reason": "PodRunnerStartError",
+                "containerStatuses": [
+                    {
+                        "name": c.name,
+                        "image": c.image or "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {
+                            "terminated": {
+                                "exitCode": 128,
+                                "reason": "StartError",
+                                "message": message[:MAX_MESSAGE_BYTES],
+                                "startedAt": stamp,
+                                "finishedAt": stamp,
+                            }
+                        },
+                    }
+                    for c in pod.spec.containers
+                ],
+            },
+        )
+
+    def terminate(self, pod: client.V1Pod, finalize: bool = True) -> None:
+        """The pod is being deleted: stop its processes, then let the deletion finish."""
+        with self.lock:
+            running = self.pods.get(pod.metadata.uid)
+            if running is not None:
+                if running.terminating:
+                    return
+                running.terminating = True
+        if running is None:
+            if finalize:
+                self._finalize_deletion(
+                    RunningPod(pod.metadata.namespace, pod.metadata.name, pod.metadata.uid)
+                )
+            return
+        grace = pod.metadata.deletion_grace_period_seconds
+        grace = 30 if grace is None else grace
+        for container in running.containers:
+            threading.Thread(
+                target=_terminate, args=(container.process, grace), daemon=True
+            ).start()
+
+    def _finalize_deletion(self, running: RunningPod) -> None:
+        try:
+            self.api.delete_namespaced_pod(
+                running.name,
+                running.namespace,
+                grace_period_seconds=0,
+                body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=running.uid)
+                ),
+            )
+        except ApiException as error:
+            if error.status not in (404, 409):
+                log.warning(
+                    "cannot finish deleting %s/%s: %s",
+                    running.namespace,
+                    running.name,
+                    error.reason,
+                )
+
+    def _patch_status(self, running: RunningPod, status: dict) -> None:
+        try:
+            self.api.patch_namespaced_pod_status(
+                running.name, running.namespace, {"status": status}
+            )
+        except ApiException as error:
+            if error.status != 404:
+                log.warning("cannot patch %s/%s: %s", running.namespace, running.name, error.reason)
+
+    # --- the watch ---------------------------------------------------------------------------
+
+    def handle(self, pod: client.V1Pod, event_type: str) -> None:
+        uid = pod.metadata.uid
+        if event_type == "DELETED":
+            self.terminate(pod, finalize=False)
+            self.handled.discard(uid)
+            return
+        if pod.metadata.deletion_timestamp is not None:
+            self.terminate(pod)
+            return
+        phase = pod.status.phase if pod.status else None
+        if uid in self.handled or phase in ("Succeeded", "Failed"):
+            return
+        self.handled.add(uid)
+        if phase == "Running":
+            # Running in the API but unknown here: this runner restarted and lost the process.
+            self._report_failed_start(pod, "the pod runner restarted while this pod ran")
+            return
+        self.start(pod)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            running = list(self.pods.values())
+        for pod in running:
+            for container in pod.containers:
+                _terminate(container.process, 5)
+
+    def run(self) -> None:
+        selector = f"spec.nodeName={self.node}"
+        while True:
+            try:
+                pods = self.api.list_pod_for_all_namespaces(field_selector=selector)
+                for pod in pods.items:
+                    self.handle(pod, "ADDED")
+                stream = watch.Watch().stream(
+                    self.api.list_pod_for_all_namespaces,
+                    field_selector=selector,
+                    resource_version=pods.metadata.resource_version,
+                    timeout_seconds=300,
+                )
+                for event in stream:
+                    self.handle(event["object"], event["type"])
+            except ApiException as error:
+                log.warning("watch ended (%s); listing again", error.reason)
+                time.sleep(1)
+            except Exception:
+                log.exception("watch failed; listing again")
+                time.sleep(1)
+
+
+def _image(pod: client.V1Pod, container_name: str) -> str:
+    return next((c.image or "" for c in pod.spec.containers if c.name == container_name), "")
+
+
+def _termination_message(container: RunningContainer, code: int) -> str:
+    message = ""
+    if container.message_path.exists():
+        message = container.message_path.read_bytes()[:MAX_MESSAGE_BYTES].decode(errors="replace")
+    if not message and code != 0 and container.fallback_to_logs:
+        lines = container.log_path.read_bytes().decode(errors="replace").splitlines()
+        message = "\n".join(lines[-FALLBACK_LOG_LINES:])[-MAX_MESSAGE_BYTES:]
+    return message
+
+
+def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--workdir", required=True, type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    api = client.CoreV1Api(config.new_client_from_config(args.kubeconfig))
+    runner = PodRunner(api, args.node, args.workdir)
+
+    def shut_down(*_: object) -> None:
+        # Trial processes run in sessions of their own; they must not outlive their kubelet.
+        runner.stop_all()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, shut_down)
+    runner.run()
+
+
+if __name__ == "__main__":
+    main()

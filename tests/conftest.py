@@ -1,0 +1,50 @@
+"""Session fixtures: the real test cluster (started on demand, reused when already up)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.cluster import devcluster
+from tests.support import wait_for
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[devcluster.Cluster]:
+    """The dev cluster of `make cluster-up`; started for this session if it is not running."""
+    running = devcluster.Cluster.load()
+    reuse = running is not None and running.healthy()
+    yield devcluster.up()
+    if not reuse:
+        devcluster.down()
+
+
+@pytest.fixture(scope="session")
+def kube_client(cluster: devcluster.Cluster):
+    from kubernetes import config
+
+    return config.new_client_from_config(str(devcluster.KUBECONFIG))
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(cluster: devcluster.Cluster) -> str:
+    return cluster.mlflow_url
+
+
+@pytest.fixture
+def namespace(kube_client) -> Iterator[str]:
+    """A fresh namespace per test, deleted (with everything in it) afterwards."""
+    from kubernetes import client
+
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(kube_client)
+    core.create_namespace({"metadata": {"name": name, "labels": {"lorasweep.io/test": "true"}}})
+    wait_for(
+        lambda: devcluster.has_default_service_account(core, name),
+        timeout=30,
+        what=f"default ServiceAccount in {name}",
+    )
+    yield name
+    core.delete_namespace(name)
