@@ -4,7 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CLUSTER := $(PY) tests/cluster/devcluster.py
 
-.PHONY: setup test lint demo cluster-up cluster-down cluster-status bins tools crds bench clean
+.PHONY: setup test lint demo cluster-up cluster-down cluster-status operator-up operator-down \
+	bins tools crds bench clean
 
 setup: $(VENV)/.installed  ## create .venv with the operator, trainer and dev dependencies
 
@@ -35,6 +36,12 @@ cluster-down:  ## stop every process cluster-up started and remove .cluster/
 
 cluster-status:
 	$(CLUSTER) status
+
+operator-up: setup  ## apply the CRD and run the operator in the background (.cluster/operator.log)
+	$(CLUSTER) operator-up
+
+operator-down:
+	$(CLUSTER) operator-down
 
 demo:
 	@echo "make demo is not built yet: it arrives with the operator and the trainer."

@@ -32,6 +32,18 @@ STATE_DIR = REPO / ".cluster"
 STATE_FILE = STATE_DIR / "state.json"
 KUBECONFIG = STATE_DIR / "kubeconfig"
 ENV_FILE = STATE_DIR / "env"
+OPERATOR_KUBECONFIG = STATE_DIR / "operator.kubeconfig"
+AUDIT_LOG = STATE_DIR / "logs" / "audit.log"
+# Only the operator's requests are audited: the benchmark counts them.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: [lorasweep-operator]
+- level: None
+"""
 HERE = Path(__file__).resolve().parent
 
 SIM_NODES = {"sim-gpu-0": 4, "sim-gpu-1": 4}
@@ -189,6 +201,8 @@ def _make_certs() -> None:
             "extendedKeyUsage=serverAuth",
         ),
         ("admin", "/O=system:masters/CN=lorasweep-admin", "extendedKeyUsage=clientAuth"),
+        # The operator's own identity, so the audit log can count its requests apart.
+        ("operator", "/O=system:masters/CN=lorasweep-operator", "extendedKeyUsage=clientAuth"),
     ]:
         (STATE_DIR / "certs" / f"{name}.ext").write_text(ext + "\n")
         _openssl(
@@ -224,7 +238,7 @@ def _make_certs() -> None:
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub")
 
 
-def _write_kubeconfig(api_url: str) -> None:
+def _write_kubeconfig(api_url: str, path: Path, user: str) -> None:
     certs = STATE_DIR / "certs"
 
     def b64(name: str) -> str:
@@ -241,10 +255,10 @@ def _write_kubeconfig(api_url: str) -> None:
         ],
         "users": [
             {
-                "name": "lorasweep-admin",
+                "name": f"lorasweep-{user}",
                 "user": {
-                    "client-certificate-data": b64("admin.crt"),
-                    "client-key-data": b64("admin.key"),
+                    "client-certificate-data": b64(f"{user}.crt"),
+                    "client-key-data": b64(f"{user}.key"),
                 },
             }
         ],
@@ -253,15 +267,15 @@ def _write_kubeconfig(api_url: str) -> None:
                 "name": "lorasweep-dev",
                 "context": {
                     "cluster": "lorasweep-dev",
-                    "user": "lorasweep-admin",
+                    "user": f"lorasweep-{user}",
                     "namespace": "default",
                 },
             }
         ],
         "current-context": "lorasweep-dev",
     }
-    KUBECONFIG.write_text(json.dumps(config, indent=2))
-    KUBECONFIG.chmod(0o600)
+    path.write_text(json.dumps(config, indent=2))
+    path.chmod(0o600)
 
 
 def _build_bins() -> str:
@@ -410,6 +424,7 @@ def _start_all(
     logs = STATE_DIR / "logs"
     certs = STATE_DIR / "certs"
     _make_certs()
+    (STATE_DIR / "audit-policy.yaml").write_text(AUDIT_POLICY)
 
     def record(name: str, pid: int) -> int:
         pids[name] = pid
@@ -464,6 +479,9 @@ def _start_all(
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 "--requestheader-allowed-names=front-proxy-client",
                 "--profiling=false",
+                f"--audit-policy-file={STATE_DIR / 'audit-policy.yaml'}",
+                f"--audit-log-path={AUDIT_LOG}",
+                "--audit-log-format=json",
                 "--v=1",
             ],
         ),
@@ -471,7 +489,8 @@ def _start_all(
     _wait(
         "kube-apiserver", lambda: _api_ready(cluster.api_url), 90, pid, logs / "kube-apiserver.log"
     )
-    _write_kubeconfig(cluster.api_url)
+    _write_kubeconfig(cluster.api_url, KUBECONFIG, "admin")
+    _write_kubeconfig(cluster.api_url, OPERATOR_KUBECONFIG, "operator")
 
     pid = record(
         "kube-controller-manager",
@@ -603,6 +622,59 @@ def _stop(name: str, pid: int, grace: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def operator_up() -> None:
+    """Apply the CRD and run the operator in the background, watching all namespaces."""
+    cluster = Cluster.load()
+    if cluster is None or not cluster.healthy():
+        raise SystemExit("the cluster is not up: run `make cluster-up` first")
+    if "operator" in cluster.pids and _alive(cluster.pids["operator"]):
+        log(f"operator already running (pid {cluster.pids['operator']})")
+        return
+    subprocess.run(
+        [f"{cluster.bin_dir}/kubectl", "apply", "--server-side", "-f", str(REPO / "crds")],
+        check=True,
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(OPERATOR_KUBECONFIG),
+        "LORASWEEP_MLFLOW_TRACKING_URI": cluster.mlflow_url,
+    }
+    log_file = STATE_DIR / "operator.log"
+    with log_file.open("ab") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kopf",
+                "run",
+                "--standalone",
+                "--all-namespaces",
+                "-m",
+                "sweep_operator.handlers",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            cwd=REPO,
+        )
+    cluster.pids["operator"] = process.pid
+    cluster.save()
+    log(f"operator running (pid {process.pid}); log: {log_file.relative_to(REPO)}")
+
+
+def operator_down() -> None:
+    cluster = Cluster.load()
+    if cluster is None or "operator" not in cluster.pids:
+        log("operator not running")
+        return
+    _stop("operator", cluster.pids.pop("operator"))
+    cluster.save()
+    log("operator stopped")
+
+
 def memory_mib(cluster: Cluster) -> dict[str, float]:
     """Resident memory of each of the cluster's processes and their children, in MiB."""
     usage: dict[str, float] = {}
@@ -651,6 +723,8 @@ def main() -> int:
     sub.add_parser("up", help="start the cluster (no-op when it is already up)")
     sub.add_parser("down", help="stop every process the cluster started and remove its state")
     sub.add_parser("status", help="health and memory of the running cluster")
+    sub.add_parser("operator-up", help="apply the CRD and run the operator in the background")
+    sub.add_parser("operator-down", help="stop the operator")
     logs = sub.add_parser("logs", help="the log of a pod run by the pod runner")
     logs.add_argument("pod")
     logs.add_argument("-n", "--namespace", default="default")
@@ -662,6 +736,10 @@ def main() -> int:
         down()
     elif args.command == "status":
         return status()
+    elif args.command == "operator-up":
+        operator_up()
+    elif args.command == "operator-down":
+        operator_down()
     elif args.command == "logs":
         sys.stdout.write(pod_log_path(args.namespace, args.pod, args.container).read_text())
     return 0
