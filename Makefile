@@ -43,6 +43,9 @@ operator-up: setup  ## apply the CRD and run the operator in the background (.cl
 operator-down:
 	$(CLUSTER) operator-down
 
+crds: setup  ## regenerate the CRD from the pydantic API models
+	$(PY) -m sweep_operator.crd > crds/hyperparametersweeps.lorasweep.io.yaml
+
 demo:
 	@echo "make demo is not built yet: it arrives with the operator and the trainer."
 	@echo "Meanwhile: make cluster-up && source .cluster/env && kubectl get nodes"

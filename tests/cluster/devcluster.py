@@ -337,15 +337,14 @@ def _node_manifest(name: str, gpus: int, mode: str) -> dict:
     }
 
 
-def _create_nodes() -> None:
+def create_nodes(gpus_by_node: dict[str, int], mode: str) -> None:
+    """Ready GPU nodes; `sim` ones are kwok's (by label), `local` ones the pod runner's."""
     from kubernetes import client, config
 
     api = client.CoreV1Api(config.new_client_from_config(str(KUBECONFIG)))
-    nodes = [_node_manifest(n, g, "sim") for n, g in SIM_NODES.items()]
-    nodes.append(_node_manifest(LOCAL_NODE, LOCAL_NODE_GPUS, "local"))
-    for node in nodes:
+    for name, gpus in gpus_by_node.items():
+        node = _node_manifest(name, gpus, mode)
         api.create_node(node)
-        name = node["metadata"]["name"]
         # Create drops the status; the status subresource takes it.
         api.patch_node_status(name, {"status": node["status"]})
         # Admission taints a new node not-ready; with no node lifecycle controller running,
@@ -544,7 +543,8 @@ def _start_all(
             ],
         ),
     )
-    _create_nodes()
+    create_nodes(SIM_NODES, "sim")
+    create_nodes({LOCAL_NODE: LOCAL_NODE_GPUS}, "local")
 
     runner_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     record(
@@ -622,6 +622,16 @@ def _stop(name: str, pid: int, grace: float = 10.0) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
+def apply_crds(cluster: Cluster) -> None:
+    """The project's CRDs, applied as a user would (`kubectl apply --server-side`)."""
+    subprocess.run(
+        [f"{cluster.bin_dir}/kubectl", "apply", "--server-side", "-f", str(REPO / "crds")],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )
+
+
 def operator_up() -> None:
     """Apply the CRD and run the operator in the background, watching all namespaces."""
     cluster = Cluster.load()
@@ -630,11 +640,7 @@ def operator_up() -> None:
     if "operator" in cluster.pids and _alive(cluster.pids["operator"]):
         log(f"operator already running (pid {cluster.pids['operator']})")
         return
-    subprocess.run(
-        [f"{cluster.bin_dir}/kubectl", "apply", "--server-side", "-f", str(REPO / "crds")],
-        check=True,
-        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
-    )
+    apply_crds(cluster)
     env = {
         **os.environ,
         "KUBECONFIG": str(OPERATOR_KUBECONFIG),

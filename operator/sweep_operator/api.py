@@ -1,0 +1,494 @@
+"""The HyperparameterSweep API (lorasweep.io/v1alpha1) as pydantic models.
+
+These models are the single source of truth: the operator parses sweeps with them and
+`sweep_operator.crd` generates the CRD's openAPIV3Schema from them. Every field carries a
+description (it becomes `kubectl explain` text). Cross-field rules are written twice, side by
+side: as a pydantic validator (the operator's check, with a precise message) and as a CEL rule
+in `x-kubernetes-validations` (so `kubectl apply` refuses the sweep before it is stored).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "lorasweep.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "HyperparameterSweep"
+PLURAL = "hyperparametersweeps"
+SINGULAR = "hyperparametersweep"
+
+# Parameter names end up in `--set name=value`, in Jinja2 (`params.name`) and in MLflow.
+PARAMETER_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
+MAX_PARAMETERS = 64
+MAX_VALUES = 1000
+
+# A parameter value: what a YAML scalar can be. Lists and mappings are refused on purpose, a
+# trial's parameters must fit on a command line and in an MLflow param.
+Scalar = bool | int | float | str
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
+
+
+def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    entry = {"rule": rule, "message": message}
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+class _Model(BaseModel):
+    # camelCase on the wire, snake_case in Python; extra="forbid" so that a typo such as
+    # `maxTrails` is an error rather than a silently ignored field.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Objective(_Model):
+    """What the sweep optimizes: one metric reported by every trial, and its direction."""
+
+    metric: str = Field(
+        min_length=1,
+        description="Name of the metric to optimize, as the trial reports it "
+        "(e.g. eval_loss). The best trial is chosen by this metric's final value.",
+    )
+    goal: Literal["minimize", "maximize"] = Field(
+        "minimize", description="Whether a smaller (minimize) or larger (maximize) value is better."
+    )
+    additional_metrics: list[str] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Further metric names to collect from each trial and show with it; they do "
+        "not influence which trial is best.",
+    )
+
+
+class Algorithm(_Model):
+    """How trial parameters are chosen from the search space."""
+
+    name: Literal["grid", "random"] = Field(
+        "grid",
+        description="grid: every combination of the parameters' values (cartesian product, "
+        "parameters in alphabetical order, the last one varying fastest). random: independent "
+        "seeded samples; trial i depends only on (seed, i).",
+    )
+    seed: int = Field(
+        0,
+        ge=0,
+        description="Seed of the random algorithm. The same seed gives the same trials.",
+    )
+
+
+class ParameterSpec(_Model):
+    """One dimension of the search space: a list of values, or a typed range."""
+
+    # `values` holds mixed scalars, which a structural schema can only leave untyped, and
+    # untyped fields are invisible to CEL. So the CEL rules below check type/min/max/step; the
+    # rules about values are enforced by the validators here (the sweep goes Failed).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "minProperties": 1,
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.type) || self.type == 'categorical' || (has(self.min) && "
+                    "has(self.max) && self.min < self.max)",
+                    "a range (uniform, log_uniform, int) needs min < max",
+                ),
+                _cel(
+                    "has(self.type) && self.type != 'categorical' || "
+                    "!has(self.min) && !has(self.max)",
+                    "min and max need a range type (uniform, log_uniform, int)",
+                ),
+                _cel(
+                    "!has(self.type) || self.type != 'log_uniform' || "
+                    "(has(self.min) && self.min > 0.0)",
+                    "type log_uniform needs min > 0",
+                ),
+                _cel(
+                    "!has(self.step) || (has(self.type) && self.type == 'int')",
+                    "step is only allowed with type int",
+                ),
+            ],
+        }
+    )
+
+    type: Literal["uniform", "log_uniform", "int", "categorical"] | None = Field(
+        None,
+        description="Kind of range for random search: uniform (float in [min, max]), "
+        "log_uniform (float, uniform in log space, min > 0), int (integer in [min, max] on a "
+        "step grid), categorical (one of values). Omit it to give a plain list of values.",
+    )
+    values: list[Scalar] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_VALUES,
+        description="Explicit values (numbers, strings or booleans), tried in this order by grid "
+        "search and drawn uniformly by random search.",
+    )
+    min: float | None = Field(None, description="Lower bound of a range, inclusive.")
+    max: float | None = Field(None, description="Upper bound of a range, inclusive.")
+    step: int | None = Field(
+        None, ge=1, description="Spacing of an int range: min, min+step, ... up to max. Default 1."
+    )
+
+    @field_validator("values", mode="before")
+    @classmethod
+    def _scalars(cls, values: Any) -> Any:
+        # One clear message instead of one error per member of the Scalar union.
+        if isinstance(values, list):
+            for i, value in enumerate(values):
+                if not isinstance(value, bool | int | float | str):
+                    raise ValueError(
+                        f"values[{i}] is {value!r}; a value must be a number, string or boolean"
+                    )
+        return values
+
+    @field_validator("values")
+    @classmethod
+    def _no_duplicates(cls, values: list[Scalar] | None) -> list[Scalar] | None:
+        if values is None:
+            return values
+        seen: set[str] = set()
+        for value in values:
+            key = json.dumps(value)
+            if key in seen:
+                raise ValueError(f"values contain {key} twice; each value must appear once")
+            seen.add(key)
+        return values
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ParameterSpec:
+        kind = self.type
+        if kind is None and self.values is None:
+            raise ValueError(
+                "a parameter needs either values: [...] or a type "
+                "(uniform, log_uniform, int, categorical)"
+            )
+        if kind == "categorical" and self.values is None:
+            raise ValueError("type categorical needs values: [...]")
+        if self.values is not None and kind not in (None, "categorical"):
+            raise ValueError(
+                f"values cannot be combined with type {kind}; a range takes min and max"
+            )
+        if kind in (None, "categorical"):
+            if self.min is not None or self.max is not None:
+                raise ValueError("min and max need a range type (uniform, log_uniform, int)")
+        else:
+            if self.min is None or self.max is None:
+                raise ValueError(f"type {kind} needs both min and max")
+            if not self.min < self.max:
+                raise ValueError(
+                    f"min ({self.min:g}) must be less than max ({self.max:g}) for type {kind}"
+                )
+        if kind == "log_uniform" and self.min is not None and self.min <= 0:
+            raise ValueError(f"type log_uniform needs min > 0, got min {self.min:g}")
+        if kind == "int":
+            for bound in ("min", "max"):
+                value = getattr(self, bound)
+                if value != int(value):
+                    raise ValueError(f"type int needs whole-number bounds, got {bound} {value:g}")
+        if self.step is not None and kind != "int":
+            raise ValueError("step is only allowed with type int")
+        return self
+
+    @property
+    def is_finite(self) -> bool:
+        """True when the parameter is a list of values, which grid search can enumerate."""
+        return self.values is not None
+
+
+class DataSpec(_Model):
+    """Training data files, as paths inside the trial container."""
+
+    train: str = Field(min_length=1, description="Path of the training set (JSONL).")
+    eval: str | None = Field(None, description="Path of the evaluation set (JSONL), optional.")
+
+
+def _free_form(description: str) -> Any:
+    """A Kubernetes sub-object kept as-is; the apiserver validates it when the Job is created."""
+    return Field(None, description=description)
+
+
+class TrainerSpec(_Model):
+    """The trial workload: which image runs, on what data, with what pod settings."""
+
+    image: str = Field(min_length=1, description="Container image of the trainer.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None,
+        description="Image pull policy of the trainer container (Kubernetes default if unset).",
+    )
+    model: str | None = Field(
+        None,
+        description="Base model path or hub id given to the bundled trainer as "
+        "model_name_or_path. Required unless command is set.",
+    )
+    data: DataSpec | None = Field(
+        None, description="Data files for the bundled trainer. Required unless command is set."
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Fixed trainer settings shared by all trials (e.g. num_train_epochs: 3), "
+        "passed to the bundled trainer as --set name=value.",
+    )
+    command: list[str] | None = Field(
+        None,
+        description="Run this program instead of the bundled trainer (the container's command).",
+    )
+    args: list[str] | None = Field(
+        None,
+        description="Arguments of the program. Each string is a Jinja2 template with params, "
+        "trial and sweep in scope, e.g. --lr={{ params.learning_rate }}. Setting command or "
+        "args replaces the bundled trainer's arguments.",
+    )
+    job_template: str | None = Field(
+        None,
+        description="A Jinja2 template of the whole trial Job (YAML), replacing the built-in "
+        "one. It is rendered in a sandbox; see the README for the variables in scope.",
+    )
+    resources: dict[str, Any] | None = _free_form(
+        "Compute resources of the trainer container (requests and limits, e.g. nvidia.com/gpu)."
+    )
+    env: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra environment variables of the trainer container (Kubernetes EnvVar).",
+    )
+    env_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Environment from ConfigMaps or Secrets (Kubernetes EnvFromSource).",
+    )
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Pod volumes (Kubernetes Volume)."
+    )
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Volume mounts of the trainer container."
+    )
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Node labels a trial pod must match."
+    )
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Tolerations of the trial pods (Kubernetes Toleration)."
+    )
+    service_account_name: str | None = Field(
+        None, description="Service account the trial pods run as."
+    )
+    priority_class_name: str | None = Field(None, description="Priority class of the trial pods.")
+    backoff_limit: int = Field(
+        0,
+        ge=0,
+        description="Retries of a failed trial pod before the trial counts as failed.",
+    )
+    active_deadline_seconds: int | None = Field(
+        None, ge=1, description="Wall-clock limit of one trial, in seconds."
+    )
+    pod_annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations added to every trial pod."
+    )
+    pod_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels added to every trial pod."
+    )
+
+    @field_validator("env")
+    @classmethod
+    def _env_named(cls, env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, var in enumerate(env):
+            if not isinstance(var.get("name"), str) or not var["name"]:
+                raise ValueError(f"env[{i}] needs a name, got {var!r}")
+        return env
+
+    @property
+    def custom(self) -> bool:
+        """True when the user runs their own program instead of the bundled trainer."""
+        return self.command is not None or self.args is not None
+
+
+class MlflowSpec(_Model):
+    """Where trials log their runs."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; the operator's default when unset."
+    )
+    experiment_name: str | None = Field(
+        None, description="MLflow experiment of the sweep; <namespace>/<sweep name> when unset."
+    )
+
+
+class SweepSpec(_Model):
+    """Desired state of a HyperparameterSweep: objective, search space and trial workload."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "self.parameters.all(k, k.matches('" + PARAMETER_NAME_PATTERN + "'))",
+                    "parameter names must be identifiers (letters, digits, _ . -)",
+                    ".parameters",
+                ),
+                _cel(
+                    "!has(self.algorithm) || !has(self.algorithm.name) || "
+                    "self.algorithm.name != 'random' || has(self.maxTrials)",
+                    "algorithm random needs maxTrials",
+                    ".maxTrials",
+                ),
+                _cel(
+                    "has(self.algorithm) && has(self.algorithm.name) && "
+                    "self.algorithm.name != 'grid' || self.parameters.all(k, "
+                    "!has(self.parameters[k].type) || self.parameters[k].type == 'categorical')",
+                    "algorithm grid needs values for every parameter (no min/max ranges)",
+                    ".parameters",
+                ),
+                # Trials are identified by index, so the space cannot change under them.
+                _cel(
+                    "self.parameters == oldSelf.parameters",
+                    "parameters cannot change once a sweep exists; create a new sweep",
+                    ".parameters",
+                ),
+                _cel(
+                    "self.algorithm == oldSelf.algorithm",
+                    "algorithm cannot change once a sweep exists; create a new sweep",
+                    ".algorithm",
+                ),
+            ]
+        }
+    )
+
+    objective: Objective = Field(description="The metric to optimize and its goal.")
+    algorithm: Algorithm = Field(
+        default_factory=Algorithm,
+        description="The search algorithm (grid by default).",
+        json_schema_extra={"default": {}},  # lets the apiserver apply algorithm.name's default
+    )
+    parameters: dict[str, ParameterSpec] = Field(
+        min_length=1,
+        max_length=MAX_PARAMETERS,
+        description="The search space: parameter name -> values or range. For the bundled "
+        "trainer the names are its config fields (lora_rank, learning_rate, ...).",
+    )
+    max_trials: int | None = Field(
+        None,
+        ge=1,
+        description="Number of trials to run. Required for random; for grid it defaults to "
+        "the whole grid and caps it otherwise.",
+    )
+    parallelism: int = Field(1, ge=1, description="Trials running at the same time.")
+    max_failed_trials: int | None = Field(
+        None,
+        ge=0,
+        description="Failure budget: the sweep fails once more trials than this have failed. "
+        "Unlimited when unset.",
+    )
+    trainer: TrainerSpec = Field(description="The workload every trial runs.")
+    mlflow: MlflowSpec = Field(
+        default_factory=MlflowSpec, description="MLflow tracking of the sweep and its trials."
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameter_names(cls, parameters: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
+        for name in parameters:
+            if not re.fullmatch(PARAMETER_NAME_PATTERN, name):
+                raise ValueError(
+                    f"parameter name {name!r} is not an identifier "
+                    "(letters, digits, _ . -, not starting with a digit)"
+                )
+        return parameters
+
+    @model_validator(mode="after")
+    def _algorithm_fits_space(self) -> SweepSpec:
+        if self.algorithm.name == "random" and self.max_trials is None:
+            raise ValueError("algorithm random needs maxTrials (how many samples to draw)")
+        if self.algorithm.name == "grid":
+            ranges = sorted(name for name, p in self.parameters.items() if not p.is_finite)
+            if ranges:
+                raise ValueError(
+                    f"algorithm grid needs values for every parameter; {', '.join(ranges)} "
+                    "use a range (give values: [...] or use algorithm random)"
+                )
+        return self
+
+
+class Condition(_Model):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(description="Condition type: Running, Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason of the last transition.")
+    message: str = Field("", description="Human-readable details.")
+    last_transition_time: datetime = Field(description="When the status last changed.")
+    observed_generation: int | None = Field(
+        None, description="The sweep generation this condition was computed from."
+    )
+
+
+class TrialCounts(_Model):
+    """How many trials are in each state."""
+
+    total: int = Field(0, description="Trials created so far.")
+    pending: int = Field(0, description="Trials whose pod is not running yet (e.g. no free GPU).")
+    running: int = Field(0, description="Trials running now.")
+    succeeded: int = Field(0, description="Trials that completed successfully.")
+    failed: int = Field(0, description="Trials that failed after their retries.")
+    pruned: int = Field(0, description="Trials stopped by the operator.")
+    unscored: int = Field(
+        0, description="Succeeded trials that did not report the objective metric."
+    )
+    target: int = Field(0, description="Trials the sweep will run in all.")
+
+
+class BestTrial(_Model):
+    """The best trial so far by the objective."""
+
+    name: str = Field(description="Trial (Job) name.")
+    index: int = Field(description="Trial index within the sweep.")
+    parameters: dict[str, Any] = Field(description="The trial's parameters.")
+    value: float = Field(description="The trial's objective value.")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="Further metrics the trial reported."
+    )
+    mlflow_run_id: str | None = Field(None, description="The trial's MLflow run id.")
+    url: str | None = Field(None, description="Link to the trial's MLflow run.")
+
+
+class MlflowStatus(_Model):
+    """The sweep's MLflow experiment and parent run."""
+
+    experiment_id: str | None = Field(None, description="MLflow experiment id.")
+    parent_run_id: str | None = Field(None, description="MLflow parent run of the sweep.")
+    url: str | None = Field(None, description="Link to the experiment in the MLflow UI.")
+
+
+class SweepStatus(_Model):
+    """Observed state of a HyperparameterSweep, derived from its trials."""
+
+    phase: Phase = Field("Pending", description="Pending, Running, Succeeded, Failed or Stopped.")
+    observed_generation: int | None = Field(
+        None, description="The sweep generation this status was computed from."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Standard conditions: Running, Succeeded, Failed.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    trials: TrialCounts = Field(default_factory=TrialCounts, description="Trial counts by state.")
+    progress: str = Field("0/0", description="Succeeded trials / trials to run, e.g. 2/6.")
+    best_trial: BestTrial | None = Field(None, description="The best trial so far.")
+    mlflow: MlflowStatus | None = Field(None, description="MLflow experiment and parent run.")
+    start_time: datetime | None = Field(None, description="When the first trial started.")
+    completion_time: datetime | None = Field(None, description="When the sweep finished.")
+    message: str = Field("", description="Human-readable summary of the sweep's state.")
+
+
+class HyperparameterSweep(_Model):
+    """A hyperparameter sweep of LoRA fine-tuning: trials run as Jobs, tracked in MLflow."""
+
+    api_version: Literal["lorasweep.io/v1alpha1"] = Field(
+        API_VERSION, description="lorasweep.io/v1alpha1"
+    )
+    kind: Literal["HyperparameterSweep"] = Field(KIND, description="HyperparameterSweep")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Standard object metadata.")
+    spec: SweepSpec = Field(description="Desired state: objective, search space, workload.")
+    status: SweepStatus | None = Field(None, description="Observed state, written by the operator.")

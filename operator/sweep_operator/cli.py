@@ -1,0 +1,120 @@
+"""The `lorasweep` command.
+
+lorasweep render sweep.yaml [--template job.yaml.j2] [--limit N]
+    print the trial Jobs a sweep would create, as YAML (a dry run, no cluster)
+lorasweep crds
+    print the HyperparameterSweep CRD
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+from sweep_operator.api import API_VERSION, KIND
+from sweep_operator.crd import crd_yaml
+from sweep_operator.naming import trial_name
+from sweep_operator.render import SweepRef, render_trial_job
+from sweep_operator.semantic import SweepInvalid, validate_sweep
+from sweep_operator.space import target_trials, trial_parameters
+from sweep_operator.trials import NewTrial
+
+# What a dry run puts where the apiserver would put the sweep's uid.
+DRY_RUN_UID = "00000000-0000-0000-0000-000000000000"
+
+
+class CliError(Exception):
+    """A problem to report on stderr with exit status 1."""
+
+
+def _sweeps(path: Path) -> Iterator[dict[str, Any]]:
+    try:
+        documents = list(yaml.safe_load_all(path.read_text()))
+    except OSError as error:
+        raise CliError(f"{path}: {error.strerror or error}") from error
+    except yaml.YAMLError as error:
+        raise CliError(f"{path}: invalid YAML: {error}") from error
+    found = False
+    for doc in documents:
+        if isinstance(doc, dict) and doc.get("kind") == KIND:
+            if doc.get("apiVersion") != API_VERSION:
+                raise CliError(
+                    f"{path}: apiVersion {doc.get('apiVersion')!r}, expected {API_VERSION}"
+                )
+            found = True
+            yield doc
+    if not found:
+        raise CliError(f"{path}: no {KIND} in the file")
+
+
+def render_jobs(
+    sweep: dict[str, Any], *, template: str | None = None, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """The Jobs of a sweep manifest's trials, in index order (all of them unless `limit`)."""
+    metadata = sweep.get("metadata") or {}
+    name = metadata.get("name")
+    if not name:
+        raise CliError("metadata.name: required")
+    ref = SweepRef(name=name, namespace=metadata.get("namespace") or "default", uid=DRY_RUN_UID)
+    try:
+        spec = validate_sweep(sweep.get("spec") or {}, ref, template=template)
+    except SweepInvalid as error:
+        problems = "\n  ".join(map(str, error.problems))
+        raise CliError(f"{KIND} {name} is invalid:\n  {problems}") from None
+    count = target_trials(spec) if limit is None else min(limit, target_trials(spec))
+    trials = [
+        NewTrial(index=i, name=trial_name(name, i), parameters=trial_parameters(spec, i))
+        for i in range(count)
+    ]
+    return [render_trial_job(ref, spec, t, template=template) for t in trials]
+
+
+def cmd_render(args: argparse.Namespace, out: TextIO) -> None:
+    template = None
+    if args.template:
+        try:
+            template = Path(args.template).read_text()
+        except OSError as error:
+            raise CliError(f"{args.template}: {error.strerror or error}") from error
+    jobs = [
+        job
+        for sweep in _sweeps(Path(args.file))
+        for job in render_jobs(sweep, template=template, limit=args.limit)
+    ]
+    out.write(yaml.safe_dump_all(jobs, sort_keys=False, width=100))
+
+
+def cmd_crds(args: argparse.Namespace, out: TextIO) -> None:
+    out.write(crd_yaml())
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="lorasweep", description=__doc__.split("\n\n")[0])
+    commands = top.add_subparsers(dest="command", required=True)
+    render = commands.add_parser("render", help="print a sweep's trial Jobs (dry run)")
+    render.add_argument("file", help="YAML file with one or more HyperparameterSweeps")
+    render.add_argument("--template", help="Jinja2 template of the trial Job")
+    render.add_argument("--limit", type=int, help="render only the first N trials")
+    render.set_defaults(run=cmd_render)
+    crds = commands.add_parser("crds", help="print the HyperparameterSweep CRD")
+    crds.set_defaults(run=cmd_crds)
+    return top
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args, out or sys.stdout)
+    except CliError as error:
+        print(f"lorasweep: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

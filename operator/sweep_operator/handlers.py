@@ -1,0 +1,391 @@
+"""The kopf operator: indexes of trial Jobs and pods, and one reconcile loop per sweep.
+
+Reconcile is level-based: observe (the indexes, MLflow), plan (a pure function), act (create
+or delete Jobs), then patch the status if it changed. The loop wakes on any change to the
+sweep's Jobs or pods and at least every RESYNC_SECONDS. Nothing lives only in memory: after a
+restart the same observation gives the same plan, and a trial created twice is refused by
+the apiserver (its name is deterministic), so none is duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from sweep_operator.api import GROUP, PLURAL, VERSION, MlflowStatus, SweepSpec, SweepStatus
+from sweep_operator.naming import experiment_name, label_value
+from sweep_operator.observe import job_summary, observe_trial, pod_summary
+from sweep_operator.plan import Plan, failed_status, plan
+from sweep_operator.render import RenderError, SweepRef, render_trial_job
+from sweep_operator.semantic import SweepInvalid, validate_sweep
+from sweep_operator.tracking import Tracker
+from sweep_operator.trials import LABEL_SWEEP, ObservedTrial, TrialState
+
+RESYNC_SECONDS = 10.0
+# Default tracking server for sweeps that name none (set by the Helm chart).
+DEFAULT_TRACKING_URI_ENV = "LORASWEEP_MLFLOW_TRACKING_URI"
+API_WORKERS = 16
+
+_wakeups: dict[tuple[str, str], threading.Event] = defaultdict(threading.Event)
+_api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
+
+
+def _wake(namespace: str, sweep: str) -> None:
+    _wakeups[(namespace, sweep)].set()
+
+
+def _kube_client() -> client.ApiClient:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    configuration = client.Configuration.get_default_copy()
+    # Trials are created in parallel; the default pool of 4 connections would serialise them.
+    configuration.connection_pool_maxsize = API_WORKERS
+    return client.ApiClient(configuration)
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Events are for users; kopf's own "handler succeeded" chatter stays in the log.
+    settings.posting.level = logging.WARNING
+    settings.persistence.finalizer = "lorasweep.io/operator"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lorasweep.io")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="lorasweep.io", key="last-handled-configuration"
+    )
+    settings.execution.max_workers = 64
+    memo.api = _kube_client()
+
+
+@kopf.index("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
+def trial_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+    summary = job_summary(dict(body))
+    return {(namespace, labels[LABEL_SWEEP]): summary} if summary else None
+
+
+@kopf.index("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
+def trial_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+    summary = pod_summary(dict(body))
+    return {(namespace, labels[LABEL_SWEEP]): summary} if summary else None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
+def trial_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+    _wake(namespace, labels[LABEL_SWEEP])
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
+def run_sweep(
+    name: str,
+    namespace: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    trial_jobs: kopf.Index,
+    trial_pods: kopf.Index,
+    memo: kopf.Memo,
+    logger: logging.Logger,
+    **_: Any,
+) -> None:
+    # Trial labels carry label_value(name): sweep names may be longer than a label allows.
+    key = (namespace, label_value(name))
+    wakeup = _wakeups[key]
+    reconciler = Reconciler(memo.api, logger)
+    while not stopped:
+        wakeup.clear()
+        try:
+            reconciler.reconcile(
+                body,
+                list(trial_jobs.get(key, [])),
+                list(trial_pods.get(key, [])),
+            )
+        except Exception:
+            logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
+        deadline = RESYNC_SECONDS
+        # Wake early on a trial change; check `stopped` often so shutdown is prompt.
+        while deadline > 0 and not stopped and not wakeup.wait(0.5):
+            deadline -= 0.5
+    _wakeups.pop(key, None)
+
+
+class Reconciler:
+    """One sweep's observe → plan → act → status loop. Its fields are caches, not state: a
+    fresh Reconciler after a restart reaches the same decisions."""
+
+    def __init__(self, api: client.ApiClient, logger: logging.Logger) -> None:
+        self.batch = client.BatchV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.logger = logger
+        self.tracker: Tracker | None = None
+        self.results: dict[str, dict[str, Any]] = {}  # MLflow results of finished trials
+        self.states: dict[str, TrialState] | None = None  # last seen, for Events
+        self.parent_closed = False
+
+    def reconcile(self, body: kopf.Body, jobs: list[dict], pods: list[dict]) -> None:
+        now = datetime.now(UTC)
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        generation = meta.get("generation")
+        previous = _stored_status(body)
+        sweep = SweepRef(name=name, namespace=namespace, uid=meta["uid"])
+        try:
+            spec = validate_sweep(_plain(body.get("spec") or {}), sweep)
+        except SweepInvalid as error:
+            self._refuse(body, error.reason, str(error), now, previous)
+            return
+
+        tracking_uri = spec.mlflow.tracking_uri if spec.mlflow else None
+        tracking_uri = tracking_uri or os.environ.get(DEFAULT_TRACKING_URI_ENV)
+        mlflow_status = previous.mlflow if previous and previous.mlflow else None
+        tracker = self._tracker(tracking_uri)
+        if tracker and not (mlflow_status and mlflow_status.parent_run_id):
+            mlflow_status = self._parent_run(tracker, spec, name, namespace, meta["uid"])
+
+        observed = self._observe(spec, name, jobs, pods, tracker, mlflow_status)
+        result = plan(
+            spec, observed, now, sweep_name=name, generation=generation, previous=previous
+        )
+        status = result.status.model_copy(update={"mlflow": mlflow_status})
+        if tracker and mlflow_status and status.best_trial and status.best_trial.mlflow_run_id:
+            status = status.model_copy(
+                update={
+                    "best_trial": status.best_trial.model_copy(
+                        update={
+                            "url": tracker.run_url(
+                                mlflow_status.experiment_id, status.best_trial.mlflow_run_id
+                            )
+                        }
+                    )
+                }
+            )
+        try:
+            self._act(sweep, body, spec, result, tracking_uri, mlflow_status)
+        except RenderError as error:
+            self._refuse(body, "InvalidTemplate", str(error), now, previous)
+            return
+        self._post_events(body, observed, previous, status)
+        self._patch_status(body, status, previous)
+        if tracker and mlflow_status and status.phase in ("Succeeded", "Failed"):
+            self._close_parent(tracker, mlflow_status, status)
+
+    # --- observe ---------------------------------------------------------------------------
+
+    def _tracker(self, uri: str | None) -> Tracker | None:
+        if not uri:
+            return None
+        if self.tracker is None or self.tracker.uri != uri.rstrip("/"):
+            self.tracker = Tracker(uri)
+        return self.tracker
+
+    def _parent_run(
+        self, tracker: Tracker, spec: SweepSpec, name: str, namespace: str, uid: str
+    ) -> MlflowStatus | None:
+        experiment = experiment_name(
+            namespace, name, spec.mlflow.experiment_name if spec.mlflow else None
+        )
+        try:
+            experiment_id, run_id = tracker.ensure_parent_run(experiment, name, namespace, uid)
+        except Exception as error:  # MLflow down: trials still run, results come later
+            self.logger.warning("MLflow unreachable, will retry: %s", error)
+            return None
+        return MlflowStatus(
+            experiment_id=experiment_id,
+            parent_run_id=run_id,
+            url=tracker.experiment_url(experiment_id),
+        )
+
+    def _observe(
+        self,
+        spec: SweepSpec,
+        name: str,
+        jobs: list[dict],
+        pods: list[dict],
+        tracker: Tracker | None,
+        mlflow_status: MlflowStatus | None,
+    ) -> list[ObservedTrial]:
+        pods_by_trial: dict[str, list[dict]] = defaultdict(list)
+        for pod in pods:
+            pods_by_trial[pod["trial"]].append(pod)
+        metric = spec.objective.metric
+        observed = [
+            observe_trial(job, pods_by_trial[job["name"]], metric, self.results.get(job["name"]))
+            for job in jobs
+        ]
+        # A finished trial's final run data does not change: ask MLflow (one search for the
+        # whole sweep) only while some finished trial still lacks a run id or its objective.
+        wanted = [
+            t
+            for t in observed
+            if not t.state.active
+            and (t.mlflow_run_id is None or (t.state == TrialState.SUCCEEDED and t.value is None))
+        ]
+        if wanted and tracker and mlflow_status and mlflow_status.experiment_id:
+            try:
+                self.results.update(tracker.trial_results(mlflow_status.experiment_id, name))
+            except Exception as error:
+                self.logger.warning("cannot read trial results from MLflow yet: %s", error)
+                return observed
+            observed = [
+                observe_trial(
+                    job, pods_by_trial[job["name"]], metric, self.results.get(job["name"])
+                )
+                for job in jobs
+            ]
+        return observed
+
+    # --- act -------------------------------------------------------------------------------
+
+    def _act(
+        self,
+        sweep: SweepRef,
+        body: kopf.Body,
+        spec: SweepSpec,
+        result: Plan,
+        tracking_uri: str | None,
+        mlflow_status: MlflowStatus | None,
+    ) -> None:
+        parent = mlflow_status.parent_run_id if mlflow_status else None
+        jobs = [
+            render_trial_job(sweep, spec, trial, tracking_uri=tracking_uri, parent_run_id=parent)
+            for trial in result.create
+        ]
+        created = list(_api_pool.map(lambda job: self._create_job(sweep.namespace, job), jobs))
+        for trial, was_created in zip(result.create, created, strict=True):
+            if was_created:
+                kopf.info(
+                    body,
+                    reason="TrialCreated",
+                    message=f"{trial.name}: {_format_params(trial.parameters)}",
+                )
+        list(_api_pool.map(lambda job: self._delete_job(sweep.namespace, job), result.delete))
+
+    def _create_job(self, namespace: str, job: dict) -> bool:
+        try:
+            self.batch.create_namespaced_job(namespace, job)
+        except ApiException as error:
+            if error.status == 409:  # created before a restart, or not yet in the index
+                return False
+            raise
+        return True
+
+    def _delete_job(self, namespace: str, name: str) -> None:
+        try:
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def _refuse(
+        self,
+        body: kopf.Body,
+        reason: str,
+        message: str,
+        now: datetime,
+        previous: SweepStatus | None,
+    ) -> None:
+        status = failed_status(
+            reason, message, now, generation=body["metadata"].get("generation"), previous=previous
+        )
+        if self._patch_status(body, status, previous):
+            kopf.warn(body, reason=reason, message=message)
+
+    def _patch_status(
+        self, body: kopf.Body, status: SweepStatus, previous: SweepStatus | None
+    ) -> bool:
+        if previous is not None and previous == status:
+            return False
+        meta = body["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            PLURAL,
+            meta["name"],
+            {"status": status.model_dump(mode="json", by_alias=True, exclude_none=True)},
+        )
+        return True
+
+    def _post_events(
+        self,
+        body: kopf.Body,
+        observed: list[ObservedTrial],
+        previous: SweepStatus | None,
+        status: SweepStatus,
+    ) -> None:
+        states = {t.name: t.state for t in observed}
+        if self.states is not None:
+            for trial in observed:
+                before = self.states.get(trial.name)
+                if before == trial.state:
+                    continue
+                if trial.state == TrialState.RUNNING:
+                    kopf.info(body, reason="TrialStarted", message=f"{trial.name} is running")
+                elif trial.state == TrialState.SUCCEEDED:
+                    value = (
+                        "no objective reported"
+                        if trial.value is None
+                        else (f"{body['spec']['objective']['metric']}={trial.value:g}")
+                    )
+                    kopf.info(body, reason="TrialSucceeded", message=f"{trial.name}: {value}")
+                elif trial.state == TrialState.FAILED:
+                    kopf.warn(
+                        body,
+                        reason="TrialFailed",
+                        message=f"{trial.name}: {trial.message or 'failed'}"[:1000],
+                    )
+        self.states = states
+        best, before = status.best_trial, previous.best_trial if previous else None
+        if best is not None and (before is None or before.name != best.name):
+            kopf.info(
+                body,
+                reason="NewBestTrial",
+                message=f"{best.name}: {best.value:g} with {_format_params(best.parameters)}",
+            )
+
+    def _close_parent(
+        self, tracker: Tracker, mlflow_status: MlflowStatus, status: SweepStatus
+    ) -> None:
+        if self.parent_closed or not mlflow_status.parent_run_id:
+            return
+        best = status.best_trial.model_dump() if status.best_trial else None
+        try:
+            tracker.close_parent_run(mlflow_status.parent_run_id, best, status.phase)
+        except Exception as error:
+            self.logger.warning("cannot close the MLflow parent run yet: %s", error)
+            return
+        self.parent_closed = True
+
+
+def _stored_status(body: kopf.Body) -> SweepStatus | None:
+    stored = body.get("status")
+    if not stored:
+        return None
+    try:
+        return SweepStatus.model_validate(dict(stored))
+    except ValidationError:
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """kopf's live body views as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _format_params(parameters: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in parameters.items())

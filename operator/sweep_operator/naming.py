@@ -1,0 +1,56 @@
+"""Deterministic names: trial Jobs, label values, MLflow experiments.
+
+A trial's name is a pure function of (sweep name, index). After a restart the operator
+recomputes the same names, and the apiserver's name uniqueness makes a second create of the
+same trial fail with AlreadyExists instead of running it twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+# The Job controller names pods `<job>-<5 random chars>` and copies the Job name into the
+# `job-name` / `batch.kubernetes.io/job-name` labels (63 chars at most). 52 leaves room for
+# both, and for the CronJob-style suffixes some tools add.
+MAX_TRIAL_NAME = 52
+MAX_LABEL_VALUE = 63
+HASH_CHARS = 8
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_CHARS]
+
+
+def _shorten(name: str, limit: int) -> str:
+    """`name` if it is a DNS label within `limit`, else a truncated form plus a hash of it."""
+    if len(name) <= limit and _DNS_LABEL.match(name):
+        return name
+    cleaned = re.sub(r"[^a-z0-9-]+", "-", name.lower())
+    prefix = cleaned[: limit - HASH_CHARS - 1].strip("-")
+    return f"{prefix}-{_hash(name)}" if prefix else _hash(name)
+
+
+def trial_name(sweep: str, index: int) -> str:
+    """Job name of trial `index`: `<sweep>-<index:04d>`, hashed when too long.
+
+    When the sweep name does not fit (or contains dots, which a DNS label may not), it is
+    truncated and followed by a hash of the full name, so two long sweeps sharing a prefix
+    still get distinct trial names.
+    """
+    if index < 0:
+        raise ValueError(f"trial index must be >= 0, got {index}")
+    suffix = f"-{index:04d}"
+    return _shorten(sweep, MAX_TRIAL_NAME - len(suffix)) + suffix
+
+
+def label_value(name: str) -> str:
+    """A label value for `name` (sweep names may exceed the 63 characters of a label value)."""
+    return _shorten(name, MAX_LABEL_VALUE)
+
+
+def experiment_name(namespace: str, sweep: str, configured: str | None = None) -> str:
+    """The MLflow experiment of a sweep: spec.mlflow.experimentName or `<namespace>/<sweep>`."""
+    return configured or f"{namespace}/{sweep}"

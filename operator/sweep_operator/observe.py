@@ -1,0 +1,137 @@
+"""From Kubernetes objects to the trials the planner sees. Pure: dicts in, models out.
+
+The operator keeps two kopf indexes, one of trial Jobs and one of trial pods, each holding the
+compact summaries made here; everything the planner needs is rebuilt from them (and from MLflow
+for results a pod no longer holds) on every reconcile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import datetime
+from typing import Any
+
+from sweep_operator.trials import (
+    ANNOTATION_INDEX,
+    ANNOTATION_PARAMETERS,
+    LABEL_TRIAL,
+    ObservedTrial,
+    TrialState,
+)
+
+Summary = dict[str, Any]
+
+
+def _time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
+
+
+def job_summary(job: dict[str, Any]) -> Summary | None:
+    """What the operator keeps of a trial Job; None for a Job that is not a lorasweep trial."""
+    meta = job.get("metadata", {})
+    annotations = meta.get("annotations") or {}
+    if ANNOTATION_INDEX not in annotations:
+        return None
+    status = job.get("status") or {}
+    conditions = {
+        c["type"]: c
+        for c in status.get("conditions") or []
+        if c.get("status") == "True" and c["type"] in ("Complete", "Failed")
+    }
+    return {
+        "name": meta["name"],
+        "index": int(annotations[ANNOTATION_INDEX]),
+        "parameters": json.loads(annotations.get(ANNOTATION_PARAMETERS, "{}")),
+        "deleting": bool(meta.get("deletionTimestamp")),
+        "complete": "Complete" in conditions,
+        "failed": "Failed" in conditions,
+        "failure": (conditions.get("Failed") or {}).get("message", ""),
+        "finished_at": status.get("completionTime")
+        or (conditions.get("Failed") or {}).get("lastTransitionTime"),
+        "started_at": status.get("startTime"),
+        "ready": int(status.get("ready") or 0),
+    }
+
+
+def pod_summary(pod: dict[str, Any]) -> Summary | None:
+    """A trial pod's phase and the termination message its container left."""
+    labels = pod.get("metadata", {}).get("labels") or {}
+    trial = labels.get(LABEL_TRIAL)
+    if not trial:
+        return None
+    status = pod.get("status") or {}
+    messages = [
+        (cs.get("state") or {}).get("terminated", {}).get("message", "")
+        for cs in status.get("containerStatuses") or []
+    ]
+    return {
+        "trial": trial,
+        "name": pod["metadata"]["name"],
+        "phase": status.get("phase", "Pending"),
+        "message": next((m for m in messages if m), ""),
+    }
+
+
+def parse_result(message: str) -> dict[str, float]:
+    """The metrics of a `{"metrics": {...}}` termination message; {} for anything else."""
+    try:
+        document = json.loads(message)
+    except (TypeError, ValueError):
+        return {}
+    metrics = document.get("metrics") if isinstance(document, dict) else None
+    if not isinstance(metrics, dict):
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def observe_trial(
+    job: Summary,
+    pods: list[Summary],
+    metric: str,
+    tracked: dict[str, Any] | None = None,
+) -> ObservedTrial:
+    """One trial from its Job, its pods, and (optionally) its MLflow run's metrics.
+
+    The termination message wins over MLflow, as the trial contract says: it is what the trial
+    itself reported, and it is there even when MLflow was unreachable.
+    """
+    # The pod watch can lag the Job watch by a moment; until the pod's success (and with it the
+    # termination message) is seen too, the trial is still reporting.
+    reporting = bool(pods) and not any(p["phase"] == "Succeeded" for p in pods)
+    if job["complete"] and not reporting:
+        state = TrialState.SUCCEEDED
+    elif job["complete"]:
+        state = TrialState.RUNNING
+    elif job["failed"]:
+        state = TrialState.FAILED
+    elif job["deleting"]:
+        state = TrialState.PRUNED
+    elif job["ready"] > 0 or any(p["phase"] == "Running" for p in pods):
+        state = TrialState.RUNNING
+    else:
+        state = TrialState.PENDING
+    succeeded_pods = [p for p in pods if p["phase"] == "Succeeded"]
+    reported = parse_result(succeeded_pods[0]["message"]) if succeeded_pods else {}
+    metrics = dict((tracked or {}).get("metrics", {}))
+    metrics.update(reported)
+    message = ""
+    if state == TrialState.FAILED:
+        failed_messages = [p["message"] for p in pods if p["phase"] == "Failed" and p["message"]]
+        message = job["failure"] + (f": {failed_messages[-1][-500:]}" if failed_messages else "")
+    return ObservedTrial(
+        name=job["name"],
+        index=job["index"],
+        parameters=job["parameters"],
+        state=state,
+        value=metrics.get(metric) if state == TrialState.SUCCEEDED else None,
+        metrics={k: v for k, v in metrics.items() if k != metric},
+        mlflow_run_id=(tracked or {}).get("run_id"),
+        start_time=_time(job["started_at"]),
+        finish_time=_time(job["finished_at"]),
+        message=message,
+    )

@@ -1,0 +1,107 @@
+"""The search space: trial index -> parameters, for grid and random search.
+
+Both algorithms are random-access: the parameters of trial i are computed from i alone (and
+the seed), never from a sequence of earlier draws. That makes the operator restart-safe for
+free: trials are identified by index, and re-planning recomputes the same parameters.
+
+Grid order: parameters sorted by name (the apiserver does not keep the order of a mapping's
+keys, so the YAML order cannot be relied on), the last name varying fastest, each parameter's
+values in the order listed. This is `itertools.product` over the sorted names.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+from sweep_operator.api import ParameterSpec, Scalar, SweepSpec
+
+# Random floats keep 6 significant digits: enough for hyperparameters, and short on a command
+# line and in MLflow's params table.
+SIGNIFICANT_DIGITS = 6
+
+
+class SpaceError(ValueError):
+    """The search space cannot be used with the requested algorithm."""
+
+
+def grid_size(parameters: dict[str, ParameterSpec]) -> int:
+    """Number of points of the grid (the product of the value list lengths)."""
+    size = 1
+    for name in sorted(parameters):
+        values = parameters[name].values
+        if values is None:
+            raise SpaceError(
+                f"spec.parameters.{name}: grid search needs values: [...], "
+                f"got a {parameters[name].type} range"
+            )
+        size *= len(values)
+    return size
+
+
+def grid_point(parameters: dict[str, ParameterSpec], index: int) -> dict[str, Scalar]:
+    """Parameters of grid point `index` (0-based, in the documented order)."""
+    size = grid_size(parameters)
+    if not 0 <= index < size:
+        raise IndexError(f"grid index {index} out of range, the grid has {size} points")
+    point: dict[str, Scalar] = {}
+    # Mixed-radix decoding of the index, least significant digit = last name.
+    for name in sorted(parameters, reverse=True):
+        values = parameters[name].values
+        assert values is not None  # grid_size checked it
+        index, digit = divmod(index, len(values))
+        point[name] = values[digit]
+    return dict(sorted(point.items()))
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+
+
+def sample_parameter(name: str, spec: ParameterSpec, rng: random.Random) -> Scalar:
+    """One random draw of a parameter."""
+    if spec.values is not None:
+        return rng.choice(spec.values)
+    assert spec.min is not None and spec.max is not None  # ParameterSpec validated it
+    low, high = spec.min, spec.max
+    if spec.type == "int":
+        step = spec.step or 1
+        count = int((high - low) // step) + 1
+        return int(low) + step * rng.randrange(count)
+    if spec.type == "log_uniform":
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        value = rng.uniform(low, high)
+    # Rounding may step just outside the bounds; the bounds are inclusive, so clamp.
+    return min(max(_round(value), low), high)
+
+
+def random_point(parameters: dict[str, ParameterSpec], seed: int, index: int) -> dict[str, Scalar]:
+    """Parameters of random trial `index`.
+
+    Each parameter gets its own generator seeded by (seed, index, name). String seeds are
+    hashed with SHA-512 by `random.Random`, so this is stable across processes and Python
+    hash randomization, and adding a parameter leaves the others' draws unchanged.
+    """
+    return {
+        name: sample_parameter(name, parameters[name], random.Random(f"{seed}:{index}:{name}"))
+        for name in sorted(parameters)
+    }
+
+
+def target_trials(spec: SweepSpec) -> int:
+    """How many trials the sweep runs in all."""
+    if spec.algorithm.name == "grid":
+        size = grid_size(spec.parameters)
+        return size if spec.max_trials is None else min(size, spec.max_trials)
+    if spec.max_trials is None:
+        raise SpaceError("spec.maxTrials: algorithm random needs maxTrials")
+    return spec.max_trials
+
+
+def trial_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
+    """Parameters of trial `index` of the sweep."""
+    if spec.algorithm.name == "grid":
+        return grid_point(spec.parameters, index)
+    return random_point(spec.parameters, spec.algorithm.seed, index)

@@ -1,0 +1,89 @@
+"""The operator's MLflow adapter: the sweep's experiment and parent run, and trial results.
+
+Every call may fail while MLflow is down; callers treat a failure as "not yet" and try again on
+the next reconcile, so an outage delays results and loses none. Nothing here is remembered
+that MLflow cannot give back: the parent run is found again by the sweep's uid after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+
+log = logging.getLogger(__name__)
+
+TAG_SWEEP = "lorasweep.sweep"
+TAG_NAMESPACE = "lorasweep.namespace"
+TAG_SWEEP_UID = "lorasweep.sweep_uid"
+TAG_ROLE = "lorasweep.role"
+TAG_TRIAL = "lorasweep.trial"
+
+
+class Tracker:
+    def __init__(self, tracking_uri: str) -> None:
+        self.uri = tracking_uri.rstrip("/")
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    def ensure_parent_run(self, experiment: str, sweep: str, namespace: str, uid: str):
+        """(experiment id, parent run id) of the sweep, created on first call."""
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
+        runs = self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{TAG_SWEEP_UID}` = '{uid}' and tags.`{TAG_ROLE}` = 'parent'",
+            max_results=1,
+        )
+        if runs:
+            return experiment_id, runs[0].info.run_id
+        run = self.client.create_run(
+            experiment_id,
+            run_name=sweep,
+            tags={
+                TAG_SWEEP: sweep,
+                TAG_NAMESPACE: namespace,
+                TAG_SWEEP_UID: uid,
+                TAG_ROLE: "parent",
+            },
+        )
+        return experiment_id, run.info.run_id
+
+    def trial_results(self, experiment_id: str, sweep: str) -> dict[str, dict[str, Any]]:
+        """Each trial run's id and final metrics, by trial name, in one search."""
+        results: dict[str, dict[str, Any]] = {}
+        page_token = None
+        while True:
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{TAG_SWEEP}` = '{sweep}'",
+                max_results=1000,
+                page_token=page_token,
+            )
+            for run in page:
+                trial = run.data.tags.get(TAG_TRIAL)
+                if trial:
+                    results[trial] = {"run_id": run.info.run_id, "metrics": run.data.metrics}
+            page_token = page.token
+            if not page_token:
+                return results
+
+    def close_parent_run(self, run_id: str, best: dict[str, Any] | None, phase: str) -> None:
+        """Record the best trial on the parent run and end it; a no-op once it has ended."""
+        run = self.client.get_run(run_id)
+        if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+            return
+        if best is not None:
+            for name, value in best["parameters"].items():
+                self.client.log_param(run_id, f"best.{name}", value)
+            self.client.log_metric(run_id, "best_value", best["value"])
+            self.client.set_tag(run_id, "lorasweep.best_trial", best["name"])
+        status = "FINISHED" if phase == "Succeeded" else "FAILED"
+        self.client.set_terminated(run_id, status)
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        return f"{self.uri}/#/experiments/{experiment_id}/runs/{run_id}"
+
+    def experiment_url(self, experiment_id: str) -> str:
+        return f"{self.uri}/#/experiments/{experiment_id}"

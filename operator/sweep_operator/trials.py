@@ -1,0 +1,58 @@
+"""Trials as the planner sees them: what was observed in the cluster, and what to create."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Labels and annotations on trial Jobs (and their pods). The operator finds a sweep's trials
+# by the sweep label and rebuilds everything else from the annotations.
+LABEL_SWEEP = "lorasweep.io/sweep"
+LABEL_TRIAL = "lorasweep.io/trial"
+ANNOTATION_PARAMETERS = "lorasweep.io/parameters"
+ANNOTATION_INDEX = "lorasweep.io/trial-index"
+
+# Where a trial writes its result; the container's terminationMessagePath.
+RESULT_PATH = "/dev/termination-log"
+
+
+class TrialState(StrEnum):
+    PENDING = "pending"  # Job exists, pod not running yet (e.g. waiting for a GPU)
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # failed after the Job's retries
+    PRUNED = "pruned"  # stopped by the operator
+
+    @property
+    def active(self) -> bool:
+        return self in (TrialState.PENDING, TrialState.RUNNING)
+
+
+class ObservedTrial(BaseModel):
+    """One trial as observed by the operator's adapters (Job, pod, termination message, MLflow)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    index: int = Field(ge=0)
+    parameters: dict[str, Any]
+    state: TrialState
+    value: float | None = None  # the objective metric's final value, when reported
+    metrics: dict[str, float] = Field(default_factory=dict)  # everything else reported
+    mlflow_run_id: str | None = None
+    start_time: datetime | None = None
+    finish_time: datetime | None = None
+    message: str = ""  # e.g. why it failed
+
+
+class NewTrial(BaseModel):
+    """A trial the plan wants created."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    index: int = Field(ge=0)
+    name: str
+    parameters: dict[str, Any]

@@ -1,0 +1,75 @@
+"""The operator as users run it (`kopf run`), as a process of its own against the dev cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from tests.cluster import devcluster
+from tests.support import free_port, wait_for
+
+
+class OperatorProcess:
+    """`kopf run` of the operator, watching one namespace; killable, restartable."""
+
+    def __init__(self, namespace: str, log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.namespace = namespace
+        self.env = env or {}
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        port = free_port()
+        env = {**os.environ, "KUBECONFIG": str(devcluster.OPERATOR_KUBECONFIG), **self.env}
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kopf",
+                    "run",
+                    "--standalone",
+                    "-m",
+                    "sweep_operator.handlers",
+                    f"--namespace={self.namespace}",
+                    f"--liveness=http://127.0.0.1:{port}/healthz",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=devcluster.REPO,
+            )
+        wait_for(lambda: self._healthy(port), 60, "the operator's liveness endpoint")
+
+    def _healthy(self, port: int) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"the operator exited; log:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, no chance to clean up."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid

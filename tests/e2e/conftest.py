@@ -1,0 +1,52 @@
+"""Fixtures for the e2e tests: the CRD applied as a user would, and the operator process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from kubernetes import client
+
+from sweep_operator.api import GROUP, PLURAL, VERSION
+from tests.cluster import devcluster
+from tests.cluster.devcluster import REPO
+from tests.cluster.operator_process import OperatorProcess
+from tests.support import wait_for
+
+CRD = REPO / "crds" / "hyperparametersweeps.lorasweep.io.yaml"
+
+
+@pytest.fixture(scope="session")
+def sweep_crd(cluster, kube_client) -> None:
+    """The CRD from crds/, applied as a user would, and established."""
+    devcluster.apply_crds(cluster)
+    ext = client.ApiextensionsV1Api(kube_client)
+    name = yaml.safe_load(CRD.read_text())["metadata"]["name"]
+
+    def established():
+        crd = ext.read_custom_resource_definition(name)
+        return any(
+            c.type == "Established" and c.status == "True" for c in crd.status.conditions or []
+        )
+
+    wait_for(established, 30, f"CRD {name} to be established")
+
+
+@pytest.fixture
+def operator(sweep_crd, namespace, kube_client, tmp_path) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(namespace, tmp_path / "operator.log")
+    process.start()
+    yield process
+    process.stop()
+    # The operator's finalizer would keep the test's sweeps, and its namespace, from going.
+    custom = client.CustomObjectsApi(kube_client)
+    for sweep in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            sweep["metadata"]["name"],
+            {"metadata": {"finalizers": None}},
+        )

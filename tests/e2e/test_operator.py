@@ -1,0 +1,273 @@
+"""The operator end to end: real apiserver, Job controller, scheduler, pod runner and MLflow."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from sweep_operator.api import GROUP, PLURAL, VERSION
+from sweep_operator.trials import LABEL_SWEEP
+from tests.support import wait_for
+
+TRIAL_PROGRAM = Path(__file__).with_name("trial_program.py")
+
+
+def sweep_manifest(name: str, spec: dict) -> dict:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "HyperparameterSweep",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def local_grid_spec(mlflow_uri: str, trace: Path, experiment: str) -> dict:
+    """6 trials of the known-optimum program on local-gpu-0, 2 at a time."""
+    return {
+        "objective": {"metric": "eval_loss", "goal": "minimize"},
+        "algorithm": {"name": "grid"},
+        "parameters": {
+            "lora_rank": {"values": [4, 8, 16]},
+            "learning_rate": {"values": [1.0e-4, 2.0e-4]},
+        },
+        "parallelism": 2,
+        "trainer": {
+            "image": "lorasweep-e2e",
+            "command": [sys.executable, str(TRIAL_PROGRAM)],
+            "args": [
+                "--rank={{ params.lora_rank }}",
+                "--lr={{ params.learning_rate }}",
+                f"--trace={trace}",
+            ],
+            "nodeSelector": {"lorasweep.io/node-mode": "local"},
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+        },
+        "mlflow": {"trackingUri": mlflow_uri, "experimentName": experiment},
+    }
+
+
+def sim_spec(trials: int, parallelism: int, annotations: dict, **extra) -> dict:
+    return {
+        "objective": {"metric": "eval_loss", "goal": "minimize"},
+        "algorithm": {"name": "grid"},
+        "parameters": {"lora_rank": {"values": list(range(1, trials + 1))}},
+        "parallelism": parallelism,
+        "trainer": {
+            "image": "lorasweep-e2e",
+            "command": ["train"],
+            "nodeSelector": {"lorasweep.io/node-mode": "sim"},
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+            "podAnnotations": annotations,
+        },
+        **extra,
+    }
+
+
+@pytest.fixture
+def custom(kube_client) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(kube_client)
+
+
+@pytest.fixture
+def batch(kube_client) -> client.BatchV1Api:
+    return client.BatchV1Api(kube_client)
+
+
+def get_sweep(custom, namespace: str, name: str) -> dict:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def wait_for_phase(
+    custom, namespace: str, name: str, phases: tuple[str, ...], timeout: float
+) -> dict:
+    def check():
+        sweep = get_sweep(custom, namespace, name)
+        return sweep if sweep.get("status", {}).get("phase") in phases else None
+
+    try:
+        return wait_for(check, timeout, f"sweep {name} to reach {phases}")
+    except AssertionError as error:
+        status = get_sweep(custom, namespace, name).get("status")
+        raise AssertionError(f"{error}; status: {status}") from None
+
+
+def trial_jobs(batch, namespace: str, sweep: str) -> list[client.V1Job]:
+    return batch.list_namespaced_job(namespace, label_selector=f"{LABEL_SWEEP}={sweep}").items
+
+
+def max_overlap(trace: Path) -> int:
+    events = []
+    for line in trace.read_text().splitlines():
+        kind, _, stamp = line.split()
+        events.append((float(stamp), 1 if kind == "start" else -1))
+    running = peak = 0
+    for _, delta in sorted(events, key=lambda e: (e[0], e[1])):
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def test_grid_sweep_finds_the_true_optimum(
+    operator, custom, batch, namespace, mlflow_uri, tmp_path
+):
+    experiment = f"e2e-grid-{uuid.uuid4().hex[:8]}"
+    trace = tmp_path / "trace"
+    custom.create_namespaced_custom_object(
+        GROUP,
+        VERSION,
+        namespace,
+        PLURAL,
+        sweep_manifest("rank-lr", local_grid_spec(mlflow_uri, trace, experiment)),
+    )
+
+    sweep = wait_for_phase(custom, namespace, "rank-lr", ("Succeeded", "Failed"), 240)
+    status = sweep["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["trials"]["succeeded"] == 6 and status["trials"]["failed"] == 0
+    best = status["bestTrial"]
+    assert best["parameters"] == {"lora_rank": 8, "learning_rate": 2.0e-4}
+    assert best["value"] == pytest.approx(0.1)
+    assert 1 <= max_overlap(trace) <= 2
+    assert len(trial_jobs(batch, namespace, "rank-lr")) == 6
+
+    from mlflow import MlflowClient
+
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    assert status["mlflow"]["experimentId"] == experiment_id
+    parent_id = status["mlflow"]["parentRunId"]
+    children = mlflow.search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'"
+    )
+    assert len(children) == 6
+    assert best["mlflowRunId"] in {r.info.run_id for r in children}
+
+    def parent_closed():
+        parent = mlflow.get_run(parent_id)
+        return parent if parent.info.status == "FINISHED" else None
+
+    parent = wait_for(parent_closed, 30, "the parent run to end")
+    assert parent.data.params["best.lora_rank"] == "8"
+    assert parent.data.metrics["best_value"] == pytest.approx(0.1)
+
+
+def test_failure_budget_fails_the_sweep(operator, custom, batch, namespace):
+    spec = sim_spec(
+        6,
+        2,
+        {"lorasweep.io/sim-duration": "300ms", "lorasweep.io/sim-exit-code": "1"},
+        maxFailedTrials=1,
+    )
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("doomed", spec)
+    )
+    status = wait_for_phase(custom, namespace, "doomed", ("Failed",), 60)["status"]
+    assert status["trials"]["failed"] == 2
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["status"] == "True" and failed["reason"] == "TooManyFailedTrials"
+    assert "maxFailedTrials=1" in status["message"]
+    # Past the budget nothing new starts.
+    assert len(trial_jobs(batch, namespace, "doomed")) == 2
+
+
+def test_operator_restart_loses_and_duplicates_nothing(operator, custom, batch, namespace):
+    result = '{"metrics": {"eval_loss": 0.5}}'
+    spec = sim_spec(
+        8, 2, {"lorasweep.io/sim-duration": "1500ms", "lorasweep.io/sim-result": result}
+    )
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("restart", spec)
+    )
+    wait_for(lambda: len(trial_jobs(batch, namespace, "restart")) >= 3, 60, "3 trials")
+    operator.kill()
+    before = {j.metadata.name: j.metadata.uid for j in trial_jobs(batch, namespace, "restart")}
+    operator.start()
+
+    status = wait_for_phase(custom, namespace, "restart", ("Succeeded", "Failed"), 120)["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["trials"]["succeeded"] == 8 and status["trials"]["total"] == 8
+    jobs = trial_jobs(batch, namespace, "restart")
+    assert sorted(j.metadata.name for j in jobs) == [f"restart-{i:04d}" for i in range(8)]
+    after = {j.metadata.name: j.metadata.uid for j in jobs}
+    assert all(after[name] == uid for name, uid in before.items())
+
+
+def test_parallelism_change_takes_effect(operator, custom, batch, namespace):
+    spec = sim_spec(6, 1, {"lorasweep.io/sim-duration": "2s"})
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("widen", spec)
+    )
+    wait_for(lambda: len(trial_jobs(batch, namespace, "widen")) == 1, 30, "the first trial")
+    custom.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "widen", {"spec": {"parallelism": 3}}
+    )
+
+    def active():
+        jobs = trial_jobs(batch, namespace, "widen")
+        return len([j for j in jobs if not j.status.succeeded]) == 3
+
+    wait_for(active, 30, "3 trials running at once")
+
+
+def test_deleting_the_sweep_removes_its_jobs_and_pods(
+    operator, custom, batch, namespace, kube_client
+):
+    spec = sim_spec(4, 4, {"lorasweep.io/sim-duration": "60s"})
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("doomed", spec)
+    )
+    core = client.CoreV1Api(kube_client)
+    selector = f"{LABEL_SWEEP}=doomed"
+    wait_for(
+        lambda: len(core.list_namespaced_pod(namespace, label_selector=selector).items) == 4,
+        60,
+        "4 trial pods",
+    )
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "doomed")
+    wait_for(lambda: not trial_jobs(batch, namespace, "doomed"), 60, "the Jobs to go")
+    wait_for(
+        lambda: not core.list_namespaced_pod(namespace, label_selector=selector).items,
+        60,
+        "the pods to go",
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"parallelism": 0}, "parallelism"),
+        ({"parameters": {"lora_dropout": {"type": "uniform", "min": 0.3, "max": 0.1}}}, "min"),
+        ({"objective": {"metric": "eval_loss", "goal": "lowest"}}, "goal"),
+    ],
+)
+def test_schema_errors_are_refused_at_apply(sweep_crd, custom, namespace, change, expected):
+    spec = {**sim_spec(2, 1, {}), **change}
+    if "parameters" in change:
+        spec["algorithm"] = {"name": "random", "seed": 1}
+        spec["maxTrials"] = 2
+    with pytest.raises(ApiException) as refused:
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, sweep_manifest("bad", spec)
+        )
+    assert refused.value.status == 422
+    assert expected in refused.value.body
+
+
+def test_unknown_trainer_parameter_fails_the_sweep_without_jobs(operator, custom, batch, namespace):
+    spec = sim_spec(2, 1, {})
+    del spec["trainer"]["command"]  # the bundled trainer: parameter names are checked
+    spec["parameters"] = {"lora_rnak": {"values": [8, 16]}}
+    spec["trainer"]["model"] = "/models/tiny"
+    spec["trainer"]["data"] = {"train": "/data/train.jsonl"}
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("typo", spec)
+    )
+    status = wait_for_phase(custom, namespace, "typo", ("Failed",), 30)["status"]
+    assert "spec.parameters.lora_rnak" in status["message"]
+    assert "lora_rank" in status["message"]
+    assert not trial_jobs(batch, namespace, "typo")

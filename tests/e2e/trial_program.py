@@ -1,0 +1,51 @@
+"""A trial program for the e2e tests, run by the pod runner under the real Job controller.
+
+Its objective is a known function of its parameters, lowest (0.1) at rank 8 and lr 2e-4. It
+follows the trial contract: an MLflow child run under the sweep's parent run, tagged with its
+trial, and the final metrics as JSON in the file named by LORASWEEP_RESULT_PATH. It appends its
+start and end times to --trace, so a test can see how many trials ran at once.
+"""
+
+import argparse
+import json
+import math
+import os
+import time
+
+from mlflow import MlflowClient
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--rank", type=int, required=True)
+parser.add_argument("--lr", type=float, required=True)
+parser.add_argument("--trace", required=True)
+parser.add_argument("--seconds", type=float, default=1.0)
+args = parser.parse_args()
+
+trial = os.environ["LORASWEEP_TRIAL"]
+with open(args.trace, "a") as trace:
+    trace.write(f"start {trial} {time.time()}\n")
+
+loss = (math.log2(args.rank) - 3) ** 2 + (args.lr * 1e4 - 2) ** 2 + 0.1
+mlflow = MlflowClient()
+experiment = mlflow.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
+run = mlflow.create_run(
+    experiment.experiment_id,
+    run_name=trial,
+    tags={
+        "mlflow.parentRunId": os.environ["MLFLOW_PARENT_RUN_ID"],
+        "lorasweep.sweep": os.environ["LORASWEEP_SWEEP"],
+        "lorasweep.trial": trial,
+    },
+)
+mlflow.log_param(run.info.run_id, "lora_rank", args.rank)
+mlflow.log_param(run.info.run_id, "learning_rate", args.lr)
+for step in range(3):
+    time.sleep(args.seconds / 3)
+    mlflow.log_metric(run.info.run_id, "eval_loss", loss * (3 - step), step=step)
+mlflow.log_metric(run.info.run_id, "eval_loss", loss, step=3)
+mlflow.set_terminated(run.info.run_id)
+
+with open(os.environ["LORASWEEP_RESULT_PATH"], "w") as result:
+    json.dump({"metrics": {"eval_loss": loss, "train_loss": loss * 1.1}}, result)
+with open(args.trace, "a") as trace:
+    trace.write(f"end {trial} {time.time()}\n")

@@ -1,0 +1,60 @@
+"""The lorasweep command, and the examples it renders."""
+
+from __future__ import annotations
+
+import io
+
+import yaml
+
+from sweep_operator.cli import main
+from sweep_operator.crd import crd_yaml
+from tests.unit.sweep_helpers import EXAMPLE
+
+
+def run(*argv: str) -> tuple[int, str]:
+    out = io.StringIO()
+    return main(list(argv), out), out.getvalue()
+
+
+def test_render_the_example():
+    code, text = run("render", str(EXAMPLE))
+    assert code == 0
+    jobs = list(yaml.safe_load_all(text))
+    assert [j["metadata"]["name"] for j in jobs] == [f"rank-lr-{i:04d}" for i in range(6)]
+    assert {j["metadata"]["namespace"] for j in jobs} == {"llm-training"}
+    params = [j["metadata"]["annotations"]["lorasweep.io/parameters"] for j in jobs]
+    assert len(set(params)) == 6
+    [c] = jobs[0]["spec"]["template"]["spec"]["containers"]
+    assert c["image"] == "registry.example.com/lorasweep-trainer:0.1.0"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--set" in c["args"] and "lora_rank=8" in c["args"]
+
+
+def test_render_limit(tmp_path):
+    code, text = run("render", str(EXAMPLE), "--limit", "2")
+    assert code == 0 and len(list(yaml.safe_load_all(text))) == 2
+
+
+def test_render_reports_an_invalid_sweep(tmp_path, capsys):
+    sweep = yaml.safe_load(EXAMPLE.read_text())
+    sweep["spec"]["parameters"]["lora_rnak"] = {"values": [4]}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    code, text = run("render", str(path))
+    assert (code, text) == (1, "")
+    assert capsys.readouterr().err == (
+        "lorasweep: HyperparameterSweep rank-lr is invalid:\n"
+        "  spec.parameters.lora_rnak: 'lora_rnak' is not a setting of the bundled trainer; "
+        "did you mean lora_rank?\n"
+    )
+
+
+def test_render_without_a_sweep(tmp_path, capsys):
+    path = tmp_path / "cm.yaml"
+    path.write_text("apiVersion: v1\nkind: ConfigMap\n")
+    assert run("render", str(path))[0] == 1
+    assert "no HyperparameterSweep in the file" in capsys.readouterr().err
+
+
+def test_crds_prints_the_crd():
+    assert run("crds") == (0, crd_yaml())

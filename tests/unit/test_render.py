@@ -1,0 +1,248 @@
+"""Rendering trial Jobs: the metadata the operator relies on, security, and the trial contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from lora_trainer.config import parse_set
+from sweep_operator.render import (
+    RenderError,
+    SweepRef,
+    builtin_template,
+    render_trial_job,
+    yaml_flow,
+    yaml_scalar,
+)
+from sweep_operator.trials import NewTrial
+from tests.unit.sweep_helpers import make_spec, raw_spec
+
+SWEEP = SweepRef(name="rank-lr", namespace="team-a", uid="1234-uid")
+TRIAL = NewTrial(index=3, name="rank-lr-0003", parameters={"learning_rate": 2e-4, "lora_rank": 16})
+
+
+def render(spec=None, trial=TRIAL, **kwargs):
+    return render_trial_job(SWEEP, spec or make_spec(), trial, **kwargs)
+
+
+def container(job):
+    [c] = job["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def env_of(job) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container(job)["env"]}
+
+
+def test_metadata_labels_annotations_and_owner():
+    job = render()
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    meta = job["metadata"]
+    assert meta["name"] == "rank-lr-0003" and meta["namespace"] == "team-a"
+    assert meta["labels"] == {"lorasweep.io/sweep": "rank-lr", "lorasweep.io/trial": "rank-lr-0003"}
+    assert json.loads(meta["annotations"]["lorasweep.io/parameters"]) == TRIAL.parameters
+    assert meta["annotations"]["lorasweep.io/trial-index"] == "3"
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "lorasweep.io/v1alpha1",
+            "kind": "HyperparameterSweep",
+            "name": "rank-lr",
+            "uid": "1234-uid",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    assert pod_labels["lorasweep.io/trial"] == "rank-lr-0003"
+
+
+def test_pod_is_restricted_and_never_restarts():
+    job = render()
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    assert job["spec"]["backoffLimit"] == 0
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    sc = container(job)["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert container(job)["terminationMessagePath"] == "/dev/termination-log"
+    assert container(job)["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_env_contract():
+    env = env_of(render(tracking_uri="http://mlflow:5000", parent_run_id="parent123"))
+    assert env["LORASWEEP_SWEEP"] == "rank-lr"
+    assert env["LORASWEEP_TRIAL"] == "rank-lr-0003"
+    assert json.loads(env["LORASWEEP_PARAMS"]) == TRIAL.parameters
+    assert env["LORASWEEP_RESULT_PATH"] == "/dev/termination-log"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["MLFLOW_EXPERIMENT_NAME"] == "team-a/rank-lr"
+    assert env["MLFLOW_PARENT_RUN_ID"] == "parent123"
+    assert "MLFLOW_PARENT_RUN_ID" not in env_of(render())  # unknown yet: left out, not ""
+
+
+def test_user_env_may_override_mlflow_but_not_the_contract():
+    raw = raw_spec()
+    raw["trainer"]["env"] = [
+        {"name": "MLFLOW_TRACKING_URI", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}},
+        {"name": "LORASWEEP_TRIAL", "value": "forged"},
+        {"name": "HF_HOME", "value": "/cache"},
+    ]
+    raw["trainer"]["envFrom"] = [{"secretRef": {"name": "hf-token"}}]
+    job = render(make_spec(**raw), tracking_uri="http://default")
+    names = [e["name"] for e in container(job)["env"]]
+    assert names.count("MLFLOW_TRACKING_URI") == 1 and names.count("LORASWEEP_TRIAL") == 1
+    assert env_of(job)["LORASWEEP_TRIAL"] == "rank-lr-0003"
+    assert env_of(job)["HF_HOME"] == "/cache"
+    assert container(job)["envFrom"] == [{"secretRef": {"name": "hf-token"}}]
+
+
+def test_bundled_trainer_arguments_round_trip_through_the_trainers_parser():
+    raw = raw_spec()
+    raw["trainer"]["config"] = {"lora_target": "q_proj,v_proj", "num_train_epochs": 1.5}
+    trial = NewTrial(index=0, name="t-0000", parameters={"learning_rate": 1e-5, "lora_rank": 8})
+    c = container(render(make_spec(**raw), trial))
+    assert c["command"] == ["python", "-m", "lora_trainer"]
+    assert c["args"][::2] == ["--set"] * (len(c["args"]) // 2)
+    settings = dict(parse_set(item) for item in c["args"][1::2])
+    assert settings == {
+        "model_name_or_path": "/models/tiny",
+        "train_file": "/data/train.jsonl",
+        "eval_file": "/data/val.jsonl",
+        "lora_target": "q_proj,v_proj",
+        "num_train_epochs": 1.5,
+        "learning_rate": 1e-5,
+        "lora_rank": 8,
+    }
+    # Trial parameters come last, so they win over fixed settings.
+    assert c["args"][-2:] == ["--set", "lora_rank=8"]
+
+
+@pytest.mark.parametrize(
+    "value", [1e-5, 2e-4, 8, True, "all", "yes", "1e-4", "a: b", "x\ny", " pad", "ünï", "", 0.1]
+)
+def test_scalars_survive_yaml(value):
+    assert yaml.safe_load(yaml_scalar(value)) == value
+    assert type(yaml.safe_load(yaml_scalar(value))) is type(value)
+    assert yaml.safe_load(yaml_flow({"k": [value]})) == {"k": [value]}
+
+
+def test_custom_command_args_are_sandboxed_templates():
+    raw = raw_spec()
+    raw["trainer"]["command"] = ["python", "/app/train.py"]
+    raw["trainer"]["args"] = [
+        "--lr={{ params.learning_rate }}",
+        "--rank={{ params['lora_rank'] }}",
+        "--run={{ sweep.name }}/{{ trial.name }}/{{ trial.index }}",
+    ]
+    c = container(render(make_spec(**raw)))
+    assert c["command"] == ["python", "/app/train.py"]
+    assert c["args"] == ["--lr=0.0002", "--rank=16", "--run=rank-lr/rank-lr-0003/3"]
+
+
+@pytest.mark.parametrize(
+    ("arg", "problem"),
+    [
+        ("--lr={{ params.learnig_rate }}", "UndefinedError"),
+        ("{{ params.__class__.__mro__ }}", "SecurityError"),
+        ("{{ params.update({'x': 1}) }}", "SecurityError"),
+        ("{{ params.lr", "TemplateSyntaxError"),
+    ],
+)
+def test_bad_args_name_the_field(arg, problem):
+    raw = raw_spec()
+    raw["trainer"]["command"] = ["train"]
+    raw["trainer"]["args"] = ["--ok", arg]
+    with pytest.raises(RenderError) as caught:
+        render(make_spec(**raw))
+    assert caught.value.field == "spec.trainer.args[1]"
+    assert str(caught.value).startswith(f"spec.trainer.args[1]: {problem}")
+
+
+def test_pod_settings_from_the_spec():
+    raw = raw_spec()
+    raw["trainer"].update(
+        {
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+            "nodeSelector": {"gpu": "h100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "serviceAccountName": "trainer",
+            "priorityClassName": "batch-low",
+            "backoffLimit": 2,
+            "activeDeadlineSeconds": 3600,
+            "podAnnotations": {"sim.example/exit-code": "0"},
+            "podLabels": {"team": "nlp", "lorasweep.io/trial": "forged"},
+            "imagePullPolicy": "Never",
+        }
+    )
+    job = render(make_spec(**raw))
+    pod = job["spec"]["template"]
+    assert pod["metadata"]["annotations"] == {"sim.example/exit-code": "0"}
+    assert pod["metadata"]["labels"]["team"] == "nlp"
+    assert pod["metadata"]["labels"]["lorasweep.io/trial"] == "rank-lr-0003"
+    assert pod["spec"]["nodeSelector"] == {"gpu": "h100"}
+    assert pod["spec"]["serviceAccountName"] == "trainer"
+    assert "automountServiceAccountToken" not in pod["spec"]
+    assert pod["spec"]["priorityClassName"] == "batch-low"
+    assert pod["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
+    assert pod["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
+    c = container(job)
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert c["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert c["imagePullPolicy"] == "Never"
+
+
+def test_rendering_is_deterministic():
+    assert yaml.safe_dump(render()) == yaml.safe_dump(render())
+
+
+def test_user_template_gets_the_operator_metadata_enforced():
+    template = builtin_template().replace("restartPolicy: Never", "restartPolicy: OnFailure")
+    template = template.replace("  labels: {{ metadata.labels | yaml }}", "  labels: {mine: x}")
+    job = render(template=template)
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert job["metadata"]["labels"] == {
+        "mine": "x",
+        "lorasweep.io/sweep": "rank-lr",
+        "lorasweep.io/trial": "rank-lr-0003",
+    }
+    assert job["metadata"]["ownerReferences"][0]["uid"] == "1234-uid"
+
+
+def test_spec_template_wins_over_the_default_template():
+    raw = raw_spec()
+    raw["trainer"]["jobTemplate"] = builtin_template().replace("runAsUser: 1000", "runAsUser: 2000")
+    job = render(make_spec(**raw), template="not used")
+    assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 2000
+
+
+@pytest.mark.parametrize(
+    ("template", "problem"),
+    [
+        ("apiVersion: v1\nkind: Pod\n", "apiVersion/kind is v1/Pod, expected batch/v1/Job"),
+        ("- a\n- b\n", "expected a YAML mapping, got list"),
+        ("apiVersion: batch/v1\nkind: Job\nspec: {}\n", "spec.template.spec is missing"),
+        (
+            "apiVersion: batch/v1\nkind: Job\nspec: {template: {spec: {containers: []}}}\n",
+            "containers is missing or empty",
+        ),
+        (
+            "apiVersion: batch/v1\nkind: Job\nspec: {template: {spec: "
+            "{restartPolicy: Always, containers: [{name: a, image: b}]}}}\n",
+            "restartPolicy is 'Always', expected Never or OnFailure",
+        ),
+        ("key: [unclosed\n", "did not render valid YAML"),
+        ("{{ nothing_here }}", "UndefinedError"),
+    ],
+)
+def test_a_template_that_is_not_a_job_is_refused_clearly(template, problem):
+    with pytest.raises(RenderError) as caught:
+        render(template=template)
+    assert str(caught.value).startswith("template: ") and problem in str(caught.value)

@@ -1,0 +1,312 @@
+"""The trainer's configuration: one flat, typed `TrainConfig` built from argument groups.
+
+This module must stay importable without torch or transformers: the operator imports
+`TrainConfig` to check that a sweep's parameter names are real trainer fields.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_ENV = "LORASWEEP_PARAMS"
+
+
+class ConfigError(ValueError):
+    """A configuration the trainer cannot run with; the message is meant for the user."""
+
+
+class _Arguments(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelArguments(_Arguments):
+    model_name_or_path: str = Field(
+        description="Local directory or hub id of the base model (a causal language model)."
+    )
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype to load the base model weights in; `auto` keeps the checkpoint's.",
+    )
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = Field(
+        None, description="Attention kernel; unset lets transformers choose (usually `sdpa`)."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow the model repository to run its own Python code. Off by default."
+    )
+
+
+class LoraArguments(_Arguments):
+    lora_rank: int = Field(8, gt=0, description="Rank r of the LoRA update matrices.")
+    lora_alpha: int | None = Field(
+        None, gt=0, description="LoRA scaling numerator alpha; defaults to 2 x lora_rank."
+    )
+    lora_dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1)."
+    )
+    lora_target: str = Field(
+        "all",
+        description="Modules to adapt: `all` (every linear layer but the output head) or a "
+        "comma-separated list of module names such as `q_proj,v_proj`.",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale by alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+
+    def lora_target_modules(self) -> str | list[str]:
+        """The value for peft's `target_modules`."""
+        if self.lora_target.strip() == "all":
+            return "all-linear"
+        return [name.strip() for name in self.lora_target.split(",")]
+
+
+class TrainingArguments(_Arguments):
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of the optimizer.")
+    num_train_epochs: float = Field(
+        3.0, gt=0, description="Passes over the training data (ignored when max_steps > 0)."
+    )
+    max_steps: int = Field(
+        -1, ge=-1, description="Total optimizer steps; -1 trains for num_train_epochs instead."
+    )
+    per_device_train_batch_size: int = Field(4, gt=0, description="Examples per step and device.")
+    per_device_eval_batch_size: int = Field(
+        8,
+        gt=0,
+        description="Examples per evaluation batch. Eval loss is a token-weighted mean over the "
+        "whole eval set, so it does not depend on this value.",
+    )
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Batches accumulated into one optimizer step."
+    )
+    warmup_ratio: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of steps with linear learning-rate warmup."
+    )
+    lr_scheduler_type: Literal[
+        "linear",
+        "cosine",
+        "cosine_with_restarts",
+        "polynomial",
+        "constant",
+        "constant_with_warmup",
+        "inverse_sqrt",
+    ] = Field("cosine", description="Learning-rate schedule after warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="Decoupled weight decay (AdamW).")
+    max_grad_norm: float = Field(
+        1.0, ge=0.0, description="Gradient clipping norm; 0 disables clipping."
+    )
+    optim: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"] = (
+        Field("adamw_torch", description="Optimizer, by its transformers name.")
+    )
+    bf16: bool = Field(False, description="Mixed precision with bfloat16.")
+    fp16: bool = Field(False, description="Mixed precision with float16 (needs a CUDA GPU).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    seed: int = Field(42, ge=0, description="Seed for weight init of the adapter and shuffling.")
+    eval_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Evaluate every this many steps; unset evaluates at the end of each epoch. "
+        "The run always ends with an evaluation.",
+    )
+    logging_steps: int = Field(10, gt=0, description="Log training metrics every this many steps.")
+    save_steps: int | None = Field(
+        None, gt=0, description="Save a checkpoint every this many steps; unset saves none."
+    )
+    early_stopping_patience: int | None = Field(
+        None,
+        gt=0,
+        description="Stop after this many evaluations without a lower eval_loss; unset: never.",
+    )
+
+
+class DataArguments(_Arguments):
+    train_file: str = Field(
+        description="JSONL training data: one object per line, alpaca form (instruction, input, "
+        "output) or chat form (messages: [{role, content}, ...])."
+    )
+    eval_file: str | None = Field(
+        None, description="JSONL evaluation data in the same forms; unset splits off val_size."
+    )
+    val_size: float = Field(
+        0.1,
+        ge=0.0,
+        description="Without eval_file: the share of train examples held out for evaluation "
+        "(below 1), or their number (1 and above). The split depends only on the examples' "
+        "content, so every trial of a sweep evaluates on the same examples.",
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="Use at most this many examples of each file (for quick runs)."
+    )
+    cutoff_len: int = Field(
+        1024, gt=0, description="Maximum tokens per example; longer examples are truncated."
+    )
+    template: Literal["auto", "alpaca", "plain", "chat"] = Field(
+        "auto",
+        description="Prompt format: `alpaca`, `plain` (prompt and response concatenated), `chat` "
+        "(the tokenizer's chat template), or `auto` (chat when the tokenizer has a chat "
+        "template, else alpaca).",
+    )
+    packing: bool = Field(
+        True,
+        description="Concatenate each batch's examples into one padding-free sequence, with "
+        "position ids restarting per example so attention never crosses examples.",
+    )
+
+    @model_validator(mode="after")
+    def _val_size_is_a_count_or_share(self) -> Self:
+        if self.val_size >= 1 and not self.val_size.is_integer():
+            raise ValueError(
+                f"val_size={self.val_size} must be a share below 1 or a whole number of examples"
+            )
+        return self
+
+
+class OutputArguments(_Arguments):
+    output_dir: str = Field(
+        "/tmp/lorasweep/output",
+        description="Directory for checkpoints and the adapter (must be writable).",
+    )
+    save_adapter: bool = Field(True, description="Save the trained adapter to output_dir/adapter.")
+
+
+# pydantic lists inherited fields from the last base to the first: model settings come first.
+class TrainConfig(OutputArguments, DataArguments, TrainingArguments, LoraArguments, ModelArguments):
+    """Everything one training run needs. Field names are flat, so `--set lora_rank=16` works."""
+
+    @model_validator(mode="after")
+    def _defaults_and_cross_checks(self) -> Self:
+        if self.lora_alpha is None:
+            self.lora_alpha = 2 * self.lora_rank
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are exclusive: enable at most one")
+        targets = self.lora_target_modules()
+        if isinstance(targets, list) and "" in targets:
+            raise ValueError(
+                f"lora_target={self.lora_target!r}: expected `all` or a comma-separated list of "
+                "module names such as `q_proj,v_proj`"
+            )
+        return self
+
+
+def field_names() -> list[str]:
+    return list(TrainConfig.model_fields)
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    close = difflib.get_close_matches(key, field_names(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; run with --help-config to list"
+    return f"{source}: unknown setting {key!r}{hint}"
+
+
+def _parse_scalar(text: str) -> Any:
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(value, dict | list):
+        raise ConfigError(f"--set value {text!r} must be a single value, not a list or mapping")
+    return value
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """Parse one `key=value` override; the value is read as a YAML scalar."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lora_rank=16")
+    return key, _parse_scalar(text)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _read_params_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    text = environ.get(PARAMS_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{PARAMS_ENV}: not valid JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise ConfigError(f"{PARAMS_ENV}: expected a JSON object of trial parameters")
+    return params
+
+
+def _describe(error: dict[str, Any], sources: Mapping[str, str]) -> str:
+    field = ".".join(str(part) for part in error["loc"]) or "config"
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = str(error.get("ctx", {}).get("error", message))
+    if error["type"] == "missing":
+        return f"{field}: required, set it in the config file or with --set {field}=..."
+    origin = sources.get(field)
+    where = f" (from {origin})" if origin else ""
+    if "input" in error and error["type"] != "value_error":
+        return f"{field}={error['input']!r}{where}: {message}"
+    return f"{field}{where}: {message}" if error["loc"] else message
+
+
+def load_config(
+    config_path: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
+    environ: Mapping[str, str] | None = None,
+) -> TrainConfig:
+    """Build the config: YAML file, then the trial's parameters from the environment, then
+    `--set` overrides, each later source winning. Raises ConfigError with a readable message."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if config_path is not None:
+        layers.append((str(config_path), _read_yaml(Path(config_path))))
+    layers.append((PARAMS_ENV, _read_params_env(environ)))
+    layers.append(("--set", dict(parse_set(item) for item in overrides)))
+
+    known = set(field_names())
+    problems = []
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in known:
+                problems.append(_unknown_key_message(str(key), source))
+                continue
+            values[key] = value
+            sources[key] = source
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+    # YAML 1.1 reads `2e-4` as a string; pydantic's lax mode turns numeric strings into numbers.
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as exc:
+        lines = [_describe(error, sources) for error in exc.errors(include_url=False)]
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def describe_fields() -> str:
+    """A plain-text listing of every setting, its default and meaning (for --help-config)."""
+    lines = []
+    for name, info in TrainConfig.model_fields.items():
+        default = "required" if info.is_required() else f"default {info.default!r}"
+        lines.append(f"{name} ({default})\n    {info.description}")
+    return "\n".join(lines)
