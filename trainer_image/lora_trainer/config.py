@@ -155,8 +155,10 @@ class DataArguments(_Arguments):
     )
     packing: bool = Field(
         True,
-        description="Concatenate each batch's examples into one padding-free sequence, with "
-        "position ids restarting per example so attention never crosses examples.",
+        description="Pack each batch's examples into shared rows, with position ids restarting "
+        "per example so attention never crosses examples: one padding-free row with "
+        "flash_attention_2, else rows no longer than the batch's longest example. Off: pad "
+        "every example to the longest.",
     )
 
     @model_validator(mode="after")

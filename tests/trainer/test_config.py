@@ -1,0 +1,155 @@
+"""The trainer's settings: typed parsing, precedence, and errors that say what to fix."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lora_trainer.config import ConfigError, TrainConfig, load_config
+
+REQUIRED = ["model_name_or_path=/models/tiny", "train_file=/data/train.jsonl"]
+
+
+def configure(*overrides: str, path: Path | None = None, params: dict | None = None) -> TrainConfig:
+    environ = {"LORASWEEP_PARAMS": json.dumps(params)} if params else {}
+    return load_config(path, [*REQUIRED, *overrides], environ)
+
+
+def test_set_values_are_typed_like_yaml_and_numbers_in_e_notation_are_floats() -> None:
+    cfg = configure(
+        "lora_rank=16",
+        "learning_rate=2e-4",
+        "packing=false",
+        "eval_steps=null",
+        "lora_target=q_proj,v_proj",
+    )
+    assert cfg.lora_rank == 16
+    assert cfg.learning_rate == pytest.approx(2e-4)
+    assert isinstance(cfg.learning_rate, float)
+    assert cfg.packing is False
+    assert cfg.eval_steps is None
+    assert cfg.lora_target_modules() == ["q_proj", "v_proj"]
+
+
+def test_lora_alpha_follows_the_rank_unless_set() -> None:
+    assert configure("lora_rank=16").lora_alpha == 32
+    assert configure("lora_rank=16", "lora_alpha=8").lora_alpha == 8
+    assert configure().lora_target_modules() == "all-linear"
+
+
+def test_file_then_trial_params_then_set_win_in_that_order(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("lora_rank: 4\nlearning_rate: 1e-3\nlora_dropout: 0.05\ncutoff_len: 256\n")
+    cfg = configure(
+        "learning_rate=3e-4",
+        path=path,
+        params={"learning_rate": 2e-4, "lora_rank": 32},
+    )
+    assert (cfg.lora_rank, cfg.learning_rate, cfg.lora_dropout, cfg.cutoff_len) == (
+        32,
+        pytest.approx(3e-4),
+        0.05,
+        256,
+    )
+
+
+def test_unknown_keys_are_errors_that_suggest_the_real_name(tmp_path: Path) -> None:
+    with pytest.raises(
+        ConfigError, match=r"--set: unknown setting 'lora_rnk'; did you mean lora_rank"
+    ):
+        configure("lora_rnk=16")
+    path = tmp_path / "config.yaml"
+    path.write_text("learning_rat: 0.001\n")
+    with pytest.raises(
+        ConfigError, match=rf"{path}: unknown setting 'learning_rat'.*learning_rate"
+    ):
+        configure(path=path)
+    with pytest.raises(ConfigError, match="LORASWEEP_PARAMS: unknown setting 'rank'"):
+        configure(params={"rank": 8})
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("template=llama", r"template='llama' \(from --set\): Input should be 'auto', 'alpaca'"),
+        ("lora_dropout=1.5", r"lora_dropout=1.5 \(from --set\): Input should be less than 1"),
+        ("lora_rank=0", r"lora_rank=0 \(from --set\): Input should be greater than 0"),
+        (
+            "learning_rate=fast",
+            r"learning_rate='fast' \(from --set\): Input should be a valid number",
+        ),
+        ("val_size=2.5", r"val_size=2.5 must be a share below 1 or a whole number"),
+        ("lora_target=q_proj,,v_proj", r"lora_target='q_proj,,v_proj': expected `all` or a comma"),
+    ],
+)
+def test_bad_values_name_the_field_and_what_is_accepted(override: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        configure(override)
+
+
+def test_bf16_and_fp16_are_exclusive() -> None:
+    with pytest.raises(ConfigError, match="bf16 and fp16 are exclusive"):
+        configure("bf16=true", "fp16=true")
+
+
+def test_missing_required_settings_are_named() -> None:
+    with pytest.raises(ConfigError, match=r"model_name_or_path: required") as error:
+        load_config(None, [], {})
+    assert "train_file: required" in str(error.value)
+
+
+def test_yaml_syntax_errors_point_at_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("lora_rank: 8\nlearning_rate: [1e-4\n")
+    with pytest.raises(ConfigError, match=rf"{path}:3:\d+: invalid YAML"):
+        configure(path=path)
+    with pytest.raises(ConfigError, match="expected key=value"):
+        configure("lora_rank")
+
+
+def test_every_setting_is_described() -> None:
+    undocumented = [n for n, f in TrainConfig.model_fields.items() if not f.description]
+    assert undocumented == []
+
+
+def test_config_module_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys, lora_trainer.config as c; "
+        "assert 'lora_rank' in c.TrainConfig.model_fields; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_cli_rejects_a_bad_setting_before_loading_anything(tmp_path: Path) -> None:
+    result_file = tmp_path / "termination-log"
+    settings = [arg for setting in [*REQUIRED, "lora_rnk=8"] for arg in ("--set", setting)]
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_trainer", *settings],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"LORASWEEP_RESULT_PATH": str(result_file), "PATH": ""},
+    )
+    assert result.returncode == 2
+    assert "unknown setting 'lora_rnk'; did you mean lora_rank" in result.stderr
+    assert "lora_rnk" in json.loads(result_file.read_text())["error"]
+
+
+def test_help_config_lists_every_setting() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "lora_trainer", "--help-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    listed = {line.split(" ")[0] for line in result.stdout.splitlines() if not line.startswith(" ")}
+    assert listed == set(TrainConfig.model_fields)

@@ -1,0 +1,135 @@
+"""`python -m lora_trainer [--config config.yaml] --set key=value ...`
+
+Exit codes: 0 done, 1 unexpected error, 2 bad configuration or model, 3 bad data,
+4 out of GPU memory, 128+N stopped by signal N (143 for SIGTERM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+
+from lora_trainer.config import ConfigError, describe_fields, load_config
+from lora_trainer.stopping import StopFlag, Stopped
+from lora_trainer.tracking import Tracker, result_path, write_result
+
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_OOM = 4
+
+log = logging.getLogger("lora_trainer")
+
+
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="lora-trainer",
+        description="Fine-tune a LoRA adapter on a causal language model, logging to MLflow.",
+        epilog="Settings come from the YAML config file, then the JSON object in "
+        "LORASWEEP_PARAMS, then --set, later ones winning. --help-config lists them all.",
+    )
+    parser.add_argument("--config", help="YAML file with settings (flat keys)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting; VALUE is read as YAML (e.g. --set lora_rank=16)",
+    )
+    parser.add_argument("--help-config", action="store_true", help="list every setting and exit")
+    return parser.parse_args(argv)
+
+
+def _oom_message(cfg: object) -> str:
+    batch = getattr(cfg, "per_device_train_batch_size", "?")
+    cutoff = getattr(cfg, "cutoff_len", "?")
+    return (
+        f"out of GPU memory with per_device_train_batch_size={batch} and cutoff_len={cutoff}: "
+        "lower per_device_train_batch_size (raise gradient_accumulation_steps to keep the "
+        "effective batch), lower cutoff_len, or set gradient_checkpointing=true"
+    )
+
+
+def run(
+    config_path: str | None, overrides: Sequence[str], environ: Mapping[str, str], stop: StopFlag
+) -> int:
+    out = result_path(environ)
+    try:
+        cfg = load_config(config_path, overrides, environ)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        write_result(out, error=str(exc))
+        return EXIT_CONFIG
+
+    # Heavy imports only once the configuration is known to be good.
+    import torch
+
+    from lora_trainer.data import DataError
+    from lora_trainer.train import ModelLoadError, environment_tags, train
+
+    sweep = environ.get("LORASWEEP_SWEEP", "")
+    trial = environ.get("LORASWEEP_TRIAL", "")
+    tracker = Tracker(environ)
+    tracker.start(
+        run_name=trial or "lora-trainer",
+        tags={
+            "lorasweep.sweep": sweep,
+            "lorasweep.trial": trial,
+            "lorasweep.params": environ.get("LORASWEEP_PARAMS", "")[:5000],
+            **environment_tags(),
+        },
+    )
+    tracker.log_params(cfg.model_dump())
+
+    status, code, metrics, error = "FAILED", EXIT_ERROR, {}, None
+    try:
+        metrics = train(cfg, tracker, stop)
+        status, code = "FINISHED", 0
+    except Stopped as exc:
+        metrics = exc.metrics
+        status, code = "KILLED", stop.exit_code
+        error = f"stopped by signal {stop.signal_number or 'SIGTERM'}"
+        log.warning("%s", error)
+    except torch.OutOfMemoryError:
+        code, error = EXIT_OOM, _oom_message(cfg)
+        log.error("%s", error)
+    except DataError as exc:
+        code, error = EXIT_DATA, str(exc)
+        log.error("%s", error)
+    except (ModelLoadError, ConfigError) as exc:
+        code, error = EXIT_CONFIG, str(exc)
+        log.error("%s", error)
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("training failed:\n%s", traceback.format_exc())
+    finally:
+        tracker.end(status)
+        write_result(out, metrics, error)
+    if code == 0:
+        log.info("done: %s", json.dumps(metrics))
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _arguments(argv)
+    if args.help_config:
+        print(describe_fields())
+        return 0
+    logging.basicConfig(
+        level=os.environ.get("LORA_TRAINER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    stop = StopFlag()
+    stop.install()
+    return run(args.config, args.overrides, os.environ, stop)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
