@@ -36,7 +36,7 @@ from sweep_operator.render import SweepRef, render_trial_job  # noqa: E402
 from sweep_operator.space import trial_parameters  # noqa: E402
 from sweep_operator.trials import LABEL_SWEEP, NewTrial  # noqa: E402
 from tests.cluster import devcluster  # noqa: E402
-from tests.cluster.operator_process import OperatorProcess  # noqa: E402
+from tests.cluster.operator_process import OperatorProcess, release_sweeps  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 
 BENCH_NODES = {f"bench-gpu-{i}": 100 for i in range(10)}
@@ -160,6 +160,7 @@ def main() -> None:
         status = custom.get_namespaced_custom_object(GROUP, VERSION, op_ns, PLURAL, "scale")
     finally:
         operator.stop()
+        release_sweeps(api, op_ns)
         for ns in (base_ns, op_ns):
             with contextlib.suppress(client.exceptions.ApiException):
                 core.delete_namespace(ns)

@@ -15,6 +15,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,12 +31,15 @@ from sweep_operator.plan import Plan, failed_status, plan
 from sweep_operator.render import RenderError, SweepRef, render_trial_job
 from sweep_operator.semantic import SweepInvalid, validate_sweep
 from sweep_operator.tracking import Tracker
-from sweep_operator.trials import LABEL_SWEEP, ObservedTrial, TrialState
+from sweep_operator.trials import LABEL_SWEEP, NewTrial, ObservedTrial, TrialState
 
 RESYNC_SECONDS = 10.0
+MIN_RECONCILE_INTERVAL = 1.0
 # Default tracking server for sweeps that name none (set by the Helm chart).
 DEFAULT_TRACKING_URI_ENV = "LORASWEEP_MLFLOW_TRACKING_URI"
 API_WORKERS = 16
+# Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
+EVENT_BURST = 5
 
 _wakeups: dict[tuple[str, str], threading.Event] = defaultdict(threading.Event)
 _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
@@ -66,6 +70,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix="lorasweep.io", key="last-handled-configuration"
     )
     settings.execution.max_workers = 64
+    # kopf logs every handled event at INFO; a 1,000-trial sweep makes thousands a minute.
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     memo.api = _kube_client()
 
 
@@ -83,7 +89,7 @@ def trial_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
-def trial_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+async def trial_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
     _wake(namespace, labels[LABEL_SWEEP])
 
 
@@ -113,6 +119,9 @@ def run_sweep(
             )
         except Exception:
             logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
+        # A burst of trial events (a large sweep starting) is handled in one reconcile a
+        # second, not one per event: each reconcile may patch the status.
+        stopped.wait(MIN_RECONCILE_INTERVAL)
         deadline = RESYNC_SECONDS
         # Wake early on a trial change; check `stopped` often so shutdown is prompt.
         while deadline > 0 and not stopped and not wakeup.wait(0.5):
@@ -130,6 +139,8 @@ class Reconciler:
         self.logger = logger
         self.tracker: Tracker | None = None
         self.results: dict[str, dict[str, Any]] = {}  # MLflow results of finished trials
+        self.searched: set[str] = set()  # finished trials MLflow was already asked about
+        self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
         self.states: dict[str, TrialState] | None = None  # last seen, for Events
         self.parent_closed = False
 
@@ -175,7 +186,7 @@ class Reconciler:
         except RenderError as error:
             self._refuse(body, "InvalidTemplate", str(error), now, previous)
             return
-        self._post_events(body, observed, previous, status)
+        self._trial_events(body, observed, previous, status)
         self._patch_status(body, status, previous)
         if tracker and mlflow_status and status.phase in ("Succeeded", "Failed"):
             self._close_parent(tracker, mlflow_status, status)
@@ -224,25 +235,36 @@ class Reconciler:
             for job in jobs
         ]
         # A finished trial's final run data does not change: ask MLflow (one search for the
-        # whole sweep) only while some finished trial still lacks a run id or its objective.
-        wanted = [
-            t
+        # whole sweep) when trials finished without a run id or objective since the last ask.
+        wanted = {
+            t.name
             for t in observed
             if not t.state.active
             and (t.mlflow_run_id is None or (t.state == TrialState.SUCCEEDED and t.value is None))
-        ]
-        if wanted and tracker and mlflow_status and mlflow_status.experiment_id:
+        }
+        if wanted - self.searched and tracker and mlflow_status and mlflow_status.experiment_id:
             try:
                 self.results.update(tracker.trial_results(mlflow_status.experiment_id, name))
             except Exception as error:
                 self.logger.warning("cannot read trial results from MLflow yet: %s", error)
-                return observed
-            observed = [
-                observe_trial(
-                    job, pods_by_trial[job["name"]], metric, self.results.get(job["name"])
-                )
-                for job in jobs
-            ]
+            else:
+                self.searched |= wanted
+                observed = [
+                    observe_trial(
+                        job, pods_by_trial[job["name"]], metric, self.results.get(job["name"])
+                    )
+                    for job in jobs
+                ]
+        # Jobs this reconciler created that the index has not shown yet: pending, not missing
+        # (else the next reconcile would plan them again and exceed parallelism in its count).
+        indexed = {job["name"] for job in jobs}
+        self.created = {n: t for n, t in self.created.items() if n not in indexed}
+        observed += [
+            ObservedTrial(
+                name=t.name, index=t.index, parameters=t.parameters, state=TrialState.PENDING
+            )
+            for t in self.created.values()
+        ]
         return observed
 
     # --- act -------------------------------------------------------------------------------
@@ -262,18 +284,21 @@ class Reconciler:
             for trial in result.create
         ]
         created = list(_api_pool.map(lambda job: self._create_job(sweep.namespace, job), jobs))
-        for trial, was_created in zip(result.create, created, strict=True):
-            if was_created:
-                kopf.info(
-                    body,
-                    reason="TrialCreated",
-                    message=f"{trial.name}: {_format_params(trial.parameters)}",
-                )
+        self.created.update({trial.name: trial for trial in result.create})
+        _post_events(
+            body,
+            [
+                TrialEvent("TrialCreated", trial.name, _format_params(trial.parameters))
+                for trial, was_created in zip(result.create, created, strict=True)
+                if was_created
+            ],
+        )
         list(_api_pool.map(lambda job: self._delete_job(sweep.namespace, job), result.delete))
 
     def _create_job(self, namespace: str, job: dict) -> bool:
         try:
-            self.batch.create_namespaced_job(namespace, job)
+            # The reply is not needed; decoding it into models costs more than the request.
+            self.batch.create_namespaced_job(namespace, job, _preload_content=False)
         except ApiException as error:
             if error.status == 409:  # created before a restart, or not yet in the index
                 return False
@@ -317,42 +342,34 @@ class Reconciler:
         )
         return True
 
-    def _post_events(
+    def _trial_events(
         self,
         body: kopf.Body,
         observed: list[ObservedTrial],
         previous: SweepStatus | None,
         status: SweepStatus,
     ) -> None:
-        states = {t.name: t.state for t in observed}
+        events: list[TrialEvent] = []
         if self.states is not None:
+            metric = body["spec"]["objective"]["metric"]
             for trial in observed:
-                before = self.states.get(trial.name)
-                if before == trial.state:
+                if self.states.get(trial.name) == trial.state:
                     continue
                 if trial.state == TrialState.RUNNING:
-                    kopf.info(body, reason="TrialStarted", message=f"{trial.name} is running")
+                    events.append(TrialEvent("TrialStarted", trial.name, "running"))
                 elif trial.state == TrialState.SUCCEEDED:
-                    value = (
-                        "no objective reported"
-                        if trial.value is None
-                        else (f"{body['spec']['objective']['metric']}={trial.value:g}")
-                    )
-                    kopf.info(body, reason="TrialSucceeded", message=f"{trial.name}: {value}")
+                    value = "no objective" if trial.value is None else f"{metric}={trial.value:g}"
+                    events.append(TrialEvent("TrialSucceeded", trial.name, value))
                 elif trial.state == TrialState.FAILED:
-                    kopf.warn(
-                        body,
-                        reason="TrialFailed",
-                        message=f"{trial.name}: {trial.message or 'failed'}"[:1000],
+                    events.append(
+                        TrialEvent("TrialFailed", trial.name, trial.message or "failed", "Warning")
                     )
-        self.states = states
+        self.states = {t.name: t.state for t in observed}
         best, before = status.best_trial, previous.best_trial if previous else None
         if best is not None and (before is None or before.name != best.name):
-            kopf.info(
-                body,
-                reason="NewBestTrial",
-                message=f"{best.name}: {best.value:g} with {_format_params(best.parameters)}",
-            )
+            detail = f"{best.value:g} with {_format_params(best.parameters)}"
+            events.append(TrialEvent("NewBestTrial", best.name, detail))
+        _post_events(body, events)
 
     def _close_parent(
         self, tracker: Tracker, mlflow_status: MlflowStatus, status: SweepStatus
@@ -366,6 +383,31 @@ class Reconciler:
             self.logger.warning("cannot close the MLflow parent run yet: %s", error)
             return
         self.parent_closed = True
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    reason: str
+    trial: str
+    detail: str
+    type: str = "Normal"
+
+
+def _post_events(body: kopf.Body, events: list[TrialEvent]) -> None:
+    """Kubernetes Events on the sweep: one per trial, or one per reason for a burst (a large
+    sweep starting at once must not cost the apiserver an Event per trial)."""
+    by_reason: dict[str, list[TrialEvent]] = defaultdict(list)
+    for event in events:
+        by_reason[event.reason].append(event)
+    for reason, group in by_reason.items():
+        if len(group) <= EVENT_BURST:
+            for event in group:
+                message = f"{event.trial}: {event.detail}"[:1000]
+                kopf.event(body, type=event.type, reason=reason, message=message)
+        else:
+            names = [e.trial for e in group]
+            message = f"{len(group)} trials: {', '.join(names[:3])}, ..., {names[-1]}"
+            kopf.event(body, type=group[0].type, reason=reason, message=message)
 
 
 def _stored_status(body: kopf.Body) -> SweepStatus | None:

@@ -35,6 +35,8 @@ MODEL_FIELD = "model_name_or_path"
 TRAIN_FILE_FIELD = "train_file"
 EVAL_FILE_FIELD = "eval_file"
 RESERVED_ENV_PREFIX = "LORASWEEP_"
+SCRATCH_VOLUME = "lorasweep-tmp"
+SCRATCH_PATH = "/tmp"
 
 # libyaml's loader resolves scalars exactly like SafeLoader and is ~10x faster, which matters
 # when a sweep creates a thousand Jobs at once.
@@ -241,7 +243,7 @@ def _context(
         "pod": {
             "labels": {**trainer.pod_labels, **labels},
             "annotations": dict(trainer.pod_annotations),
-            "volumes": trainer.volumes,
+            "volumes": [*trainer.volumes, *_scratch(trainer)[0]],
             "nodeSelector": trainer.node_selector,
             "tolerations": trainer.tolerations,
             "serviceAccountName": trainer.service_account_name,
@@ -255,10 +257,21 @@ def _context(
             "env": env,
             "envFrom": trainer.env_from,
             "resources": trainer.resources,
-            "volumeMounts": trainer.volume_mounts,
+            "volumeMounts": [*trainer.volume_mounts, *_scratch(trainer)[1]],
             "terminationMessagePath": RESULT_PATH,
         },
     }
+
+
+def _scratch(trainer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """An emptyDir at /tmp, unless the user mounts one there: the trainer image keeps its
+    caches under /tmp so that it runs on a read-only root filesystem."""
+    if any(m.get("mountPath") == SCRATCH_PATH for m in trainer.volume_mounts):
+        return [], []
+    return (
+        [{"name": SCRATCH_VOLUME, "emptyDir": {}}],
+        [{"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH}],
+    )
 
 
 def _check_job(job: Any, field: str) -> dict[str, Any]:

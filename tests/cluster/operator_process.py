@@ -65,7 +65,7 @@ class OperatorProcess:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.kill()
 
@@ -73,3 +73,22 @@ class OperatorProcess:
     def pid(self) -> int:
         assert self.process is not None
         return self.process.pid
+
+
+def release_sweeps(api, namespace: str) -> None:
+    """Drop the operator's finalizer from a namespace's sweeps, so that they, and the
+    namespace, can go once the operator that would have removed it is gone."""
+    from kubernetes import client
+
+    from sweep_operator.api import GROUP, PLURAL, VERSION
+
+    custom = client.CustomObjectsApi(api)
+    for sweep in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
+        custom.patch_namespaced_custom_object(
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            sweep["metadata"]["name"],
+            {"metadata": {"finalizers": None}},
+        )

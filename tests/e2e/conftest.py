@@ -8,10 +8,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from sweep_operator.api import GROUP, PLURAL, VERSION
 from tests.cluster import devcluster
 from tests.cluster.devcluster import REPO
-from tests.cluster.operator_process import OperatorProcess
+from tests.cluster.operator_process import OperatorProcess, release_sweeps
 from tests.support import wait_for
 
 CRD = REPO / "crds" / "hyperparametersweeps.lorasweep.io.yaml"
@@ -39,14 +38,4 @@ def operator(sweep_crd, namespace, kube_client, tmp_path) -> Iterator[OperatorPr
     process.start()
     yield process
     process.stop()
-    # The operator's finalizer would keep the test's sweeps, and its namespace, from going.
-    custom = client.CustomObjectsApi(kube_client)
-    for sweep in custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
-        custom.patch_namespaced_custom_object(
-            GROUP,
-            VERSION,
-            namespace,
-            PLURAL,
-            sweep["metadata"]["name"],
-            {"metadata": {"finalizers": None}},
-        )
+    release_sweeps(kube_client, namespace)

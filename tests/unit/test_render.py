@@ -64,7 +64,7 @@ def test_pod_is_restricted_and_never_restarts():
     assert pod["restartPolicy"] == "Never"
     assert job["spec"]["backoffLimit"] == 0
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["runAsUser"] == 1000
+    assert pod["securityContext"]["runAsUser"] == 10001  # the trainer image's user
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     sc = container(job)["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False
@@ -191,16 +191,32 @@ def test_pod_settings_from_the_spec():
     assert "automountServiceAccountToken" not in pod["spec"]
     assert pod["spec"]["priorityClassName"] == "batch-low"
     assert pod["spec"]["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
-    assert pod["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert pod["spec"]["volumes"] == [
+        {"name": "data", "emptyDir": {}},
+        {"name": "lorasweep-tmp", "emptyDir": {}},
+    ]
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
     c = container(job)
     assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
-    assert c["volumeMounts"] == [{"name": "data", "mountPath": "/data"}]
+    assert c["volumeMounts"] == [
+        {"name": "data", "mountPath": "/data"},
+        {"name": "lorasweep-tmp", "mountPath": "/tmp"},
+    ]
     assert c["imagePullPolicy"] == "Never"
 
 
 def test_rendering_is_deterministic():
     assert yaml.safe_dump(render()) == yaml.safe_dump(render())
+
+
+def test_a_writable_tmp_is_mounted_unless_the_user_mounts_one():
+    """The trainer keeps its caches under /tmp, so it runs on a read-only root filesystem."""
+    raw = raw_spec()
+    raw["trainer"]["volumes"] = [{"name": "scratch", "emptyDir": {"medium": "Memory"}}]
+    raw["trainer"]["volumeMounts"] = [{"name": "scratch", "mountPath": "/tmp"}]
+    job = render(make_spec(**raw))
+    assert job["spec"]["template"]["spec"]["volumes"] == raw["trainer"]["volumes"]
+    assert container(job)["volumeMounts"] == raw["trainer"]["volumeMounts"]
 
 
 def test_user_template_gets_the_operator_metadata_enforced():
@@ -218,7 +234,8 @@ def test_user_template_gets_the_operator_metadata_enforced():
 
 def test_spec_template_wins_over_the_default_template():
     raw = raw_spec()
-    raw["trainer"]["jobTemplate"] = builtin_template().replace("runAsUser: 1000", "runAsUser: 2000")
+    template = builtin_template().replace("runAsUser: 10001", "runAsUser: 2000")
+    raw["trainer"]["jobTemplate"] = template
     job = render(make_spec(**raw), template="not used")
     assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 2000
 
