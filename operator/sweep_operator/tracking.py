@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
@@ -20,6 +21,9 @@ TAG_NAMESPACE = "lorasweep.namespace"
 TAG_SWEEP_UID = "lorasweep.sweep_uid"
 TAG_ROLE = "lorasweep.role"
 TAG_TRIAL = "lorasweep.trial"
+HISTORY_BATCH = 100  # run ids per bulk history request: the tracking server's maximum
+HISTORY_MAX_POINTS = 2500  # per run: the server's maximum
+HTTP_TIMEOUT_SECONDS = 10
 
 
 class Tracker:
@@ -68,6 +72,27 @@ class Tracker:
             page_token = page.token
             if not page_token:
                 return results
+
+    def intermediate_values(
+        self, run_ids: list[str], metric: str
+    ) -> dict[str, list[tuple[int, float]]]:
+        """Each run's (step, value) history of one metric: one request per 100 runs (the
+        server's limit), not one per run, however many trials are running."""
+        curves: dict[str, list[tuple[int, float]]] = {run_id: [] for run_id in run_ids}
+        for start in range(0, len(run_ids), HISTORY_BATCH):
+            response = requests.get(
+                f"{self.uri}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
+                params={
+                    "run_ids": run_ids[start : start + HISTORY_BATCH],
+                    "metric_key": metric,
+                    "max_results": HISTORY_MAX_POINTS,
+                },
+                timeout=HTTP_TIMEOUT_SECONDS,
+            )
+            response.raise_for_status()
+            for point in response.json().get("metrics", []):
+                curves[point["run_id"]].append((int(point.get("step", 0)), float(point["value"])))
+        return {run_id: sorted(points) for run_id, points in curves.items()}
 
     def close_parent_run(self, run_id: str, best: dict[str, Any] | None, phase: str) -> None:
         """Record the best trial on the parent run and end it; a no-op once it has ended."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -167,12 +168,16 @@ def test_failure_budget_fails_the_sweep(operator, custom, batch, namespace):
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("doomed", spec)
     )
     status = wait_for_phase(custom, namespace, "doomed", ("Failed",), 60)["status"]
-    assert status["trials"]["failed"] == 2
+    assert status["trials"]["failed"] >= 2
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["status"] == "True" and failed["reason"] == "TooManyFailedTrials"
     assert "maxFailedTrials=1" in status["message"]
-    # Past the budget nothing new starts.
-    assert len(trial_jobs(batch, namespace, "doomed")) == 2
+    # Past the budget nothing new starts. (A third trial may have started between the first
+    # and the second failure, while the budget still held.)
+    created = len(trial_jobs(batch, namespace, "doomed"))
+    assert created <= 3
+    time.sleep(3)
+    assert len(trial_jobs(batch, namespace, "doomed")) == created
 
 
 def test_operator_restart_loses_and_duplicates_nothing(operator, custom, batch, namespace):
