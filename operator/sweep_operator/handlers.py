@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from sweep_operator.api import GROUP, PLURAL, VERSION, MlflowStatus, SweepSpec, SweepStatus
+from sweep_operator.defaults import trial_defaults
 from sweep_operator.naming import experiment_name, label_value
 from sweep_operator.observe import job_summary, observe_trial, pod_summary
 from sweep_operator.plan import Plan, failed_status, plan
@@ -70,8 +71,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix="lorasweep.io", key="last-handled-configuration"
     )
     settings.execution.max_workers = 64
+    # MLflow's client retries for minutes by default; an outage must delay results, not stall
+    # every reconcile (and with it the creation of trials) behind those retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     # kopf logs every handled event at INFO; a 1,000-trial sweep makes thousands a minute.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    trial_defaults()  # a malformed LORASWEEP_DEFAULT_* variable stops the operator here
     memo.api = _kube_client()
 
 
@@ -152,7 +158,8 @@ class Reconciler:
         previous = _stored_status(body)
         sweep = SweepRef(name=name, namespace=namespace, uid=meta["uid"])
         try:
-            spec = validate_sweep(_plain(body.get("spec") or {}), sweep)
+            raw_spec = trial_defaults().apply(_plain(body.get("spec") or {}))
+            spec = validate_sweep(raw_spec, sweep)
         except SweepInvalid as error:
             self._refuse(body, error.reason, str(error), now, previous)
             return

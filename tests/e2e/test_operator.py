@@ -13,9 +13,10 @@ from kubernetes.client.exceptions import ApiException
 
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.trials import LABEL_SWEEP
-from tests.support import wait_for
+from tests.support import free_port, wait_for
 
 TRIAL_PROGRAM = Path(__file__).with_name("trial_program.py")
+RESULT = '{"metrics": {"eval_loss": 0.5}}'  # what simulated trials report
 
 
 def sweep_manifest(name: str, spec: dict) -> dict:
@@ -181,9 +182,8 @@ def test_failure_budget_fails_the_sweep(operator, custom, batch, namespace):
 
 
 def test_operator_restart_loses_and_duplicates_nothing(operator, custom, batch, namespace):
-    result = '{"metrics": {"eval_loss": 0.5}}'
     spec = sim_spec(
-        8, 2, {"lorasweep.io/sim-duration": "1500ms", "lorasweep.io/sim-result": result}
+        8, 2, {"lorasweep.io/sim-duration": "1500ms", "lorasweep.io/sim-result": RESULT}
     )
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("restart", spec)
@@ -200,6 +200,24 @@ def test_operator_restart_loses_and_duplicates_nothing(operator, custom, batch, 
     assert sorted(j.metadata.name for j in jobs) == [f"restart-{i:04d}" for i in range(8)]
     after = {j.metadata.name: j.metadata.uid for j in jobs}
     assert all(after[name] == uid for name, uid in before.items())
+
+
+def test_mlflow_down_delays_nothing_and_loses_no_result(operator, custom, namespace):
+    """Results come from the trials' termination messages when MLflow cannot be reached."""
+    spec = sim_spec(
+        3,
+        3,
+        {"lorasweep.io/sim-duration": "500ms", "lorasweep.io/sim-result": RESULT},
+        mlflow={"trackingUri": f"http://127.0.0.1:{free_port()}", "experimentName": "gone"},
+    )
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("offline", spec)
+    )
+    status = wait_for_phase(custom, namespace, "offline", ("Succeeded", "Failed"), 90)["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["trials"]["succeeded"] == 3
+    assert status["bestTrial"]["value"] == 0.5
+    assert "mlflow" not in status
 
 
 def test_parallelism_change_takes_effect(operator, custom, batch, namespace):
