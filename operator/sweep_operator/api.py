@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from sweep_operator.expr import check_expressions
 
 GROUP = "lorasweep.io"
 VERSION = "v1alpha1"
@@ -49,6 +51,18 @@ class _Model(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+class ObjectiveMetric(_Model):
+    """One of several objectives."""
+
+    name: str = Field(min_length=1, description="Metric name, as the trial reports it.")
+    goal: Literal["minimize", "maximize"] = Field(
+        "minimize", description="Whether a smaller or larger value of this metric is better."
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Weight of the metric in the weighted sum (mode weighted)."
+    )
+
+
 class Objective(_Model):
     """What the sweep optimizes: one metric reported by every trial, and its direction."""
 
@@ -66,21 +80,63 @@ class Objective(_Model):
         description="Further metric names to collect from each trial and show with it; they do "
         "not influence which trial is best.",
     )
+    metrics: list[ObjectiveMetric] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Several objectives at once. Lists every objective, including metric "
+        "(which stays the primary one: the printer column, the curve early stopping reads). "
+        "See mode for how they combine.",
+    )
+    mode: Literal["weighted", "pareto"] = Field(
+        "weighted",
+        description="How metrics combine. weighted: the objective is the sum of weight * value, "
+        "with the sign flipped for a metric whose goal differs from goal. pareto: the "
+        "Pareto-optimal trials are listed in status.paretoFront; bestTrial is best by metric.",
+    )
+
+    @model_validator(mode="after")
+    def _primary_listed(self) -> Objective:
+        if not self.metrics:
+            return self
+        names = [m.name for m in self.metrics]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"metrics lists {name} twice; each metric must appear once")
+        primary = next((m for m in self.metrics if m.name == self.metric), None)
+        if primary is None:
+            raise ValueError(
+                f"metrics must include the primary metric {self.metric} (got {', '.join(names)})"
+            )
+        if primary.goal != self.goal:
+            raise ValueError(
+                f"metrics entry {self.metric} has goal {primary.goal} but objective.goal is "
+                f"{self.goal}; they must agree"
+            )
+        return self
 
 
 class Algorithm(_Model):
     """How trial parameters are chosen from the search space."""
 
-    name: Literal["grid", "random"] = Field(
+    name: Literal["grid", "random", "tpe"] = Field(
         "grid",
         description="grid: every combination of the parameters' values (cartesian product, "
         "parameters in alphabetical order, the last one varying fastest). random: independent "
-        "seeded samples; trial i depends only on (seed, i).",
+        "seeded samples; trial i depends only on (seed, i). tpe: Bayesian optimization with "
+        "optuna's Tree-structured Parzen Estimator, learning from the finished trials; the first "
+        "startupTrials trials are random.",
     )
     seed: int = Field(
         0,
         ge=0,
-        description="Seed of the random algorithm. The same seed gives the same trials.",
+        description="Seed of the random and tpe algorithms. The same seed (and, for tpe, the "
+        "same results) gives the same trials.",
+    )
+    startup_trials: int = Field(
+        10,
+        ge=1,
+        description="tpe: how many trials are drawn at random before the model guides the "
+        "search (optuna's n_startup_trials).",
     )
 
 
@@ -113,6 +169,10 @@ class ParameterSpec(_Model):
                     "!has(self.step) || (has(self.type) && self.type == 'int')",
                     "step is only allowed with type int",
                 ),
+                _cel(
+                    "!has(self.expr) || !has(self.type) && !has(self.min) && !has(self.max)",
+                    "expr cannot be combined with type, min or max",
+                ),
             ],
         }
     )
@@ -134,6 +194,14 @@ class ParameterSpec(_Model):
     max: float | None = Field(None, description="Upper bound of a range, inclusive.")
     step: int | None = Field(
         None, ge=1, description="Spacing of an int range: min, min+step, ... up to max. Default 1."
+    )
+    expr: str | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="A derived parameter computed from the others instead of searched, e.g. "
+        '"2 * lora_rank". Arithmetic (+ - * / // % **), numbers, other parameter names and '
+        "min, max, round, int, float. Nothing else is evaluated.",
     )
 
     @field_validator("values", mode="before")
@@ -164,10 +232,15 @@ class ParameterSpec(_Model):
     @model_validator(mode="after")
     def _consistent(self) -> ParameterSpec:
         kind = self.type
+        if self.expr is not None:
+            given = [k for k in ("type", "values", "min", "max", "step") if getattr(self, k)]
+            if given:
+                raise ValueError(f"expr cannot be combined with {', '.join(given)}")
+            return self
         if kind is None and self.values is None:
             raise ValueError(
-                "a parameter needs either values: [...] or a type "
-                "(uniform, log_uniform, int, categorical)"
+                "a parameter needs either values: [...], a type "
+                "(uniform, log_uniform, int, categorical) or an expr"
             )
         if kind == "categorical" and self.values is None:
             raise ValueError("type categorical needs values: [...]")
@@ -201,6 +274,11 @@ class ParameterSpec(_Model):
         """True when the parameter is a list of values, which grid search can enumerate."""
         return self.values is not None
 
+    @property
+    def is_derived(self) -> bool:
+        """True for an expr parameter: computed from the others, not a search dimension."""
+        return self.expr is not None
+
 
 class DataSpec(_Model):
     """Training data files, as paths inside the trial container."""
@@ -217,7 +295,12 @@ def _free_form(description: str) -> Any:
 class TrainerSpec(_Model):
     """The trial workload: which image runs, on what data, with what pod settings."""
 
-    image: str = Field(min_length=1, description="Container image of the trainer.")
+    image: str | None = Field(
+        None,
+        min_length=1,
+        description="Container image of the trainer. When unset, the operator's default "
+        "(LORASWEEP_DEFAULT_TRAINER_IMAGE, the Helm chart's trialDefaults.image).",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         None,
         description="Image pull policy of the trainer container (Kubernetes default if unset).",
@@ -268,10 +351,14 @@ class TrainerSpec(_Model):
         default_factory=list, description="Volume mounts of the trainer container."
     )
     node_selector: dict[str, str] = Field(
-        default_factory=dict, description="Node labels a trial pod must match."
+        default_factory=dict,
+        description="Node labels a trial pod must match. When unset, the operator's default "
+        "(the Helm chart's trialDefaults.nodeSelector); {} opts out of it.",
     )
     tolerations: list[dict[str, Any]] = Field(
-        default_factory=list, description="Tolerations of the trial pods (Kubernetes Toleration)."
+        default_factory=list,
+        description="Tolerations of the trial pods (Kubernetes Toleration). When unset, the "
+        "operator's default (the Helm chart's trialDefaults.tolerations); [] opts out of it.",
     )
     service_account_name: str | None = Field(
         None, description="Service account the trial pods run as."
@@ -317,6 +404,69 @@ class MlflowSpec(_Model):
     )
 
 
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?[dhms])+$"
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str, field: str = "duration") -> timedelta:
+    """A duration such as 6h, 90m, 1h30m or 2.5d; ValueError naming `field` otherwise."""
+    if not re.fullmatch(DURATION_PATTERN, text):
+        raise ValueError(
+            f"{field} {text!r} is not a duration; write a number and a unit (d, h, m, s), "
+            "e.g. 6h, 90m or 1h30m"
+        )
+    seconds = sum(
+        float(number) * _DURATION_UNITS[unit]
+        for number, _, unit in re.findall(r"([0-9]+(\.[0-9]+)?)([dhms])", text)
+    )
+    if seconds <= 0:
+        raise ValueError(f"{field} {text!r} must be longer than zero")
+    return timedelta(seconds=seconds)
+
+
+class EarlyStopping(_Model):
+    """Early stopping of trials from the objective's intermediate values."""
+
+    algorithm: Literal["median", "asha"] = Field(
+        description="median: stop a trial whose best value so far is worse than the median of "
+        "the other trials' values at the same step. asha: asynchronous successive halving; at "
+        "each rung only the best 1/reductionFactor of the trials that reached it go on."
+    )
+    min_steps: int = Field(
+        0,
+        ge=0,
+        description="median: no decision before this step. asha: the first rung "
+        "(the minimum resource), when rungs is not given.",
+    )
+    min_trials: int = Field(
+        3,
+        ge=1,
+        description="A trial is only compared once at least this many other trials have "
+        "values at the same step (median) or rung (asha).",
+    )
+    reduction_factor: int = Field(
+        3, ge=2, description="asha: the fraction 1/reductionFactor of trials kept at each rung."
+    )
+    rungs: list[int] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="asha: the steps at which trials are compared. Default minSteps * "
+        "reductionFactor^k (k = 0, 1, ...).",
+    )
+
+    @model_validator(mode="after")
+    def _asha_rungs(self) -> EarlyStopping:
+        if self.rungs is not None:
+            if self.algorithm != "asha":
+                raise ValueError("rungs is only used by algorithm asha")
+            if any(r <= 0 for r in self.rungs) or self.rungs != sorted(set(self.rungs)):
+                raise ValueError(f"rungs must be increasing positive steps, got {self.rungs}")
+        elif self.algorithm == "asha" and self.min_steps < 1:
+            raise ValueError("algorithm asha needs minSteps >= 1 (the first rung) or rungs")
+        return self
+
+
 class SweepSpec(_Model):
     """Desired state of a HyperparameterSweep: objective, search space and trial workload."""
 
@@ -330,8 +480,8 @@ class SweepSpec(_Model):
                 ),
                 _cel(
                     "!has(self.algorithm) || !has(self.algorithm.name) || "
-                    "self.algorithm.name != 'random' || has(self.maxTrials)",
-                    "algorithm random needs maxTrials",
+                    "self.algorithm.name == 'grid' || has(self.maxTrials)",
+                    "algorithms random and tpe need maxTrials",
                     ".maxTrials",
                 ),
                 _cel(
@@ -381,6 +531,16 @@ class SweepSpec(_Model):
         description="Failure budget: the sweep fails once more trials than this have failed. "
         "Unlimited when unset.",
     )
+    early_stopping: EarlyStopping | None = Field(
+        None, description="Stop trials whose intermediate objective values look hopeless."
+    )
+    time_budget: str | None = Field(
+        None,
+        pattern=DURATION_PATTERN,
+        description="Wall-clock budget of the sweep from its start, e.g. 6h, 90m or 1h30m "
+        "(units d, h, m, s). Past it no trial starts, running ones are stopped and the sweep "
+        "ends with reason BudgetExhausted and the best trial so far.",
+    )
     trainer: TrainerSpec = Field(description="The workload every trial runs.")
     mlflow: MlflowSpec = Field(
         default_factory=MlflowSpec, description="MLflow tracking of the sweep and its trials."
@@ -397,12 +557,33 @@ class SweepSpec(_Model):
                 )
         return parameters
 
+    @field_validator("time_budget")
+    @classmethod
+    def _budget(cls, budget: str | None) -> str | None:
+        if budget is not None:
+            parse_duration(budget, "timeBudget")  # refuses 0s with a clear message
+        return budget
+
+    @model_validator(mode="after")
+    def _derived_parameters(self) -> SweepSpec:
+        check_expressions(
+            {name: p.expr for name, p in self.parameters.items() if p.expr is not None},
+            searched=[name for name, p in self.parameters.items() if p.expr is None],
+        )
+        return self
+
     @model_validator(mode="after")
     def _algorithm_fits_space(self) -> SweepSpec:
-        if self.algorithm.name == "random" and self.max_trials is None:
-            raise ValueError("algorithm random needs maxTrials (how many samples to draw)")
+        if self.algorithm.name != "grid" and self.max_trials is None:
+            raise ValueError(
+                f"algorithm {self.algorithm.name} needs maxTrials (how many samples to draw)"
+            )
+        if all(p.is_derived for p in self.parameters.values()):
+            raise ValueError("parameters need at least one searched parameter (not only expr)")
         if self.algorithm.name == "grid":
-            ranges = sorted(name for name, p in self.parameters.items() if not p.is_finite)
+            ranges = sorted(
+                name for name, p in self.parameters.items() if not p.is_finite and not p.is_derived
+            )
             if ranges:
                 raise ValueError(
                     f"algorithm grid needs values for every parameter; {', '.join(ranges)} "
@@ -453,6 +634,15 @@ class BestTrial(_Model):
     url: str | None = Field(None, description="Link to the trial's MLflow run.")
 
 
+class ParetoTrial(_Model):
+    """A Pareto-optimal trial."""
+
+    name: str = Field(description="Trial (Job) name.")
+    index: int = Field(description="Trial index within the sweep.")
+    parameters: dict[str, Any] = Field(description="The trial's parameters.")
+    values: dict[str, float] = Field(description="The trial's value of each objective metric.")
+
+
 class MlflowStatus(_Model):
     """The sweep's MLflow experiment and parent run."""
 
@@ -476,6 +666,14 @@ class SweepStatus(_Model):
     trials: TrialCounts = Field(default_factory=TrialCounts, description="Trial counts by state.")
     progress: str = Field("0/0", description="Succeeded trials / trials to run, e.g. 2/6.")
     best_trial: BestTrial | None = Field(None, description="The best trial so far.")
+    pareto_front: list[ParetoTrial] = Field(
+        default_factory=list,
+        description="objective.mode pareto: the trials no other trial beats on every metric.",
+    )
+    parameter_importance: dict[str, float] = Field(
+        default_factory=dict,
+        description="How much each parameter explains the objective's variance (fANOVA).",
+    )
     mlflow: MlflowStatus | None = Field(None, description="MLflow experiment and parent run.")
     start_time: datetime | None = Field(None, description="When the first trial started.")
     completion_time: datetime | None = Field(None, description="When the sweep finished.")

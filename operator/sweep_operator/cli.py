@@ -18,6 +18,7 @@ import yaml
 
 from sweep_operator.api import API_VERSION, KIND
 from sweep_operator.crd import crd_yaml
+from sweep_operator.defaults import DefaultsError, trial_defaults
 from sweep_operator.naming import trial_name
 from sweep_operator.render import SweepRef, render_trial_job
 from sweep_operator.semantic import SweepInvalid, validate_sweep
@@ -62,10 +63,13 @@ def render_jobs(
         raise CliError("metadata.name: required")
     ref = SweepRef(name=name, namespace=metadata.get("namespace") or "default", uid=DRY_RUN_UID)
     try:
-        spec = validate_sweep(sweep.get("spec") or {}, ref, template=template)
+        raw_spec = trial_defaults().apply(sweep.get("spec") or {})
+        spec = validate_sweep(raw_spec, ref, template=template)
     except SweepInvalid as error:
         problems = "\n  ".join(map(str, error.problems))
         raise CliError(f"{KIND} {name} is invalid:\n  {problems}") from None
+    except DefaultsError as error:
+        raise CliError(str(error)) from None
     count = target_trials(spec) if limit is None else min(limit, target_trials(spec))
     trials = [
         NewTrial(index=i, name=trial_name(name, i), parameters=trial_parameters(spec, i))

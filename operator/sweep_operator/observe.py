@@ -14,6 +14,7 @@ from typing import Any
 
 from sweep_operator.trials import (
     ANNOTATION_INDEX,
+    ANNOTATION_STOPPED,
     ANNOTATION_PARAMETERS,
     LABEL_TRIAL,
     ObservedTrial,
@@ -51,6 +52,7 @@ def job_summary(job: dict[str, Any]) -> Summary | None:
         or (conditions.get("Failed") or {}).get("lastTransitionTime"),
         "started_at": status.get("startTime"),
         "ready": int(status.get("ready") or 0),
+        "stopped": annotations.get(ANNOTATION_STOPPED),
     }
 
 
@@ -94,6 +96,7 @@ def observe_trial(
     pods: list[Summary],
     metric: str,
     tracked: dict[str, Any] | None = None,
+    curves: dict[str, list[tuple[int, float]]] | None = None,
 ) -> ObservedTrial:
     """One trial from its Job, its pods, and (optionally) its MLflow run's metrics.
 
@@ -109,7 +112,7 @@ def observe_trial(
         state = TrialState.RUNNING
     elif job["failed"]:
         state = TrialState.FAILED
-    elif job["deleting"]:
+    elif job["deleting"] or job["stopped"] is not None:
         state = TrialState.PRUNED
     elif job["ready"] > 0 or any(p["phase"] == "Running" for p in pods):
         state = TrialState.RUNNING
@@ -119,7 +122,7 @@ def observe_trial(
     reported = parse_result(succeeded_pods[0]["message"]) if succeeded_pods else {}
     metrics = dict((tracked or {}).get("metrics", {}))
     metrics.update(reported)
-    message = ""
+    message = job["stopped"] or "" if state == TrialState.PRUNED else ""
     if state == TrialState.FAILED:
         failed_messages = [p["message"] for p in pods if p["phase"] == "Failed" and p["message"]]
         message = job["failure"] + (f": {failed_messages[-1][-500:]}" if failed_messages else "")
@@ -134,4 +137,5 @@ def observe_trial(
         start_time=_time(job["started_at"]),
         finish_time=_time(job["finished_at"]),
         message=message,
+        curves=curves or {},
     )

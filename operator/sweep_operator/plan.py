@@ -8,18 +8,39 @@ a trial after a restart.
 
 The returned status describes the sweep as it will be once the plan is carried out: trials
 to create count as pending and trials to delete as pruned.
+
+Stopping a trial (early stopping, the time budget, a failed sweep) puts its name in
+`Plan.delete` with a reason in `Plan.stop_reasons`. The stopped trial must stay observable as
+PRUNED afterwards (its index is then never planned again, and TPE learns from its curve).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sweep_operator.api import BestTrial, Condition, Phase, SweepSpec, SweepStatus, TrialCounts
+from sweep_operator import tpe
+from sweep_operator.api import (
+    BestTrial,
+    Condition,
+    ParetoTrial,
+    Phase,
+    SweepSpec,
+    SweepStatus,
+    TrialCounts,
+    parse_duration,
+)
+from sweep_operator.early_stopping import stop_decisions
 from sweep_operator.naming import trial_name
-from sweep_operator.space import target_trials, trial_parameters
+from sweep_operator.objective import (
+    minimizing,
+    objective_curve,
+    objective_value,
+    objective_values,
+    pareto_front,
+)
+from sweep_operator.space import in_space, searched, target_trials, trial_parameters, with_derived
 from sweep_operator.trials import NewTrial, ObservedTrial, TrialState
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed")
@@ -30,37 +51,78 @@ class Plan:
     create: list[NewTrial] = field(default_factory=list)  # in index order
     delete: list[str] = field(default_factory=list)  # Job names of trials to stop
     status: SweepStatus = field(default_factory=SweepStatus)
+    # Why each trial in `delete` is stopped (for its MLflow run's tag and an Event).
+    stop_reasons: dict[str, str] = field(default_factory=dict)
+    # When the time budget runs out: the operator should reconcile again by then.
+    deadline: datetime | None = None
 
 
 def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial | None:
-    """The succeeded trial with the best finite objective value; ties go to the lower index."""
+    """The succeeded trial with the best finite objective value; ties go to the lower index.
+
+    With a weighted objective the value is the weighted sum (objective.metrics).
+    """
     scored = [
-        t
+        (value, t)
         for t in observed
-        if t.state == TrialState.SUCCEEDED and t.value is not None and math.isfinite(t.value)
+        if t.state == TrialState.SUCCEEDED and (value := objective_value(spec, t)) is not None
     ]
     if not scored:
         return None
-    sign = 1.0 if spec.objective.goal == "minimize" else -1.0
-    best = min(scored, key=lambda t: (sign * t.value, t.index))  # type: ignore[operator]
-    assert best.value is not None
+    sign = 1.0 if minimizing(spec) else -1.0
+    value, best = min(scored, key=lambda vt: (sign * vt[0], vt[1].index))
     return BestTrial(
         name=best.name,
         index=best.index,
         parameters=best.parameters,
-        value=best.value,
+        value=value,
         metrics=best.metrics,
         mlflow_run_id=best.mlflow_run_id,
     )
 
 
+def pareto_status(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> list[ParetoTrial]:
+    """The Pareto-optimal trials for status (empty unless objective.mode is pareto)."""
+    if spec.objective.mode != "pareto" or not spec.objective.metrics:
+        return []
+    return [
+        ParetoTrial(
+            name=t.name,
+            index=t.index,
+            parameters=t.parameters,
+            values=objective_values(spec, t) or {},
+        )
+        for t in pareto_front(spec, observed)
+    ]
+
+
+def _expected_parameters(spec: SweepSpec, trial: ObservedTrial) -> dict | str | None:
+    """What trial.parameters must be, or why they cannot be right (None: out of range)."""
+    model_guided = spec.algorithm.name == "tpe" and trial.index >= spec.algorithm.startup_trials
+    if not model_guided:
+        try:
+            return trial_parameters(spec, trial.index)
+        except IndexError:
+            return None
+    # TPE trials depend on the results at the time they were created, so only check that
+    # they are a point of the space and that the derived parameters follow from it.
+    problem = in_space(spec.parameters, trial.parameters)
+    if problem:
+        return problem
+    point = {name: trial.parameters[name] for name in searched(spec.parameters)}
+    return with_derived(spec, point)
+
+
 def _space_changed(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> str | None:
     """A message when an existing trial's parameters no longer match its index."""
     for trial in sorted(observed, key=lambda t: t.index):
-        try:
-            expected = trial_parameters(spec, trial.index)
-        except IndexError:
-            expected = None
+        expected = _expected_parameters(spec, trial)
+        if isinstance(expected, str):
+            return (
+                f"trial {trial.name} ran with parameters {trial.parameters}, which are not in the "
+                f"current search space ({expected}): spec.parameters or spec.algorithm changed "
+                "after the sweep started; create a new sweep instead"
+            )
         if expected != trial.parameters:
             return (
                 f"trial {trial.name} ran with parameters {trial.parameters}, but the current "
@@ -109,6 +171,22 @@ def _times(
     return (min(starts) if starts else now, max(finishes) if finishes else now)
 
 
+def _new_parameters(spec: SweepSpec, history: list[ObservedTrial], index: int) -> dict:
+    """Parameters of a trial to create; tpe past its startup trials asks the model."""
+    if spec.algorithm.name == "tpe" and index >= spec.algorithm.startup_trials:
+        return tpe.suggest(spec, history, index)
+    return trial_parameters(spec, index)
+
+
+def _early_stops(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> dict[str, str]:
+    """Running trials that early stopping stops -> why."""
+    if spec.early_stopping is None:
+        return {}
+    curves = {t.name: objective_curve(spec, t) for t in trials}
+    running = [t.name for t in trials if t.state == TrialState.RUNNING]
+    return stop_decisions(spec.early_stopping, curves, running, minimize=minimizing(spec))
+
+
 def plan(
     spec: SweepSpec,
     observed: Sequence[ObservedTrial],
@@ -120,28 +198,36 @@ def plan(
 ) -> Plan:
     """Decide which trials to create or stop, and the sweep's status.
 
-    `previous` is the status currently stored on the sweep; it is read only to keep condition
+    `previous` is the status currently stored on the sweep; it is read to keep condition
     transition times and the start time stable, so that an unchanged sweep plans to an
-    unchanged status (and the operator can skip the patch).
+    unchanged status (and the operator can skip the patch), and the time budget counts from
+    the stored start time.
     """
     now = now.replace(microsecond=0)
     target = target_trials(spec)
     by_index = {t.index: t for t in observed}
     trials = sorted(by_index.values(), key=lambda t: t.index)
+    start, end = _times(trials, previous, now)
+    budget_time = parse_duration(spec.time_budget, "timeBudget") if spec.time_budget else None
+    deadline = start + budget_time if budget_time else None
     active = [t for t in trials if t.state.active]
     failed = [t for t in trials if t.state == TrialState.FAILED]
     succeeded = [t for t in trials if t.state == TrialState.SUCCEEDED]
-    unscored = [t for t in succeeded if t.value is None]
+    unscored = [t for t in succeeded if objective_value(spec, t) is None]
     best = best_trial(spec, trials)
+    metric = spec.objective.metric
+    best_text = f"; best {metric}={best.value:g} ({best.name})" if best else ""
+    if best and spec.objective.metrics and spec.objective.mode == "weighted":
+        best_text = f"; best weighted objective={best.value:g} ({best.name})"
 
     create: list[NewTrial] = []
-    delete: list[str] = []
+    stops: dict[str, str] = {}
     phase: Phase
     changed = _space_changed(spec, trials)
     budget = spec.max_failed_trials
     if changed:
         phase, reason, message = "Failed", "SearchSpaceChanged", changed
-        delete = [t.name for t in active]
+        stops = {t.name: "the sweep failed: its search space changed" for t in active}
     elif budget is not None and len(failed) > budget:
         phase, reason = "Failed", "TooManyFailedTrials"
         names = ", ".join(t.name for t in failed)
@@ -149,28 +235,48 @@ def plan(
             f"{len(failed)} trials failed ({names}), more than spec.maxFailedTrials={budget}; "
             f"first failure: {failed[0].message or 'no message'}"
         )
-        delete = [t.name for t in active]
+        stops = {t.name: "the sweep failed: too many failed trials" for t in active}
+    elif deadline is not None and now >= deadline:
+        # The best so far is the result; without any scored trial there is none.
+        phase, reason = ("Succeeded" if best else "Failed"), "BudgetExhausted"
+        stops = {t.name: f"timeBudget {spec.time_budget} exhausted" for t in active}
+        message = (
+            f"timeBudget {spec.time_budget} exhausted: {len(succeeded)}/{target} trials "
+            f"succeeded, {len(stops)} stopped at the deadline" + best_text
+        )
+        end = deadline  # stable across replans, unlike now
     else:
-        slots = max(0, spec.parallelism - len(active))
+        stops = _early_stops(spec, trials)
+        going_on = [t for t in active if t.name not in stops]
+        slots = max(0, spec.parallelism - len(going_on))
+        # TPE learns from the trials stopped just now as pruned ones, and sees the trials
+        # created in this plan as running.
+        history = [
+            t.model_copy(update={"state": TrialState.PRUNED}) if t.name in stops else t
+            for t in trials
+        ]
         missing = (i for i in range(target) if i not in by_index)
         for index in missing:
             if len(create) == slots:
                 break
-            create.append(
-                NewTrial(
+            new = NewTrial(
+                index=index,
+                name=trial_name(sweep_name, index),
+                parameters=_new_parameters(spec, history, index),
+            )
+            create.append(new)
+            history.append(
+                ObservedTrial(
+                    name=new.name,
                     index=index,
-                    name=trial_name(sweep_name, index),
-                    parameters=trial_parameters(spec, index),
+                    parameters=new.parameters,
+                    state=TrialState.PENDING,
                 )
             )
-        finished = not active and not create and all(i in by_index for i in range(target))
-        metric = spec.objective.metric
+        finished = not going_on and not create and all(i in by_index for i in range(target))
         if finished and best is not None:
             phase, reason = "Succeeded", "AllTrialsDone"
-            message = (
-                f"{len(succeeded)}/{target} trials succeeded; best {metric}={best.value:g} "
-                f"({best.name})"
-            )
+            message = f"{len(succeeded)}/{target} trials succeeded" + best_text
         elif finished:
             phase = "Failed"
             if succeeded:
@@ -182,24 +288,23 @@ def plan(
         else:
             started = any(t.state != TrialState.PENDING for t in trials)
             phase, reason = ("Running", "TrialsRunning") if started else ("Pending", "Waiting")
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            pending = len(active) - running + len(create)
+            running = sum(t.state == TrialState.RUNNING for t in going_on)
+            pending = len(going_on) - running + len(create)
+            pruned = sum(t.state == TrialState.PRUNED for t in trials) + len(stops)
             message = (
                 f"{len(succeeded)}/{target} trials succeeded, {running} running, "
                 f"{pending} pending, {len(failed)} failed"
+                + (f", {pruned} pruned" if pruned else "")
+                + best_text
             )
-            if best is not None:
-                message += f"; best {metric}={best.value:g} ({best.name})"
     if unscored:
         message += (
             f"; {len(unscored)} succeeded trials did not report {spec.objective.metric}: "
             + ", ".join(t.name for t in unscored)
         )
 
-    deleting = set(delete)
-
     def count(state: TrialState) -> int:
-        return sum(t.state == state and t.name not in deleting for t in trials)
+        return sum(t.state == state and t.name not in stops for t in trials)
 
     counts = TrialCounts(
         total=len(trials) + len(create),
@@ -207,11 +312,10 @@ def plan(
         running=count(TrialState.RUNNING),
         succeeded=len(succeeded),
         failed=len(failed),
-        pruned=count(TrialState.PRUNED) + len(delete),
+        pruned=count(TrialState.PRUNED) + len(stops),
         unscored=len(unscored),
         target=target,
     )
-    start, end = _times(trials, previous, now)
     terminal = phase in ("Succeeded", "Failed")
     status = SweepStatus(
         phase=phase,
@@ -220,12 +324,21 @@ def plan(
         trials=counts,
         progress=f"{counts.succeeded}/{target}",
         best_trial=best,
+        pareto_front=pareto_status(spec, trials),
+        parameter_importance=previous.parameter_importance if previous else {},
         mlflow=previous.mlflow if previous else None,
         start_time=start if trials or create else None,
         completion_time=end if terminal else None,
         message=message,
     )
-    return Plan(create=create, delete=delete, status=status)
+    delete = [t.name for t in trials if t.name in stops]
+    return Plan(
+        create=create,
+        delete=delete,
+        status=status,
+        stop_reasons={name: stops[name] for name in delete},
+        deadline=None if terminal else deadline,
+    )
 
 
 def failed_status(

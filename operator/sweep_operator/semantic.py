@@ -163,7 +163,15 @@ def _trainer_problems(spec: SweepSpec, config: type[BaseModel]) -> list[Problem]
             problems.append(
                 Problem(where, f"{name} is also fixed in spec.trainer.config; keep one of them")
             )
-        if parameter.values is not None:
+        if parameter.is_derived:
+            # The value trial 0 gets: enough to catch an expr of the wrong type (a float for
+            # an int setting). Evaluation errors show up here too, before any Job exists.
+            try:
+                candidates = [(f"{where}.expr", trial_parameters(spec, 0)[name])]
+            except ValueError as error:
+                problems.append(Problem(f"{where}.expr", str(error)))
+                continue
+        elif parameter.values is not None:
             candidates = [(f"{where}.values[{i}]", v) for i, v in enumerate(parameter.values)]
         else:
             cast = int if parameter.type == "int" else float

@@ -16,6 +16,7 @@ import random
 from typing import Any
 
 from sweep_operator.api import ParameterSpec, Scalar, SweepSpec
+from sweep_operator.expr import derive
 
 # Random floats keep 6 significant digits: enough for hyperparameters, and short on a command
 # line and in MLflow's params table.
@@ -26,8 +27,19 @@ class SpaceError(ValueError):
     """The search space cannot be used with the requested algorithm."""
 
 
+def searched(parameters: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
+    """The search dimensions: every parameter but the derived (expr) ones."""
+    return {name: p for name, p in parameters.items() if not p.is_derived}
+
+
+def derived(parameters: dict[str, ParameterSpec]) -> dict[str, str]:
+    """Derived parameters: name -> expr."""
+    return {name: p.expr for name, p in parameters.items() if p.expr is not None}
+
+
 def grid_size(parameters: dict[str, ParameterSpec]) -> int:
     """Number of points of the grid (the product of the value list lengths)."""
+    parameters = searched(parameters)
     size = 1
     for name in sorted(parameters):
         values = parameters[name].values
@@ -42,6 +54,7 @@ def grid_size(parameters: dict[str, ParameterSpec]) -> int:
 
 def grid_point(parameters: dict[str, ParameterSpec], index: int) -> dict[str, Scalar]:
     """Parameters of grid point `index` (0-based, in the documented order)."""
+    parameters = searched(parameters)
     size = grid_size(parameters)
     if not 0 <= index < size:
         raise IndexError(f"grid index {index} out of range, the grid has {size} points")
@@ -86,8 +99,29 @@ def random_point(parameters: dict[str, ParameterSpec], seed: int, index: int) ->
     """
     return {
         name: sample_parameter(name, parameters[name], random.Random(f"{seed}:{index}:{name}"))
-        for name in sorted(parameters)
+        for name in sorted(searched(parameters))
     }
+
+
+def in_space(parameters: dict[str, ParameterSpec], point: dict[str, Any]) -> str | None:
+    """Why `point` is not a point of the space (its searched part), or None when it is."""
+    space = searched(parameters)
+    if set(point) - set(derived(parameters)) != set(space):
+        return f"its parameters are {sorted(point)}, the space has {sorted(space)}"
+    for name, spec in sorted(space.items()):
+        value = point[name]
+        if spec.values is not None:
+            if value not in spec.values:
+                return f"{name}={value!r} is not one of {spec.values}"
+            continue
+        assert spec.min is not None and spec.max is not None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return f"{name}={value!r} is not a number"
+        if not spec.min <= value <= spec.max:
+            return f"{name}={value!r} is outside [{spec.min:g}, {spec.max:g}]"
+        if spec.type == "int" and (value - spec.min) % (spec.step or 1) != 0:
+            return f"{name}={value!r} is not on the int range's step {spec.step or 1}"
+    return None
 
 
 def target_trials(spec: SweepSpec) -> int:
@@ -96,12 +130,24 @@ def target_trials(spec: SweepSpec) -> int:
         size = grid_size(spec.parameters)
         return size if spec.max_trials is None else min(size, spec.max_trials)
     if spec.max_trials is None:
-        raise SpaceError("spec.maxTrials: algorithm random needs maxTrials")
+        raise SpaceError(f"spec.maxTrials: algorithm {spec.algorithm.name} needs maxTrials")
     return spec.max_trials
 
 
 def trial_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
-    """Parameters of trial `index` of the sweep."""
+    """Parameters of trial `index` of the sweep, derived parameters included.
+
+    For tpe this is the random draw its startup trials use; later tpe trials depend on the
+    results so far and come from `sweep_operator.tpe`.
+    """
     if spec.algorithm.name == "grid":
-        return grid_point(spec.parameters, index)
-    return random_point(spec.parameters, spec.algorithm.seed, index)
+        point = grid_point(spec.parameters, index)
+    else:
+        point = random_point(spec.parameters, spec.algorithm.seed, index)
+    return with_derived(spec, point)
+
+
+def with_derived(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
+    """A searched point with the derived (expr) parameters added."""
+    expressions = derived(spec.parameters)
+    return derive(expressions, point) if expressions else point

@@ -14,6 +14,13 @@ LABEL_SWEEP = "lorasweep.io/sweep"
 LABEL_TRIAL = "lorasweep.io/trial"
 ANNOTATION_PARAMETERS = "lorasweep.io/parameters"
 ANNOTATION_INDEX = "lorasweep.io/trial-index"
+# Set, with the reason, on the Job of a trial the operator stopped (early stopping, time
+# budget, failed sweep). The Job is suspended rather than deleted, so that the trial stays
+# observable as pruned, and is never planned again, after a restart.
+ANNOTATION_STOPPED = "lorasweep.io/stopped"
+
+# A learning curve: (step, value) pairs of one metric.
+Curve = list[tuple[int, float]]
 
 # Where a trial writes its result; the container's terminationMessagePath.
 RESULT_PATH = "/dev/termination-log"
@@ -46,6 +53,9 @@ class ObservedTrial(BaseModel):
     start_time: datetime | None = None
     finish_time: datetime | None = None
     message: str = ""  # e.g. why it failed
+    # Intermediate values per metric name, as (step, value) in step order: what the trial
+    # logged at each evaluation. Early stopping and TPE read the objective's curve from it.
+    curves: dict[str, Curve] = Field(default_factory=dict)
 
 
 class NewTrial(BaseModel):

@@ -1,0 +1,145 @@
+"""TPE search through optuna, rebuilt from the observed trials on every call.
+
+The operator keeps no study between reconciles: `build_study` recreates an in-memory optuna
+study from the trials in the cluster (sorted by index, so the order they were observed in does
+not matter), and `suggest` asks it for one new trial. The sampler's seed is derived from
+(algorithm.seed, trial index), so the same seed and the same history give the same
+parameters, before or after an operator restart.
+
+Trials still running are added as RUNNING; with `constant_liar` TPE treats them as bad
+results, so trials asked for in parallel do not all land on the same point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import optuna
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+from optuna.trial import FrozenTrial, create_trial
+
+from sweep_operator.api import ParameterSpec, SweepSpec
+from sweep_operator.objective import objective_curve, objective_value, objective_values
+from sweep_operator.space import SIGNIFICANT_DIGITS, in_space, searched, with_derived
+from sweep_operator.trials import ObservedTrial, TrialState
+
+# optuna logs every trial added to a study at INFO; the operator adds them on every reconcile.
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def distribution(spec: ParameterSpec) -> BaseDistribution:
+    """The optuna distribution of one searched parameter."""
+    if spec.values is not None:
+        return CategoricalDistribution(spec.values)
+    assert spec.min is not None and spec.max is not None  # ParameterSpec validated it
+    if spec.type == "int":
+        return IntDistribution(int(spec.min), int(spec.max), step=spec.step or 1)
+    return FloatDistribution(spec.min, spec.max, log=spec.type == "log_uniform")
+
+
+def distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
+    return {name: distribution(p) for name, p in sorted(searched(spec.parameters).items())}
+
+
+def _directions(spec: SweepSpec) -> list[str]:
+    if spec.objective.mode == "pareto" and spec.objective.metrics:
+        return [m.goal for m in spec.objective.metrics]
+    return [spec.objective.goal]
+
+
+def _frozen(
+    spec: SweepSpec,
+    trial: ObservedTrial,
+    dists: dict[str, BaseDistribution],
+) -> FrozenTrial | None:
+    """The trial as optuna history, None when it teaches TPE nothing (failed, unscored)."""
+    if in_space(spec.parameters, trial.parameters) is not None:
+        return None
+    params = {name: trial.parameters[name] for name in dists}
+    pareto = len(_directions(spec)) > 1
+    if trial.state.active:
+        return create_trial(
+            state=optuna.trial.TrialState.RUNNING, params=params, distributions=dists
+        )
+    if trial.state == TrialState.SUCCEEDED:
+        if pareto:
+            values = objective_values(spec, trial)
+            scores = list(values.values()) if values else None
+        else:
+            value = objective_value(spec, trial)
+            scores = None if value is None else [value]
+        if scores is None:
+            return None
+        return create_trial(values=scores, params=params, distributions=dists)
+    if trial.state == TrialState.PRUNED and not pareto:
+        # TPE ranks pruned trials by how far they got and their last intermediate value.
+        curve = objective_curve(spec, trial)
+        return create_trial(
+            state=optuna.trial.TrialState.PRUNED,
+            params=params,
+            distributions=dists,
+            intermediate_values=dict(curve),
+        )
+    return None
+
+
+def build_study(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> optuna.Study:
+    """An in-memory study holding the trials' history (sampler: a plain seeded TPE)."""
+    return _study(spec, trials, _sampler(spec, 0))
+
+
+def _sampler(spec: SweepSpec, index: int) -> optuna.samplers.TPESampler:
+    # One seed per trial index: trial i's draw does not depend on how many asks came before.
+    digest = hashlib.sha256(f"{spec.algorithm.seed}:{index}".encode()).digest()
+    with warnings.catch_warnings():
+        # multivariate and constant_liar are flagged experimental; both are stable enough
+        # and multivariate TPE models the interactions between LoRA rank and learning rate.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=int.from_bytes(digest[:4], "big"),
+            n_startup_trials=spec.algorithm.startup_trials,
+            multivariate=True,
+            constant_liar=True,
+        )
+
+
+def _study(
+    spec: SweepSpec, trials: Sequence[ObservedTrial], sampler: optuna.samplers.BaseSampler
+) -> optuna.Study:
+    dists = distributions(spec)
+    study = optuna.create_study(directions=_directions(spec), sampler=sampler)
+    history = [_frozen(spec, t, dists) for t in sorted(trials, key=lambda t: t.index)]
+    study.add_trials([t for t in history if t is not None])
+    return study
+
+
+def _round(value: Any, dist: BaseDistribution) -> Any:
+    # Same precision as random search: short on a command line and in MLflow's params.
+    if isinstance(dist, FloatDistribution):
+        rounded = float(f"{value:.{SIGNIFICANT_DIGITS}g}")
+        return min(max(rounded, dist.low), dist.high) if math.isfinite(rounded) else value
+    return value
+
+
+def suggest(spec: SweepSpec, trials: Sequence[ObservedTrial], index: int) -> dict[str, Any]:
+    """Parameters of new trial `index` given every trial so far (derived parameters included).
+
+    `trials` holds the finished trials (their results teach the model) and the active ones
+    (treated as running, so that parallel asks spread out).
+    """
+    study = _study(spec, trials, _sampler(spec, index))
+    dists = distributions(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        asked = study.ask(dists)
+    point = {name: _round(asked.params[name], dists[name]) for name in dists}
+    return with_derived(spec, point)
