@@ -4,8 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CLUSTER := $(PY) tests/cluster/devcluster.py
 
-.PHONY: setup test lint demo cluster-up cluster-down cluster-status operator-up operator-down \
-	bins tools crds bench clean
+.PHONY: setup test lint demo demo-down cluster-up cluster-down cluster-status operator-up operator-down \
+	bins tools crds bench clean chart-lint
 
 setup: $(VENV)/.installed  ## create .venv with the operator, trainer and dev dependencies
 
@@ -46,10 +46,17 @@ operator-down:
 crds: setup  ## regenerate the CRD from the pydantic API models
 	$(PY) -m sweep_operator.crd > crds/hyperparametersweeps.lorasweep.io.yaml
 
-demo:
-	@echo "make demo is not built yet: it arrives with the operator and the trainer."
-	@echo "Meanwhile: make cluster-up && source .cluster/env && kubectl get nodes"
-	@exit 1
+demo: setup  ## a real LoRA sweep on the dev cluster, followed to the end; `make demo-down` stops it
+	$(CLUSTER) up
+	$(CLUSTER) operator-up
+	$(PY) -m tests.cluster.demo
+
+demo-down:  ## stop the demo's cluster, operator and MLflow; remove .cluster/ and .demo/
+	$(CLUSTER) down
+	rm -rf .demo
 
 clean: cluster-down
 	rm -rf $(VENV)
+
+chart-lint: setup  ## helm lint, kubeconform (schemas from the dev cluster) and the values schema
+	$(VENV)/bin/pytest tests/chart/test_chart.py

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -14,11 +15,11 @@ from tests.support import wait_for
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[devcluster.Cluster]:
     """The dev cluster of `make cluster-up`; started for this session if it is not running."""
-    running = devcluster.Cluster.load()
-    reuse = running is not None and running.healthy()
-    yield devcluster.up()
-    if not reuse:
-        devcluster.down()
+    # Several sessions may share one cluster (a developer's, helpers', CI's steps); the one
+    # that started it stops it when the last of them is done.
+    user = str(os.getpid())
+    yield devcluster.use(user, start=True)
+    devcluster.release(user)
 
 
 @pytest.fixture(scope="session")

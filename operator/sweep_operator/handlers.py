@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,15 +31,31 @@ from sweep_operator.naming import experiment_name, label_value
 from sweep_operator.observe import job_summary, observe_trial, pod_summary
 from sweep_operator.plan import Plan, failed_status, plan
 from sweep_operator.render import RenderError, SweepRef, render_trial_job
+from sweep_operator.report import (
+    best_config_yaml,
+    optimization_plot_png,
+    parameter_importance,
+    trials_summary_csv,
+)
 from sweep_operator.semantic import SweepInvalid, validate_sweep
 from sweep_operator.tracking import Tracker
-from sweep_operator.trials import LABEL_SWEEP, NewTrial, ObservedTrial, TrialState
+from sweep_operator.trials import (
+    ANNOTATION_STOPPED,
+    LABEL_SWEEP,
+    Curve,
+    NewTrial,
+    ObservedTrial,
+    TrialState,
+)
 
 RESYNC_SECONDS = 10.0
 MIN_RECONCILE_INTERVAL = 1.0
 # Default tracking server for sweeps that name none (set by the Helm chart).
 DEFAULT_TRACKING_URI_ENV = "LORASWEEP_MLFLOW_TRACKING_URI"
 API_WORKERS = 16
+# The report (ConfigMap, MLflow artifacts, parameter importance) costs seconds to compute.
+REPORT_INTERVAL_SECONDS = 60.0
+IMPORTANCE_IN_STATUS = 5
 # Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
 EVENT_BURST = 5
 
@@ -129,6 +146,10 @@ def run_sweep(
         # second, not one per event: each reconcile may patch the status.
         stopped.wait(MIN_RECONCILE_INTERVAL)
         deadline = RESYNC_SECONDS
+        if reconciler.deadline is not None:
+            # The time budget ends sooner than the next resync: be there when it does.
+            until = (reconciler.deadline - datetime.now(UTC)).total_seconds()
+            deadline = max(0.5, min(deadline, until))
         # Wake early on a trial change; check `stopped` often so shutdown is prompt.
         while deadline > 0 and not stopped and not wakeup.wait(0.5):
             deadline -= 0.5
@@ -141,6 +162,7 @@ class Reconciler:
 
     def __init__(self, api: client.ApiClient, logger: logging.Logger) -> None:
         self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.logger = logger
         self.tracker: Tracker | None = None
@@ -149,6 +171,12 @@ class Reconciler:
         self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
         self.states: dict[str, TrialState] | None = None  # last seen, for Events
         self.parent_closed = False
+        self.curves: dict[str, dict[str, Curve]] = {}  # final curves of finished trials
+        self.marked: set[str] = set()  # stopped trials whose MLflow run says why
+        self.deadline: datetime | None = None  # when the time budget runs out
+        self.importance: dict[str, float] | None = None
+        self.reported: tuple[int, str] | None = None  # (finished trials, phase) last reported
+        self.reported_at = 0.0
 
     def reconcile(self, body: kopf.Body, jobs: list[dict], pods: list[dict]) -> None:
         now = datetime.now(UTC)
@@ -175,6 +203,7 @@ class Reconciler:
         result = plan(
             spec, observed, now, sweep_name=name, generation=generation, previous=previous
         )
+        self.deadline = result.deadline
         status = result.status.model_copy(update={"mlflow": mlflow_status})
         if tracker and mlflow_status and status.best_trial and status.best_trial.mlflow_run_id:
             status = status.model_copy(
@@ -193,7 +222,10 @@ class Reconciler:
         except RenderError as error:
             self._refuse(body, "InvalidTemplate", str(error), now, previous)
             return
+        if tracker:
+            self._mark_stopped_runs(tracker, observed)
         self._trial_events(body, observed, previous, status)
+        status = self._report(sweep, spec, observed, status, tracker)
         self._patch_status(body, status, previous)
         if tracker and mlflow_status and status.phase in ("Succeeded", "Failed"):
             self._close_parent(tracker, mlflow_status, status)
@@ -262,6 +294,8 @@ class Reconciler:
                     )
                     for job in jobs
                 ]
+        if spec.early_stopping and tracker:
+            observed = self._with_curves(spec, name, observed, tracker, mlflow_status)
         # Jobs this reconciler created that the index has not shown yet: pending, not missing
         # (else the next reconcile would plan them again and exceed parallelism in its count).
         indexed = {job["name"] for job in jobs}
@@ -273,6 +307,47 @@ class Reconciler:
             for t in self.created.values()
         ]
         return observed
+
+    def _with_curves(
+        self,
+        spec: SweepSpec,
+        name: str,
+        observed: list[ObservedTrial],
+        tracker: Tracker,
+        mlflow_status: MlflowStatus | None,
+    ) -> list[ObservedTrial]:
+        """Intermediate objective values from MLflow (one bulk read per 100 runs per metric),
+        for early stopping. A finished trial's curve is read once more after it ends, then
+        kept."""
+        experiment_id = mlflow_status.experiment_id if mlflow_status else None
+        if experiment_id and any(t.state.active and t.name not in self.results for t in observed):
+            try:
+                self.results.update(tracker.trial_results(experiment_id, name))
+            except Exception as error:
+                self.logger.warning("cannot read trial runs from MLflow yet: %s", error)
+        wanted = {
+            t.name: self.results[t.name]["run_id"]
+            for t in observed
+            if t.name in self.results and t.name not in self.curves
+        }
+        if not wanted:
+            return [t.model_copy(update={"curves": self.curves.get(t.name, {})}) for t in observed]
+        metrics = {spec.objective.metric, *(m.name for m in spec.objective.metrics or [])}
+        fetched: dict[str, dict[str, Curve]] = defaultdict(dict)
+        try:
+            for metric in sorted(metrics):
+                by_run = tracker.intermediate_values(list(wanted.values()), metric)
+                for trial, run_id in wanted.items():
+                    fetched[trial][metric] = by_run.get(run_id, [])
+        except Exception as error:
+            self.logger.warning("cannot read intermediate values from MLflow yet: %s", error)
+        updated = []
+        for trial in observed:
+            curves = self.curves.get(trial.name) or fetched.get(trial.name, {})
+            if trial.name in fetched and not trial.state.active:
+                self.curves[trial.name] = curves
+            updated.append(trial.model_copy(update={"curves": curves}))
+        return updated
 
     # --- act -------------------------------------------------------------------------------
 
@@ -300,7 +375,12 @@ class Reconciler:
                 if was_created
             ],
         )
-        list(_api_pool.map(lambda job: self._delete_job(sweep.namespace, job), result.delete))
+        list(
+            _api_pool.map(
+                lambda job: self._stop_job(sweep.namespace, job, result.stop_reasons.get(job)),
+                result.delete,
+            )
+        )
 
     def _create_job(self, namespace: str, job: dict) -> bool:
         try:
@@ -312,12 +392,32 @@ class Reconciler:
             raise
         return True
 
-    def _delete_job(self, namespace: str, name: str) -> None:
+    def _stop_job(self, namespace: str, name: str, reason: str | None) -> None:
+        """Stop a trial: suspending its Job ends its pod (SIGTERM, then the grace period), and
+        the annotation keeps it observed as pruned, so it is never planned again."""
+        patch = {
+            "metadata": {"annotations": {ANNOTATION_STOPPED: reason or "stopped by the operator"}},
+            "spec": {"suspend": True},
+        }
         try:
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+            self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False)
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def _mark_stopped_runs(self, tracker: Tracker, observed: list[ObservedTrial]) -> None:
+        """Tag the MLflow run of each stopped trial with why (once its Job shows the stop: a
+        trial that completed just as it was stopped stays a success)."""
+        for trial in observed:
+            run = self.results.get(trial.name)
+            if trial.state != TrialState.PRUNED or run is None or trial.name in self.marked:
+                continue
+            try:
+                tracker.mark_stopped(run["run_id"], trial.message or "stopped by the operator")
+            except Exception as error:
+                self.logger.warning("cannot mark %s stopped in MLflow yet: %s", trial.name, error)
+                return
+            self.marked.add(trial.name)
 
     def _refuse(
         self,
@@ -371,12 +471,79 @@ class Reconciler:
                     events.append(
                         TrialEvent("TrialFailed", trial.name, trial.message or "failed", "Warning")
                     )
+                elif trial.state == TrialState.PRUNED:
+                    events.append(TrialEvent("TrialStopped", trial.name, trial.message))
         self.states = {t.name: t.state for t in observed}
         best, before = status.best_trial, previous.best_trial if previous else None
         if best is not None and (before is None or before.name != best.name):
             detail = f"{best.value:g} with {_format_params(best.parameters)}"
             events.append(TrialEvent("NewBestTrial", best.name, detail))
         _post_events(body, events)
+
+    def _report(
+        self,
+        sweep: SweepRef,
+        spec: SweepSpec,
+        observed: list[ObservedTrial],
+        status: SweepStatus,
+        tracker: Tracker | None,
+    ) -> SweepStatus:
+        """best_config.yaml and trials_summary.csv in the ConfigMap `<sweep>-report`, those and
+        optimization_plot.png as artifacts of the parent run, parameter importance there and
+        in status. Refreshed as trials finish (at most every REPORT_INTERVAL_SECONDS), and
+        once more when the sweep ends."""
+        finished = sum(not t.state.active for t in observed)
+        terminal = status.phase in ("Succeeded", "Failed")
+        due = terminal or time.monotonic() - self.reported_at >= REPORT_INTERVAL_SECONDS
+        if finished and (finished, status.phase) != self.reported and due:
+            try:
+                self._publish_report(sweep, spec, observed, status, tracker)
+            except Exception as error:
+                self.logger.warning("cannot publish the sweep report yet: %s", error)
+            else:
+                self.reported = (finished, status.phase)
+                self.reported_at = time.monotonic()
+        if self.importance is None:
+            return status
+        top = dict(list(self.importance.items())[:IMPORTANCE_IN_STATUS])
+        return status.model_copy(update={"parameter_importance": top})
+
+    def _publish_report(
+        self,
+        sweep: SweepRef,
+        spec: SweepSpec,
+        observed: list[ObservedTrial],
+        status: SweepStatus,
+        tracker: Tracker | None,
+    ) -> None:
+        importance = parameter_importance(spec, observed)
+        self.importance = dict(sorted(importance.items(), key=lambda item: -item[1]))
+        files: dict[str, str | bytes] = {
+            "best_config.yaml": best_config_yaml(spec, status.best_trial, sweep_name=sweep.name),
+            "trials_summary.csv": trials_summary_csv(spec, observed),
+        }
+        configmap = {
+            "metadata": {
+                "name": f"{sweep.name}-report",
+                "labels": {LABEL_SWEEP: label_value(sweep.name)},
+                "ownerReferences": [sweep.owner_reference()],
+            },
+            "data": files,
+        }
+        try:
+            self.core.create_namespaced_config_map(
+                sweep.namespace, configmap, _preload_content=False
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            self.core.patch_namespaced_config_map(
+                f"{sweep.name}-report", sweep.namespace, {"data": files}, _preload_content=False
+            )
+        parent = status.mlflow.parent_run_id if status.mlflow else None
+        if tracker and parent:
+            files["optimization_plot.png"] = optimization_plot_png(spec, observed)
+            tracker.log_report(parent, files, self.importance)
 
     def _close_parent(
         self, tracker: Tracker, mlflow_status: MlflowStatus, status: SweepStatus

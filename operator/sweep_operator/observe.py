@@ -14,8 +14,8 @@ from typing import Any
 
 from sweep_operator.trials import (
     ANNOTATION_INDEX,
-    ANNOTATION_STOPPED,
     ANNOTATION_PARAMETERS,
+    ANNOTATION_STOPPED,
     LABEL_TRIAL,
     ObservedTrial,
     TrialState,

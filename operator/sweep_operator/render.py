@@ -63,6 +63,17 @@ class SweepRef:
     namespace: str
     uid: str
 
+    def owner_reference(self) -> dict[str, Any]:
+        """Makes what the operator creates for the sweep go when the sweep is deleted."""
+        return {
+            "apiVersion": API_VERSION,
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
 
 def yaml_flow(value: Any) -> str:
     """`value` as single-line YAML that PyYAML and Kubernetes both read back unchanged.
@@ -229,16 +240,7 @@ def _context(
                 ANNOTATION_PARAMETERS: params_json(trial.parameters),
                 ANNOTATION_INDEX: str(trial.index),
             },
-            "ownerReferences": [
-                {
-                    "apiVersion": API_VERSION,
-                    "kind": KIND,
-                    "name": sweep.name,
-                    "uid": sweep.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [sweep.owner_reference()],
         },
         "pod": {
             "labels": {**trainer.pod_labels, **labels},

@@ -8,11 +8,14 @@ that MLflow cannot give back: the parent run is found again by the sweep's uid a
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import requests
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +24,7 @@ TAG_NAMESPACE = "lorasweep.namespace"
 TAG_SWEEP_UID = "lorasweep.sweep_uid"
 TAG_ROLE = "lorasweep.role"
 TAG_TRIAL = "lorasweep.trial"
+TAG_STOPPED = "lorasweep.stopped_reason"
 HISTORY_BATCH = 100  # run ids per bulk history request: the tracking server's maximum
 HISTORY_MAX_POINTS = 2500  # per run: the server's maximum
 HTTP_TIMEOUT_SECONDS = 10
@@ -93,6 +97,35 @@ class Tracker:
             for point in response.json().get("metrics", []):
                 curves[point["run_id"]].append((int(point.get("step", 0)), float(point["value"])))
         return {run_id: sorted(points) for run_id, points in curves.items()}
+
+    def mark_stopped(self, run_id: str, reason: str) -> None:
+        """Say on a stopped trial's run why the operator stopped it, and end it KILLED (the
+        trainer does so itself on SIGTERM; a program that does not is ended here)."""
+        self.client.set_tag(run_id, TAG_STOPPED, reason[:5000])
+        run = self.client.get_run(run_id)
+        if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
+            self.client.set_terminated(run_id, "KILLED")
+
+    def log_report(
+        self, run_id: str, files: dict[str, str | bytes], importance: dict[str, float]
+    ) -> None:
+        """The sweep's report files as artifacts of its parent run (overwritten on refresh),
+        and parameter importance as metrics (params could not be updated)."""
+        # MlflowClient.log_artifact resolves a proxied (mlflow-artifacts:) store against the
+        # process-wide tracking URI, not the client's; a sweep may name its own server.
+        artifacts = get_artifact_repository(
+            self.client.get_run(run_id).info.artifact_uri, tracking_uri=self.uri
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            for name, content in files.items():
+                path = Path(folder) / name
+                if isinstance(content, bytes):
+                    path.write_bytes(content)
+                else:
+                    path.write_text(content)
+                artifacts.log_artifact(str(path))
+        for name, value in importance.items():
+            self.client.log_metric(run_id, f"importance.{name}", value)
 
     def close_parent_run(self, run_id: str, best: dict[str, Any] | None, phase: str) -> None:
         """Record the best trial on the parent run and end it; a no-op once it has ended."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -24,12 +25,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = REPO / ".cluster"
 STATE_FILE = STATE_DIR / "state.json"
+LOCK_FILE = REPO / ".cluster.lock"
 KUBECONFIG = STATE_DIR / "kubeconfig"
 ENV_FILE = STATE_DIR / "env"
 OPERATOR_KUBECONFIG = STATE_DIR / "operator.kubeconfig"
@@ -88,7 +91,7 @@ class Cluster:
         STATE_FILE.write_text(json.dumps(self.__dict__, indent=2))
 
     def dead_processes(self) -> list[str]:
-        return [name for name, pid in self.pids.items() if not _alive(pid)]
+        return [name for name, pid in self.pids.items() if not process_alive(pid)]
 
     def healthy(self) -> bool:
         return (
@@ -98,7 +101,8 @@ class Cluster:
         )
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process runs; a zombie (ended, not yet reaped) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -148,7 +152,7 @@ def _wait(what: str, check, timeout: float, pid: int | None = None, log_file: Pa
     while time.monotonic() < deadline:
         if check():
             return
-        if pid is not None and not _alive(pid):
+        if pid is not None and not process_alive(pid):
             tail = log_file.read_text()[-3000:] if log_file and log_file.exists() else ""
             raise RuntimeError(f"{what} exited during start-up; log {log_file}:\n{tail}")
         time.sleep(0.2)
@@ -363,14 +367,30 @@ def has_default_service_account(core, namespace: str) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _exclusive() -> Iterator[None]:
+    """One start or stop at a time: test sessions and make targets may race for the cluster."""
+    with LOCK_FILE.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def up() -> Cluster:
+    """Start the cluster, or keep the running one; either way it stays up until `down`."""
+    with _exclusive():
+        cluster = _up()
+        (STATE_DIR / "started-for-users").unlink(missing_ok=True)
+        return cluster
+
+
+def _up() -> Cluster:
     existing = Cluster.load()
     if existing is not None:
         if existing.healthy():
             log(f"already up: {existing.api_url}, MLflow {existing.mlflow_url}")
             return existing
         log(f"stale state (dead: {existing.dead_processes() or 'none'}); restarting")
-        down()
+        _down()
     started = time.monotonic()
     bin_dir = _build_bins()
     STATE_DIR.mkdir(exist_ok=True)
@@ -396,7 +416,7 @@ def up() -> Cluster:
         )
     except BaseException:
         log("start failed; stopping what was started")
-        down(keep_logs=True)
+        _down(keep_logs=True)
         raise
     ENV_FILE.write_text(
         f"export KUBECONFIG={KUBECONFIG}\n"
@@ -585,11 +605,40 @@ def _start_all(
     core = client.CoreV1Api(config.new_client_from_config(str(KUBECONFIG)))
     _wait("default service account", lambda: has_default_service_account(core, "default"), 60)
     for name, pid in pids.items():
-        if not _alive(pid):
+        if not process_alive(pid):
             raise RuntimeError(f"{name} died during start-up; see {logs / (name + '.log')}")
 
 
 def down(keep_logs: bool = False) -> None:
+    with _exclusive():
+        _down(keep_logs)
+
+
+def release(user: str) -> None:
+    """A user (a test session) is done with the cluster; the last one out stops it, if the
+    cluster was started for a user rather than by `make cluster-up`."""
+    with _exclusive():
+        users = STATE_DIR / "users"
+        (users / user).unlink(missing_ok=True)
+        others = [u for u in users.glob("*") if process_alive(int(u.name))]
+        if not others and (STATE_DIR / "started-for-users").exists():
+            _down(keep_logs=False)
+
+
+def use(user: str, start: bool) -> Cluster:
+    """Register a user (a test session, by pid) of the cluster, starting it if needed."""
+    with _exclusive():
+        running = Cluster.load()
+        fresh = running is None or not running.healthy()
+        cluster = _up()
+        if fresh and start:
+            (STATE_DIR / "started-for-users").touch()
+        (STATE_DIR / "users").mkdir(exist_ok=True)
+        (STATE_DIR / "users" / user).touch()
+        return cluster
+
+
+def _down(keep_logs: bool = False) -> None:
     cluster = Cluster.load()
     if cluster is None:
         log("not running")
@@ -607,16 +656,16 @@ def down(keep_logs: bool = False) -> None:
 
 
 def _stop(name: str, pid: int, grace: float = 10.0) -> None:
-    if not _alive(pid):
+    if not process_alive(pid):
         return
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.1)
-    if _alive(pid):
+    if process_alive(pid):
         log(f"{name} ignored SIGTERM; killing it")
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
@@ -637,7 +686,7 @@ def operator_up() -> None:
     cluster = Cluster.load()
     if cluster is None or not cluster.healthy():
         raise SystemExit("the cluster is not up: run `make cluster-up` first")
-    if "operator" in cluster.pids and _alive(cluster.pids["operator"]):
+    if "operator" in cluster.pids and process_alive(cluster.pids["operator"]):
         log(f"operator already running (pid {cluster.pids['operator']})")
         return
     apply_crds(cluster)

@@ -4,7 +4,6 @@ kwok simulating the `sim` nodes, the pod runner executing `local-gpu-0`'s pods, 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import uuid
@@ -13,7 +12,7 @@ import pytest
 from kubernetes import client
 
 from tests.cluster import devcluster
-from tests.support import wait_for
+from tests.support import process_alive, wait_for
 
 
 def one_gpu_job(
@@ -240,19 +239,10 @@ def test_deleting_a_local_job_terminates_its_process(batch, core, namespace, tmp
         namespace, one_gpu_job("sleeper", "local", command=[sys.executable, "-c", program])
     )
     pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30, "the process"))
-    assert _alive(pid)
+    assert process_alive(pid)
     batch.delete_namespaced_job("sleeper", namespace, propagation_policy="Background")
-    wait_for(lambda: not _alive(pid), 30, f"process {pid} to end")
+    wait_for(lambda: not process_alive(pid), 30, f"process {pid} to end")
     wait_for(lambda: job_pod(core, namespace, "sleeper") is None, 30, "the pod to be gone")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = f"/proc/{pid}/stat"
-    return os.path.exists(stat) and open(stat).read().split()[2] != "Z"
 
 
 def test_mlflow_logs_a_run_and_reads_it_back(mlflow_uri):

@@ -39,3 +39,13 @@ def operator(sweep_crd, namespace, kube_client, tmp_path) -> Iterator[OperatorPr
     yield process
     process.stop()
     release_sweeps(kube_client, namespace)
+
+
+@pytest.fixture
+def custom(kube_client) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(kube_client)
+
+
+@pytest.fixture
+def batch(kube_client) -> client.BatchV1Api:
+    return client.BatchV1Api(kube_client)

@@ -13,19 +13,11 @@ from kubernetes.client.exceptions import ApiException
 
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.trials import LABEL_SWEEP
+from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import free_port, wait_for
 
 TRIAL_PROGRAM = Path(__file__).with_name("trial_program.py")
 RESULT = '{"metrics": {"eval_loss": 0.5}}'  # what simulated trials report
-
-
-def sweep_manifest(name: str, spec: dict) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "HyperparameterSweep",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
 
 
 def local_grid_spec(mlflow_uri: str, trace: Path, experiment: str) -> dict:
@@ -68,38 +60,6 @@ def sim_spec(trials: int, parallelism: int, annotations: dict, **extra) -> dict:
         },
         **extra,
     }
-
-
-@pytest.fixture
-def custom(kube_client) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(kube_client)
-
-
-@pytest.fixture
-def batch(kube_client) -> client.BatchV1Api:
-    return client.BatchV1Api(kube_client)
-
-
-def get_sweep(custom, namespace: str, name: str) -> dict:
-    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-
-
-def wait_for_phase(
-    custom, namespace: str, name: str, phases: tuple[str, ...], timeout: float
-) -> dict:
-    def check():
-        sweep = get_sweep(custom, namespace, name)
-        return sweep if sweep.get("status", {}).get("phase") in phases else None
-
-    try:
-        return wait_for(check, timeout, f"sweep {name} to reach {phases}")
-    except AssertionError as error:
-        status = get_sweep(custom, namespace, name).get("status")
-        raise AssertionError(f"{error}; status: {status}") from None
-
-
-def trial_jobs(batch, namespace: str, sweep: str) -> list[client.V1Job]:
-    return batch.list_namespaced_job(namespace, label_selector=f"{LABEL_SWEEP}={sweep}").items
 
 
 def max_overlap(trace: Path) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -17,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_ENV = "LORASWEEP_PARAMS"
+DEFAULT_OUTPUT_DIR = "/tmp/lorasweep/output"
 
 
 class ConfigError(ValueError):
@@ -172,8 +174,9 @@ class DataArguments(_Arguments):
 
 class OutputArguments(_Arguments):
     output_dir: str = Field(
-        "/tmp/lorasweep/output",
-        description="Directory for checkpoints and the adapter (must be writable).",
+        DEFAULT_OUTPUT_DIR,
+        description="Directory for checkpoints and the adapter (must be writable). Unset in a "
+        "sweep's trial: /tmp/lorasweep/<namespace>/<trial>.",
     )
     save_adapter: bool = Field(True, description="Save the trained adapter to output_dir/adapter.")
 
@@ -268,6 +271,20 @@ def _describe(error: dict[str, Any], sources: Mapping[str, str]) -> str:
     return f"{field}{where}: {message}" if error["loc"] else message
 
 
+def default_output_dir(environ: Mapping[str, str]) -> str:
+    """Where a run writes when output_dir is unset: a folder per trial.
+
+    Trials that share a /tmp (several trial processes on one machine, or a hostPath) would
+    otherwise overwrite each other's checkpoints and adapters.
+    """
+    parts = [environ.get(name, "").strip() for name in ("LORASWEEP_NAMESPACE", "LORASWEEP_TRIAL")]
+    # Kubernetes names are safe path components already; anything else must not escape /tmp.
+    safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part).lstrip(".") for part in parts if part]
+    if not parts[1] or not all(safe):
+        return DEFAULT_OUTPUT_DIR
+    return str(Path(DEFAULT_OUTPUT_DIR).parent.joinpath(*safe))
+
+
 def load_config(
     config_path: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
@@ -296,6 +313,7 @@ def load_config(
             sources[key] = source
     if problems:
         raise ConfigError("\n".join(problems))
+    values.setdefault("output_dir", default_output_dir(environ))
 
     # YAML 1.1 reads `2e-4` as a string; pydantic's lax mode turns numeric strings into numbers.
     try:

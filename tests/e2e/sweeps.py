@@ -1,0 +1,40 @@
+"""Helpers for e2e tests that drive HyperparameterSweeps through the real apiserver."""
+
+from __future__ import annotations
+
+from kubernetes import client
+
+from sweep_operator.api import GROUP, PLURAL, VERSION
+from sweep_operator.trials import LABEL_SWEEP
+from tests.support import wait_for
+
+
+def sweep_manifest(name: str, spec: dict) -> dict:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "HyperparameterSweep",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def get_sweep(custom, namespace: str, name: str) -> dict:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def wait_for_phase(
+    custom, namespace: str, name: str, phases: tuple[str, ...], timeout: float
+) -> dict:
+    def check():
+        sweep = get_sweep(custom, namespace, name)
+        return sweep if sweep.get("status", {}).get("phase") in phases else None
+
+    try:
+        return wait_for(check, timeout, f"sweep {name} to reach {phases}")
+    except AssertionError as error:
+        status = get_sweep(custom, namespace, name).get("status")
+        raise AssertionError(f"{error}; status: {status}") from None
+
+
+def trial_jobs(batch, namespace: str, sweep: str) -> list[client.V1Job]:
+    return batch.list_namespaced_job(namespace, label_selector=f"{LABEL_SWEEP}={sweep}").items

@@ -1,0 +1,118 @@
+"""TPE with early stopping on the real cluster: trials whose learning curves are known."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import uuid
+from pathlib import Path
+
+import yaml
+from kubernetes import client
+from mlflow import MlflowClient
+from mlflow import artifacts as mlflow_artifacts
+
+from sweep_operator.api import GROUP, PLURAL, VERSION
+from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
+from tests.support import process_alive
+
+CURVE_PROGRAM = Path(__file__).with_name("curve_program.py")
+
+
+def final_loss(lr: float, rank: int) -> float:
+    """The curve program's final eval_loss (its definition, restated)."""
+    return (math.log10(lr) + 3) ** 2 + (math.log2(rank) - 4) ** 2 / 4 + 0.1 + 1 / 13
+
+
+def test_tpe_with_median_stopping(
+    operator, custom, batch, kube_client, namespace, mlflow_uri, tmp_path
+):
+    trace = tmp_path / "trace"
+    experiment = f"e2e-tpe-{uuid.uuid4().hex[:8]}"
+    spec = {
+        "objective": {"metric": "eval_loss", "goal": "minimize"},
+        "algorithm": {"name": "tpe", "seed": 7, "startupTrials": 3},
+        "parameters": {
+            "learning_rate": {"type": "log_uniform", "min": 1.0e-5, "max": 1.0e-1},
+            "lora_rank": {"type": "int", "min": 4, "max": 64},
+        },
+        "maxTrials": 8,
+        "parallelism": 2,
+        "earlyStopping": {"algorithm": "median", "minSteps": 3, "minTrials": 1},
+        "trainer": {
+            "image": "lorasweep-e2e",
+            "command": [sys.executable, str(CURVE_PROGRAM)],
+            "args": [
+                "--lr={{ params.learning_rate }}",
+                "--rank={{ params.lora_rank }}",
+                f"--trace={trace}",
+            ],
+            "nodeSelector": {"lorasweep.io/node-mode": "local"},
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+        },
+        "mlflow": {"trackingUri": mlflow_uri, "experimentName": experiment},
+    }
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("tpe", spec)
+    )
+    status = wait_for_phase(custom, namespace, "tpe", ("Succeeded", "Failed"), 300)["status"]
+    assert status["phase"] == "Succeeded", status
+    counts = status["trials"]
+    assert counts["succeeded"] + counts["pruned"] == 8 and counts["pruned"] >= 1, counts
+
+    jobs = {j.metadata.name: j for j in trial_jobs(batch, namespace, "tpe")}
+    assert len(jobs) == 8
+    # A trial may complete in the moment the operator decides to stop it: it stays a success.
+    stopped = {
+        n
+        for n, j in jobs.items()
+        if "lorasweep.io/stopped" in (j.metadata.annotations or {}) and not j.status.succeeded
+    }
+    assert len(stopped) == counts["pruned"]
+    events = trace.read_text().split("\n")
+    ended = {line.split()[1] for line in events if line.startswith("end ")}
+    pids = {line.split()[1]: int(line.split()[2]) for line in events if line.startswith("start")}
+    for name in stopped:
+        assert jobs[name].spec.suspend is True
+        assert name not in ended  # stopped before it completed...
+        assert not process_alive(pids[name])  # ...and its process is gone
+    succeeded = set(jobs) - stopped
+
+    # The best trial is the best of the completed ones, by the program's known function.
+    best = status["bestTrial"]
+    finals = {n: final_loss(**_params(jobs[n])) for n in succeeded}
+    assert best["name"] == min(finals, key=finals.get)
+    assert math.isclose(best["value"], finals[best["name"]], rel_tol=1e-6)
+
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    sweep_runs = mlflow.search_runs(
+        [status["mlflow"]["experimentId"]], filter_string="tags.`lorasweep.sweep` = 'tpe'"
+    )
+    runs = {
+        r.data.tags["lorasweep.trial"]: r for r in sweep_runs if "lorasweep.trial" in r.data.tags
+    }
+    for name in stopped:
+        assert runs[name].info.status == "KILLED"
+        assert runs[name].data.tags["lorasweep.stopped_reason"]
+
+    # The report: a ConfigMap named after the sweep and artifacts of the parent run.
+    report = client.CoreV1Api(kube_client).read_namespaced_config_map("tpe-report", namespace)
+    best_config = yaml.safe_load(report.data["best_config.yaml"])
+    assert best_config["parameters"] == best["parameters"]
+    rows = list(csv.DictReader(io.StringIO(report.data["trials_summary.csv"])))
+    assert sorted(r["name"] for r in rows) == sorted(jobs)
+    listed = mlflow_artifacts.list_artifacts(
+        run_id=status["mlflow"]["parentRunId"], tracking_uri=mlflow_uri
+    )
+    artifacts = {a.path for a in listed}
+    assert {"best_config.yaml", "trials_summary.csv", "optimization_plot.png"} <= artifacts
+    assert set(status["parameterImportance"]) <= {"learning_rate", "lora_rank"}
+
+
+def _params(job: client.V1Job) -> dict:
+    import json
+
+    params = json.loads(job.metadata.annotations["lorasweep.io/parameters"])
+    return {"lr": params["learning_rate"], "rank": params["lora_rank"]}
