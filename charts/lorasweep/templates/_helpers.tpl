@@ -83,10 +83,16 @@ server's Service when mlflow.enabled, else none. */}}
 - apiGroups: [lorasweep.io]
   resources: [hyperparametersweeps/status]
   verbs: [patch]
-# Trials are Jobs: watched through an index, created, and deleted when stopped early.
+# Trials are Jobs: watched through an index, created, and suspended (patch) when stopped
+# early; deleted when a sweep is.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create, delete]
+  verbs: [list, watch, create, patch, delete]
+# The sweep's report (best_config.yaml, trials_summary.csv) in a ConfigMap `<sweep>-report`:
+# written, never read, so no other ConfigMap's content is visible to the operator.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [create, patch]
 # Pods only for their termination message (the trial's result); never created or exec'd.
 - apiGroups: [""]
   resources: [pods]
