@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from mlflow import artifacts as mlflow_artifacts
 
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
-from tests.support import process_alive
+from tests.e2e.sweeps import get_sweep, sweep_manifest, trial_jobs, wait_for_phase
+from tests.support import process_alive, wait_for
 
 CURVE_PROGRAM = Path(__file__).with_name("curve_program.py")
 
@@ -59,18 +59,24 @@ def test_tpe_with_median_stopping(
     )
     status = wait_for_phase(custom, namespace, "tpe", ("Succeeded", "Failed"), 300)["status"]
     assert status["phase"] == "Succeeded", status
+
+    def settled():
+        """The status and the Jobs agree. A trial may complete in the moment the operator
+        stops it; its Job then ends Complete, it counts as a success, and the status, derived
+        from the Jobs on every reconcile, follows within seconds."""
+        jobs = {j.metadata.name: j for j in trial_jobs(batch, namespace, "tpe")}
+        stopped = {
+            n
+            for n, j in jobs.items()
+            if "lorasweep.io/stopped" in (j.metadata.annotations or {}) and not j.status.succeeded
+        }
+        status = get_sweep(custom, namespace, "tpe")["status"]
+        return (jobs, stopped, status) if len(stopped) == status["trials"]["pruned"] else None
+
+    jobs, stopped, status = wait_for(settled, 30, "the status to count the stopped trials")
     counts = status["trials"]
     assert counts["succeeded"] + counts["pruned"] == 8 and counts["pruned"] >= 1, counts
-
-    jobs = {j.metadata.name: j for j in trial_jobs(batch, namespace, "tpe")}
     assert len(jobs) == 8
-    # A trial may complete in the moment the operator decides to stop it: it stays a success.
-    stopped = {
-        n
-        for n, j in jobs.items()
-        if "lorasweep.io/stopped" in (j.metadata.annotations or {}) and not j.status.succeeded
-    }
-    assert len(stopped) == counts["pruned"]
     events = trace.read_text().split("\n")
     ended = {line.split()[1] for line in events if line.startswith("end ")}
     pids = {line.split()[1]: int(line.split()[2]) for line in events if line.startswith("start")}
