@@ -38,3 +38,20 @@ def wait_for_phase(
 
 def trial_jobs(batch, namespace: str, sweep: str) -> list[client.V1Job]:
     return batch.list_namespaced_job(namespace, label_selector=f"{LABEL_SWEEP}={sweep}").items
+
+
+def sim_spec(trials: int, parallelism: int, annotations: dict, **extra) -> dict:
+    return {
+        "objective": {"metric": "eval_loss", "goal": "minimize"},
+        "algorithm": {"name": "grid"},
+        "parameters": {"lora_rank": {"values": list(range(1, trials + 1))}},
+        "parallelism": parallelism,
+        "trainer": {
+            "image": "lorasweep-e2e",
+            "command": ["train"],
+            "nodeSelector": {"lorasweep.io/node-mode": "sim"},
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+            "podAnnotations": annotations,
+        },
+        **extra,
+    }

@@ -13,7 +13,7 @@ from kubernetes.client.exceptions import ApiException
 
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.trials import LABEL_SWEEP
-from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
+from tests.e2e.sweeps import sim_spec, sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import free_port, wait_for
 
 TRIAL_PROGRAM = Path(__file__).with_name("trial_program.py")
@@ -42,23 +42,6 @@ def local_grid_spec(mlflow_uri: str, trace: Path, experiment: str) -> dict:
             "resources": {"limits": {"nvidia.com/gpu": 1}},
         },
         "mlflow": {"trackingUri": mlflow_uri, "experimentName": experiment},
-    }
-
-
-def sim_spec(trials: int, parallelism: int, annotations: dict, **extra) -> dict:
-    return {
-        "objective": {"metric": "eval_loss", "goal": "minimize"},
-        "algorithm": {"name": "grid"},
-        "parameters": {"lora_rank": {"values": list(range(1, trials + 1))}},
-        "parallelism": parallelism,
-        "trainer": {
-            "image": "lorasweep-e2e",
-            "command": ["train"],
-            "nodeSelector": {"lorasweep.io/node-mode": "sim"},
-            "resources": {"limits": {"nvidia.com/gpu": 1}},
-            "podAnnotations": annotations,
-        },
-        **extra,
     }
 
 

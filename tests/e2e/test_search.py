@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from mlflow import artifacts as mlflow_artifacts
 
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.e2e.sweeps import get_sweep, sweep_manifest, trial_jobs, wait_for_phase
+from tests.e2e.sweeps import get_sweep, sim_spec, sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import process_alive, wait_for
 
 CURVE_PROGRAM = Path(__file__).with_name("curve_program.py")
@@ -122,3 +122,21 @@ def _params(job: client.V1Job) -> dict:
 
     params = json.loads(job.metadata.annotations["lorasweep.io/parameters"])
     return {"lr": params["learning_rate"], "rank": params["lora_rank"]}
+
+
+def test_time_budget_stops_running_trials_at_the_deadline(operator, custom, batch, namespace):
+    spec = sim_spec(4, 2, {"lorasweep.io/sim-duration": "10m"}, timeBudget="8s")
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("budget", spec)
+    )
+    sweep = wait_for_phase(custom, namespace, "budget", ("Succeeded", "Failed"), 60)
+    status = sweep["status"]
+    reasons = {c["reason"] for c in status["conditions"] if c["status"] == "True"}
+    assert "BudgetExhausted" in reasons, status
+    jobs = trial_jobs(batch, namespace, "budget")
+    # Nothing new after the deadline: only the first two trials ever ran, and both stopped.
+    assert sorted(j.metadata.name for j in jobs) == ["budget-0000", "budget-0001"]
+    assert all(j.spec.suspend for j in jobs)
+    assert status["trials"]["pruned"] == 2
+    started = sweep["metadata"]["creationTimestamp"]
+    assert status["completionTime"] >= started

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import yaml
 
@@ -58,3 +59,16 @@ def test_render_without_a_sweep(tmp_path, capsys):
 
 def test_crds_prints_the_crd():
     assert run("crds") == (0, crd_yaml())
+
+
+def test_render_the_tpe_example():
+    """TPE's first trials, derived lora_alpha included, as `lorasweep render` shows them."""
+    code, text = run("render", str(EXAMPLE.with_name("tpe-sweep.yaml")), "--limit", "3")
+    assert code == 0
+    jobs = list(yaml.safe_load_all(text))
+    assert [j["metadata"]["name"] for j in jobs] == [f"rank-lr-tpe-{i:04d}" for i in range(3)]
+    for job in jobs:
+        params = json.loads(job["metadata"]["annotations"]["lorasweep.io/parameters"])
+        assert params["lora_alpha"] == 2 * params["lora_rank"]
+        assert 1e-5 <= params["learning_rate"] <= 1e-3
+        assert params["lora_rank"] % 4 == 0
