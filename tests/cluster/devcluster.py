@@ -159,8 +159,10 @@ def _wait(what: str, check, timeout: float, pid: int | None = None, log_file: Pa
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s (log: {log_file})")
 
 
-def _start(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-    log_file = STATE_DIR / "logs" / f"{name}.log"
+def _start(
+    name: str, argv: list[str], env: dict[str, str] | None = None, log_file: Path | None = None
+) -> int:
+    log_file = log_file or STATE_DIR / "logs" / f"{name}.log"
     with log_file.open("ab") as out:
         # Own session, so `down` can stop the process with everything it spawned.
         process = subprocess.Popen(
@@ -696,28 +698,11 @@ def operator_up() -> None:
         "LORASWEEP_MLFLOW_TRACKING_URI": cluster.mlflow_url,
     }
     log_file = STATE_DIR / "operator.log"
-    with log_file.open("ab") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "kopf",
-                "run",
-                "--standalone",
-                "--all-namespaces",
-                "-m",
-                "sweep_operator.handlers",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-            cwd=REPO,
-        )
-    cluster.pids["operator"] = process.pid
+    argv = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces"]
+    pid = _start("operator", [*argv, "-m", "sweep_operator.handlers"], env, log_file)
+    cluster.pids["operator"] = pid
     cluster.save()
-    log(f"operator running (pid {process.pid}); log: {log_file.relative_to(REPO)}")
+    log(f"operator running (pid {pid}); log: {log_file.relative_to(REPO)}")
 
 
 def operator_down() -> None:

@@ -4,12 +4,17 @@ across test folders)."""
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sweep_operator.api import SweepSpec
+from sweep_operator.naming import trial_name
+from sweep_operator.space import trial_parameters
+from sweep_operator.trials import ObservedTrial, TrialState
 
 REPO = Path(__file__).resolve().parents[2]
+T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 EXAMPLE = REPO / "examples" / "sweep.yaml"
 
 BASE_SPEC: dict[str, Any] = {
@@ -43,3 +48,19 @@ def raw_spec(**changes: Any) -> dict[str, Any]:
 
 def make_spec(**changes: Any) -> SweepSpec:
     return SweepSpec.model_validate(raw_spec(**changes))
+
+
+def observed_trial(
+    spec: SweepSpec, index: int, state: TrialState, value: float | None = None, **fields: Any
+) -> ObservedTrial:
+    """Trial `index` of sweep `sw` as the operator would observe it; started at T0 unless
+    `fields` say otherwise."""
+    fields.setdefault("start_time", T0)
+    return ObservedTrial(
+        name=trial_name("sw", index),
+        index=index,
+        parameters=trial_parameters(spec, index),
+        state=state,
+        value=value,
+        **fields,
+    )

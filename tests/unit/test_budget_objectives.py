@@ -2,35 +2,25 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import pytest
 from pydantic import ValidationError
 
 from sweep_operator.api import parse_duration
 from sweep_operator.expr import ExprError, check_expressions, derive, evaluate
-from sweep_operator.naming import trial_name
 from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
 from sweep_operator.semantic import check_spec
 from sweep_operator.space import grid_size, trial_parameters
 from sweep_operator.trials import ObservedTrial, TrialState
-from tests.unit.sweep_helpers import make_spec
+from tests.unit.sweep_helpers import T0, make_spec, observed_trial
 
 S = TrialState
-T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
 def trial(spec, index, state, value=None, **kw) -> ObservedTrial:
-    return ObservedTrial(
-        name=trial_name("sw", index),
-        index=index,
-        parameters=trial_parameters(spec, index),
-        state=state,
-        value=value,
-        start_time=T0,
-        **kw,
-    )
+    return observed_trial(spec, index, state, value, **kw)
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,9 @@ from pydantic import ValidationError
 
 from sweep_operator.api import EarlyStopping
 from sweep_operator.early_stopping import asha_decisions, median_decisions, rung_steps
-from sweep_operator.naming import trial_name
 from sweep_operator.plan import plan
-from sweep_operator.space import trial_parameters
 from sweep_operator.trials import ObservedTrial, TrialState
-from tests.unit.sweep_helpers import make_spec
+from tests.unit.sweep_helpers import make_spec, observed_trial
 
 S = TrialState
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -143,14 +141,8 @@ def test_early_stopping_settings_are_checked():
 
 
 def trial(spec, index: int, state: TrialState, values=(), value=None) -> ObservedTrial:
-    return ObservedTrial(
-        name=trial_name("sw", index),
-        index=index,
-        parameters=trial_parameters(spec, index),
-        state=state,
-        value=value,
-        curves={"eval_loss": curve(*values)} if values else {},
-    )
+    curves = {"eval_loss": curve(*values)} if values else {}
+    return observed_trial(spec, index, state, value, curves=curves)
 
 
 def test_plan_prunes_and_gives_the_slot_to_a_new_trial():

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sweep_operator.api import SweepSpec
-from sweep_operator.naming import trial_name
 from sweep_operator.plan import Plan, failed_status, plan
 from sweep_operator.space import trial_parameters
 from sweep_operator.trials import ObservedTrial, TrialState
-from tests.unit.sweep_helpers import make_spec
+from tests.unit.sweep_helpers import T0, make_spec, observed_trial
 
-T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 S = TrialState
 
 
 def obs(spec: SweepSpec, index: int, state: TrialState, value: float | None = None, **kw):
-    return ObservedTrial(
-        name=trial_name("sw", index),
-        index=index,
-        parameters=trial_parameters(spec, index),
-        state=state,
-        value=value,
+    return observed_trial(
+        spec,
+        index,
+        state,
+        value,
         start_time=kw.pop("start", T0 + timedelta(minutes=index)),
         finish_time=kw.pop(
             "finish", None if state.active else T0 + timedelta(hours=1, minutes=index)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import yaml
 
-from sweep_operator.naming import trial_name
 from sweep_operator.plan import best_trial
 from sweep_operator.report import (
     best_config_yaml,
@@ -20,23 +19,15 @@ from sweep_operator.report import (
 )
 from sweep_operator.space import trial_parameters
 from sweep_operator.trials import ObservedTrial, TrialState
-from tests.unit.sweep_helpers import make_spec
+from tests.unit.sweep_helpers import T0, make_spec, observed_trial
 
 S = TrialState
-T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 SPEC = make_spec(maxTrials=None)  # the 3 x 2 grid of lora_rank and learning_rate
 
 
 def trial(index: int, state: TrialState, value: float | None = None) -> ObservedTrial:
-    return ObservedTrial(
-        name=trial_name("sw", index),
-        index=index,
-        parameters=trial_parameters(SPEC, index),
-        state=state,
-        value=value,
-        start_time=T0,
-        finish_time=None if state.active else T0 + timedelta(minutes=10 + index),
-    )
+    finish = None if state.active else T0 + timedelta(minutes=10 + index)
+    return observed_trial(SPEC, index, state, value, finish_time=finish)
 
 
 TRIALS = [
