@@ -82,8 +82,11 @@ def test_tpe_with_median_stopping(
     pids = {line.split()[1]: int(line.split()[2]) for line in events if line.startswith("start")}
     for name in stopped:
         assert jobs[name].spec.suspend is True
-        assert name not in ended  # stopped before it completed...
-        assert not process_alive(pids[name])  # ...and its process is gone
+        assert not process_alive(pids[name])  # its process is gone
+    # Stopped mid-run, not after the fact. (A trial that ends in the very moment it is stopped
+    # may still write its end: its pod is deleted before its success is reported.)
+    interrupted = stopped - ended
+    assert interrupted
     succeeded = set(jobs) - stopped
 
     # The best trial is the best of the completed ones, by the program's known function.
@@ -100,8 +103,9 @@ def test_tpe_with_median_stopping(
         r.data.tags["lorasweep.trial"]: r for r in sweep_runs if "lorasweep.trial" in r.data.tags
     }
     for name in stopped:
-        assert runs[name].info.status == "KILLED"
         assert runs[name].data.tags["lorasweep.stopped_reason"]
+    for name in interrupted:
+        assert runs[name].info.status == "KILLED"
 
     # The report: a ConfigMap named after the sweep and artifacts of the parent run.
     report = client.CoreV1Api(kube_client).read_namespaced_config_map("tpe-report", namespace)
