@@ -7,12 +7,12 @@ when it completes: a trial the operator stops never writes "end".
 """
 
 import argparse
-import json
 import math
 import os
 import time
 
 from mlflow import MlflowClient
+from trial_contract import start_child_run, write_result
 
 STEPS = 12
 
@@ -32,22 +32,12 @@ trial = os.environ["LORASWEEP_TRIAL"]
 with open(args.trace, "a") as trace:
     trace.write(f"start {trial} {os.getpid()}\n")
 mlflow = MlflowClient()
-experiment = mlflow.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
-run = mlflow.create_run(
-    experiment.experiment_id,
-    run_name=trial,
-    tags={
-        "mlflow.parentRunId": os.environ["MLFLOW_PARENT_RUN_ID"],
-        "lorasweep.sweep": os.environ["LORASWEEP_SWEEP"],
-        "lorasweep.trial": trial,
-    },
-)
+run_id = start_child_run(mlflow)
 final = final_loss(args.lr, args.rank)
 for step in range(1, STEPS + 1):
     time.sleep(args.seconds_per_step)
-    mlflow.log_metric(run.info.run_id, "eval_loss", final + 1 / (step + 1), step=step)
-mlflow.set_terminated(run.info.run_id)
-with open(os.environ["LORASWEEP_RESULT_PATH"], "w") as result:
-    json.dump({"metrics": {"eval_loss": final + 1 / (STEPS + 1)}}, result)
+    mlflow.log_metric(run_id, "eval_loss", final + 1 / (step + 1), step=step)
+mlflow.set_terminated(run_id)
+write_result({"eval_loss": final + 1 / (STEPS + 1)})
 with open(args.trace, "a") as trace:
     trace.write(f"end {trial} {os.getpid()}\n")

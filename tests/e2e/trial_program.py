@@ -7,12 +7,12 @@ start and end times to --trace, so a test can see how many trials ran at once.
 """
 
 import argparse
-import json
 import math
 import os
 import time
 
 from mlflow import MlflowClient
+from trial_contract import start_child_run, write_result
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--rank", type=int, required=True)
@@ -27,25 +27,15 @@ with open(args.trace, "a") as trace:
 
 loss = (math.log2(args.rank) - 3) ** 2 + (args.lr * 1e4 - 2) ** 2 + 0.1
 mlflow = MlflowClient()
-experiment = mlflow.get_experiment_by_name(os.environ["MLFLOW_EXPERIMENT_NAME"])
-run = mlflow.create_run(
-    experiment.experiment_id,
-    run_name=trial,
-    tags={
-        "mlflow.parentRunId": os.environ["MLFLOW_PARENT_RUN_ID"],
-        "lorasweep.sweep": os.environ["LORASWEEP_SWEEP"],
-        "lorasweep.trial": trial,
-    },
-)
-mlflow.log_param(run.info.run_id, "lora_rank", args.rank)
-mlflow.log_param(run.info.run_id, "learning_rate", args.lr)
+run_id = start_child_run(mlflow)
+mlflow.log_param(run_id, "lora_rank", args.rank)
+mlflow.log_param(run_id, "learning_rate", args.lr)
 for step in range(3):
     time.sleep(args.seconds / 3)
-    mlflow.log_metric(run.info.run_id, "eval_loss", loss * (3 - step), step=step)
-mlflow.log_metric(run.info.run_id, "eval_loss", loss, step=3)
-mlflow.set_terminated(run.info.run_id)
+    mlflow.log_metric(run_id, "eval_loss", loss * (3 - step), step=step)
+mlflow.log_metric(run_id, "eval_loss", loss, step=3)
+mlflow.set_terminated(run_id)
 
-with open(os.environ["LORASWEEP_RESULT_PATH"], "w") as result:
-    json.dump({"metrics": {"eval_loss": loss, "train_loss": loss * 1.1}}, result)
+write_result({"eval_loss": loss, "train_loss": loss * 1.1})
 with open(args.trace, "a") as trace:
     trace.write(f"end {trial} {time.time()}\n")
