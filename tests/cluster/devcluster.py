@@ -28,6 +28,10 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kubernetes import client
 
 REPO = Path(__file__).resolve().parents[2]
 STATE_DIR = REPO / ".cluster"
@@ -37,6 +41,7 @@ KUBECONFIG = STATE_DIR / "kubeconfig"
 ENV_FILE = STATE_DIR / "env"
 OPERATOR_KUBECONFIG = STATE_DIR / "operator.kubeconfig"
 AUDIT_LOG = STATE_DIR / "logs" / "audit.log"
+VOLUMES_DIR = STATE_DIR / "volumes"
 # Only the operator's requests are audited: the benchmark counts them.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
@@ -64,6 +69,11 @@ CONTROLLERS = ",".join(
         "root-ca-certificate-publisher-controller",
         "deployment-controller",
         "replicaset-controller",
+        # Claims bind to the pre-provisioned volumes of create_volume_claim; the protection
+        # controllers keep a claim and its volume while a pod uses them.
+        "persistentvolume-binder-controller",
+        "persistentvolume-protection-controller",
+        "persistentvolumeclaim-protection-controller",
     ]
 )
 
@@ -367,6 +377,54 @@ def has_default_service_account(core, namespace: str) -> bool:
     except ApiException:
         return False
     return True
+
+
+def create_volume_claim(
+    core: client.CoreV1Api, namespace: str, name: str, size: str = "1Gi"
+) -> Path:
+    """A PersistentVolumeClaim `name`, bound to a pre-provisioned hostPath volume of its own (the
+    dev cluster has no provisioner); returns the volume's directory, under .cluster/volumes/.
+
+    The PersistentVolume, `<namespace>-<name>`, belongs to the namespace: deleting the namespace
+    deletes it too, so tests need not clean it up. Pods of local-gpu-0 see the directory (or
+    their mount's subPath of it) at their mountPath; simulated pods ignore volumes."""
+    volume = f"{namespace}-{name}"
+    path = VOLUMES_DIR / volume
+    path.mkdir(parents=True, exist_ok=True)
+    owner = core.read_namespace(namespace).metadata
+    access = {"accessModes": ["ReadWriteMany"], "storageClassName": "local"}
+    core.create_persistent_volume(
+        {
+            "metadata": {
+                "name": volume,
+                "ownerReferences": [
+                    {"apiVersion": "v1", "kind": "Namespace", "name": namespace, "uid": owner.uid}
+                ],
+            },
+            "spec": {
+                **access,
+                "capacity": {"storage": size},
+                "persistentVolumeReclaimPolicy": "Retain",
+                "hostPath": {"path": str(path), "type": "Directory"},
+                # Reserved for this claim alone, as an administrator pre-binds a volume.
+                "claimRef": {"namespace": namespace, "name": name},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": name},
+            "spec": {**access, "resources": {"requests": {"storage": size}}, "volumeName": volume},
+        },
+    )
+
+    def bound() -> bool:
+        claim = core.read_namespaced_persistent_volume_claim(name, namespace)
+        return claim.status.phase == "Bound"
+
+    _wait(f"claim {namespace}/{name} to bind", bound, 30)
+    return path
 
 
 @contextlib.contextmanager

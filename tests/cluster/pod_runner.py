@@ -3,12 +3,16 @@
 The real Job controller and scheduler put pods on `local-gpu-0`; this process starts each
 container's command and args with the pod's environment, reports Running, then Succeeded or
 Failed by exit code with the termination message, and ends the process when the pod is deleted
-(SIGTERM, then SIGKILL after the grace period), as a kubelet would. Images are ignored: the
-command runs with this machine's PATH (the project's virtualenv first).
+(SIGTERM, then SIGKILL after the grace period) and reports how it ended before the deletion
+finishes, as a kubelet would. Images are ignored: the command runs with this machine's PATH (the
+project's virtualenv first) and file system, except that a container with PersistentVolumeClaim
+mounts or a pod subdomain runs in a private mount namespace with each claim's hostPath volume
+bind-mounted at its mountPath and, for a subdomain, an /etc/hosts resolving the DNS names of the
+pod and its Indexed Job's other pods to 127.0.0.1 (every local pod shares this machine's loopback).
 
 Per pod, under WORKDIR/<namespace>/<pod>/: <container>.log (stdout and stderr) and
 <container>.termination-log (the container's termination message file, also handed to the
-process as LORASWEEP_RESULT_PATH).
+process as LORASWEEP_RESULT_PATH) and hosts (the pod's /etc/hosts, when it has a subdomain).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import base64
 import logging
 import os
 import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -31,6 +36,7 @@ from kubernetes.client.exceptions import ApiException
 
 MAX_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 log = logging.getLogger("pod-runner")
 
 
@@ -47,6 +53,28 @@ def expand(text: str, env: dict[str, str]) -> str:
         return env.get(match.group(1), match.group(0))
 
     return re.sub(r"\$?\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, text)
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A bind mount into a container's private mount namespace."""
+
+    source: Path
+    target: Path
+    read_only: bool = False
+
+
+def in_mount_namespace(argv: list[str], binds: list[Bind], cwd: Path) -> list[str]:
+    """argv run in a private mount namespace of its own with `binds` mounted, as a container
+    runtime would. The shell execs argv, so the process keeps its pid and process group."""
+    steps = [
+        f"mount -o {'bind,ro' if b.read_only else 'bind'} "
+        f"{shlex.quote(str(b.source))} {shlex.quote(str(b.target))}"
+        for b in binds
+    ]
+    # The working directory may be a mount point: enter it once the volume is mounted there.
+    script = " && ".join([*steps, f"cd {shlex.quote(str(cwd))}", 'exec "$@"'])
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
 @dataclass
@@ -71,6 +99,7 @@ class RunningPod:
 class PodRunner:
     def __init__(self, api: client.CoreV1Api, node: str, workdir: Path) -> None:
         self.api = api
+        self.batch = client.BatchV1Api(api.api_client)
         self.node = node
         self.workdir = workdir
         self.pods: dict[str, RunningPod] = {}
@@ -135,6 +164,76 @@ class PodRunner:
                     raise
         return env
 
+    # --- file system -----------------------------------------------------------------------
+
+    def hosts_file(self, pod: client.V1Pod, folder: Path) -> Path | None:
+        """For a pod with a subdomain, an /etc/hosts that resolves its own DNS names and those of
+        its Indexed Job's other pods (`<job>-<index>.<subdomain>`, how they rendezvous) to
+        127.0.0.1, as kubelet and cluster DNS would make them resolve."""
+        subdomain = pod.spec.subdomain
+        if not subdomain:
+            return None
+        namespace = pod.metadata.namespace
+        own = pod.spec.hostname or pod.metadata.name
+        hostnames = {own}
+        job_name = (pod.metadata.labels or {}).get(JOB_NAME_LABEL)
+        if job_name:
+            try:
+                job = self.batch.read_namespaced_job(job_name, namespace)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+            else:
+                if job.spec.completion_mode == "Indexed":
+                    hostnames.update(f"{job_name}-{i}" for i in range(job.spec.completions or 0))
+        lines = []
+        for name in sorted(hostnames):
+            fqdn = f"{name}.{subdomain}.{namespace}.svc.cluster.local"
+            aliases = [f"{name}.{subdomain}", f"{name}.{subdomain}.{namespace}"]
+            aliases += [f"{name}.{subdomain}.{namespace}.svc", fqdn]
+            if name == own:
+                aliases.append(name)
+            lines.append(" ".join(["127.0.0.1", *aliases]))
+        path = folder / "hosts"
+        machine = Path("/etc/hosts").read_text()
+        path.write_text(
+            f"{machine.rstrip()}\n# the pod runner, for pod {own}\n" + "\n".join(lines) + "\n"
+        )
+        return path
+
+    def volume_binds(
+        self, pod: client.V1Pod, container: client.V1Container, env: dict[str, str]
+    ) -> list[Bind]:
+        """The container's PersistentVolumeClaim mounts, each from its volume's hostPath. Other
+        volumes are not mounted: an emptyDir stays this machine's directory of that path."""
+        volumes = pod.spec.volumes or []
+        claims = {v.name: v.persistent_volume_claim for v in volumes if v.persistent_volume_claim}
+        binds = []
+        for mount in container.volume_mounts or []:
+            claim = claims.get(mount.name)
+            if claim is None:
+                continue
+            volume = self._claimed_path(pod.metadata.namespace, claim.claim_name)
+            source = volume / (mount.sub_path or expand(mount.sub_path_expr or "", env))
+            # A kubelet creates a missing subPath; the runtime creates the mount point.
+            source.mkdir(parents=True, exist_ok=True)
+            target = Path(mount.mount_path)
+            target.mkdir(parents=True, exist_ok=True)
+            binds.append(Bind(source, target, bool(mount.read_only or claim.read_only)))
+        return binds
+
+    def _claimed_path(self, namespace: str, claim_name: str) -> Path:
+        claim = self.api.read_namespaced_persistent_volume_claim(claim_name, namespace)
+        if not claim.spec.volume_name:
+            raise ValueError(f"PersistentVolumeClaim {claim_name!r} is not bound to a volume")
+        volume = self.api.read_persistent_volume(claim.spec.volume_name)
+        if volume.spec.host_path is None:
+            raise ValueError(
+                f"PersistentVolume {volume.metadata.name!r} is not a hostPath volume: the pod "
+                "runner mounts only those"
+            )
+        return Path(volume.spec.host_path.path)
+
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self, pod: client.V1Pod) -> None:
@@ -143,8 +242,9 @@ class PodRunner:
         folder.mkdir(parents=True, exist_ok=True)
         running = RunningPod(pod.metadata.namespace, pod.metadata.name, key)
         try:
+            hosts = self.hosts_file(pod, folder)
             for container in pod.spec.containers:
-                running.containers.append(self._start_container(pod, container, folder))
+                running.containers.append(self._start_container(pod, container, folder, hosts))
         except Exception as error:  # a bad pod must not take the runner down
             log.exception("cannot start %s/%s", pod.metadata.namespace, pod.metadata.name)
             for started in running.containers:
@@ -157,7 +257,7 @@ class PodRunner:
         threading.Thread(target=self._wait_for_exit, args=(pod, running), daemon=True).start()
 
     def _start_container(
-        self, pod: client.V1Pod, container: client.V1Container, folder: Path
+        self, pod: client.V1Pod, container: client.V1Container, folder: Path, hosts: Path | None
     ) -> RunningContainer:
         if not container.command:
             raise ValueError(
@@ -169,15 +269,18 @@ class PodRunner:
         env = self.container_env(pod, container)
         env["LORASWEEP_RESULT_PATH"] = str(message_path)
         argv = [expand(part, env) for part in [*container.command, *(container.args or [])]]
+        binds = self.volume_binds(pod, container, env)
+        if hosts is not None:
+            binds.append(Bind(hosts, Path("/etc/hosts")))
         cwd = (
-            container.working_dir
+            Path(container.working_dir)
             if container.working_dir and Path(container.working_dir).is_dir()
             else folder
         )
         log_path = folder / f"{container.name}.log"
         with log_path.open("ab") as out:
             process = subprocess.Popen(
-                argv,
+                in_mount_namespace(argv, binds, cwd) if binds else argv,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -186,12 +289,13 @@ class PodRunner:
                 start_new_session=True,
             )
         log.info(
-            "started %s/%s[%s] pid %d: %s",
+            "started %s/%s[%s] pid %d: %s%s",
             pod.metadata.namespace,
             pod.metadata.name,
             container.name,
             process.pid,
             argv,
+            f" with {binds}" if binds else "",
         )
         return RunningContainer(
             name=container.name,
@@ -232,6 +336,8 @@ class PodRunner:
             code = container.process.wait()
             statuses.append((container, code))
         with self.lock:
+            # From now on a deletion finishes at once: there is nothing left to stop.
+            self.pods.pop(running.uid, None)
             terminating = running.terminating
         failed = any(code != 0 for _, code in statuses)
         stamp = now()
@@ -272,12 +378,13 @@ class PodRunner:
             running.name,
             [(c.name, code) for c, code in statuses],
         )
+        # A deleted pod reports its end too, before the deletion finishes, as from a kubelet: the
+        # Job controller judges a pod by its terminal phase and conditions (a podFailurePolicy
+        # that ignores DisruptionTarget, set by an eviction). The strategic merge patch merges
+        # conditions by type, so that condition stays.
+        self._patch_status(running, status)
         if terminating:
             self._finalize_deletion(running)
-        else:
-            self._patch_status(running, status)
-        with self.lock:
-            self.pods.pop(running.uid, None)
 
     def _report_failed_start(self, pod: client.V1Pod, message: str) -> None:
         stamp = now()

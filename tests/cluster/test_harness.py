@@ -4,15 +4,18 @@ kwok simulating the `sim` nodes, the pod runner executing `local-gpu-0`'s pods, 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from kubernetes import client
+from kubernetes import client, watch
 
 from tests.cluster import devcluster
-from tests.support import process_alive, wait_for
+from tests.support import free_port, process_alive, wait_for
 
 
 def one_gpu_job(
@@ -77,6 +80,56 @@ def job_condition(batch: client.BatchV1Api, namespace: str, job: str, timeout: f
     return wait_for(check, timeout, f"job {job} to complete or fail")
 
 
+def pod_history(
+    core: client.CoreV1Api,
+    namespace: str,
+    since: str,
+    done: Callable[[list[client.V1Pod]], bool],
+    timeout: int = 30,
+) -> list[client.V1Pod]:
+    """The last state of each pod of the namespace since resource version `since`, in order of
+    creation, deleted pods included (a Job's pod is gone once the Job controller is done with
+    it); read from the watch until `done` holds for them."""
+    pods: dict[str, client.V1Pod] = {}
+    stream = watch.Watch().stream(
+        core.list_namespaced_pod, namespace, resource_version=since, timeout_seconds=timeout
+    )
+    for event in stream:
+        pod = event["object"]
+        pods[pod.metadata.uid] = pod
+        if done(list(pods.values())):
+            return list(pods.values())
+    seen = [(p.metadata.name, p.status.phase) for p in pods.values()]
+    raise AssertionError(f"timed out after {timeout}s; pods seen: {seen}")
+
+
+def local_pod(name: str, program: str, claim: str, mount: dict) -> dict:
+    return {
+        "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "nodeSelector": {"lorasweep.io/node-mode": "local"},
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "lorasweep-test",
+                    "command": ["python", "-c", program],
+                    "volumeMounts": [{"name": "data", **mount}],
+                }
+            ],
+        },
+    }
+
+
+def finished(core: client.CoreV1Api, namespace: str, pod: str) -> client.V1Pod:
+    def check():
+        found = core.read_namespaced_pod(pod, namespace)
+        return found if found.status.phase in ("Succeeded", "Failed") else None
+
+    return wait_for(check, 30, f"pod {pod} to finish")
+
+
 @pytest.fixture
 def core(kube_client) -> client.CoreV1Api:
     return client.CoreV1Api(kube_client)
@@ -103,7 +156,8 @@ def test_nodes_are_ready_with_gpu_capacity(core):
 
 
 def test_cluster_up_again_reuses_the_running_cluster(cluster):
-    again = devcluster.up()
+    # As this session's fixture did: `up` would keep the cluster running after the session.
+    again = devcluster.use(str(os.getpid()), start=True)
     assert again.api_url == cluster.api_url
     assert again.pids == cluster.pids
 
@@ -151,7 +205,9 @@ def test_gpu_exhaustion_keeps_surplus_pods_pending_until_gpus_free(batch, core, 
         pods = core.list_namespaced_pod(namespace).items
         bound = [p for p in pods if p.spec.node_name]
         unbound = [p for p in pods if not p.spec.node_name and p.status.phase == "Pending"]
-        return (bound, unbound) if len(pods) == 10 and len(bound) == 8 else None
+        # Until the scheduler has tried a pending pod, it has no PodScheduled condition.
+        tried = all(p.status.conditions for p in unbound)
+        return (bound, unbound) if len(pods) == 10 and len(bound) == 8 and tried else None
 
     bound, unbound = wait_for(saturated, 30, "8 pods bound and 2 pending")
     assert len(unbound) == 2
@@ -230,19 +286,200 @@ def test_local_job_falls_back_to_the_log_tail(batch, core, namespace):
     assert terminated.message.splitlines()[-1] == "CUDA out of memory"
 
 
-def test_deleting_a_local_job_terminates_its_process(batch, core, namespace, tmp_path):
+# A pod with a subdomain runs in a mount namespace of its own; its process must end the same.
+@pytest.mark.parametrize("subdomain", [None, "workers"])
+def test_deleting_a_local_job_terminates_its_process(batch, core, namespace, tmp_path, subdomain):
     pid_file = tmp_path / "pid"
     program = (
         f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
     )
-    batch.create_namespaced_job(
-        namespace, one_gpu_job("sleeper", "local", command=[sys.executable, "-c", program])
-    )
+    job = one_gpu_job("sleeper", "local", command=[sys.executable, "-c", program])
+    job["spec"]["template"]["spec"]["subdomain"] = subdomain
+    batch.create_namespaced_job(namespace, job)
     pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30, "the process"))
     assert process_alive(pid)
     batch.delete_namespaced_job("sleeper", namespace, propagation_policy="Background")
     wait_for(lambda: not process_alive(pid), 30, f"process {pid} to end")
     wait_for(lambda: job_pod(core, namespace, "sleeper") is None, 30, "the pod to be gone")
+
+
+RUN_UNTIL_DISRUPTED = """
+import os, sys, time
+marker = os.environ["MARKER"]
+if os.path.exists(marker):
+    sys.exit(0)
+open(marker, "w").close()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(
+    ("disruption", "reason"),
+    [("eviction", "EvictionByEvictionAPI"), ("node-loss", "DeletionByTaintManager")],
+)
+def test_a_disrupted_local_pod_ends_failed_so_its_job_replaces_it(
+    batch, core, namespace, tmp_path, disruption, reason
+):
+    """A running pod that is deleted ends Failed, its DisruptionTarget condition kept, before it
+    goes: a podFailurePolicy then ignores the failure and the Job runs a replacement."""
+    marker = tmp_path / "started"
+    job = one_gpu_job(
+        "disrupted",
+        "local",
+        command=["python", "-c", RUN_UNTIL_DISRUPTED],
+        env=[{"name": "MARKER", "value": str(marker)}],
+    )
+    job["spec"]["podFailurePolicy"] = {
+        "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+    }
+    since = core.list_namespaced_pod(namespace).metadata.resource_version
+    batch.create_namespaced_job(namespace, job)
+    wait_for(marker.exists, 30, "the first pod's process")
+    first = job_pod(core, namespace, "disrupted").metadata.name
+    if disruption == "eviction":
+        eviction = client.V1Eviction(metadata=client.V1ObjectMeta(name=first, namespace=namespace))
+        core.create_namespaced_pod_eviction(first, namespace, eviction)
+    else:
+        # What the taint-eviction controller does to the pods of a node that is gone.
+        condition = {"type": "DisruptionTarget", "status": "True", "reason": reason}
+        core.patch_namespaced_pod_status(first, namespace, {"status": {"conditions": [condition]}})
+        core.delete_namespaced_pod(first, namespace)
+
+    assert job_condition(batch, namespace, "disrupted") == "Complete"
+    pods = pod_history(
+        core,
+        namespace,
+        since,
+        lambda pods: len(pods) == 2
+        and all(p.status.phase in ("Succeeded", "Failed") for p in pods),
+    )
+    assert [p.status.phase for p in pods] == ["Failed", "Succeeded"]
+    evicted = pods[0]
+    assert evicted.metadata.name == first
+    conditions = {c.type: c for c in evicted.status.conditions}
+    assert conditions["DisruptionTarget"].status == "True"
+    assert conditions["DisruptionTarget"].reason == reason
+    assert evicted.status.container_statuses[0].state.terminated.exit_code == 143  # SIGTERM
+    status = batch.read_namespaced_job_status("disrupted", namespace).status
+    # An ignored failure does not count.
+    assert (status.succeeded, status.failed) == (1, None)
+
+
+RENDEZVOUS = """
+import os, socket, time
+host, port = os.environ["RENDEZVOUS"].split(":")
+if os.environ["JOB_COMPLETION_INDEX"] == "0":
+    with socket.create_server((host, int(port))) as server:
+        server.settimeout(60)
+        connection, _ = server.accept()
+        with connection:
+            message = connection.makefile().readline()
+    open(os.environ["LORASWEEP_RESULT_PATH"], "w").write(message)
+else:
+    fqdn = f"{host}.{os.environ['NAMESPACE']}.svc.cluster.local"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            connection = socket.create_connection((host, int(port)))
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    with connection:
+        connection.sendall(f"hello; {fqdn} is {socket.gethostbyname(fqdn)}\\n".encode())
+"""
+
+
+def test_indexed_job_pods_reach_each_other_by_their_dns_names(batch, core, namespace):
+    """Multi-node trials rendezvous on `<job>-0.<subdomain>`: the names of an Indexed Job's
+    pods resolve in local pods, as cluster DNS resolves them, and only there."""
+    port = free_port()
+    core.create_namespaced_service(
+        namespace,
+        {
+            "metadata": {"name": "workers"},
+            "spec": {
+                "clusterIP": "None",
+                "selector": {"batch.kubernetes.io/job-name": "rdzv"},
+                "ports": [{"port": port}],
+            },
+        },
+    )
+    env = [
+        {"name": "RENDEZVOUS", "value": f"rdzv-0.workers:{port}"},
+        {"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    batch.create_namespaced_job(
+        namespace,
+        {
+            "metadata": {"name": "rdzv"},
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": 2,
+                "parallelism": 2,
+                "backoffLimit": 0,
+                "template": {
+                    "spec": {
+                        "subdomain": "workers",
+                        "restartPolicy": "Never",
+                        "terminationGracePeriodSeconds": 3,
+                        "nodeSelector": {"lorasweep.io/node-mode": "local"},
+                        "containers": [
+                            {
+                                "name": "main",
+                                "image": "lorasweep-test",
+                                "command": ["python", "-c", RENDEZVOUS],
+                                "env": env,
+                            }
+                        ],
+                    }
+                },
+            },
+        },
+    )
+    assert job_condition(batch, namespace, "rdzv") == "Complete"
+    pods = core.list_namespaced_pod(namespace, label_selector="job-name=rdzv").items
+    server = next(p for p in pods if p.spec.hostname == "rdzv-0")
+    message = server.status.container_statuses[0].state.terminated.message
+    assert message == f"hello; rdzv-0.workers.{namespace}.svc.cluster.local is 127.0.0.1\n"
+    assert "rdzv-0" not in Path("/etc/hosts").read_text()
+
+
+WRITE_CHECKPOINT = "open('/lorasweep-test-ckpt/step-10', 'w').write('weights')"
+READ_CHECKPOINT = """
+import json, os
+weights = open("/lorasweep-test-ckpt/step-10").read()
+try:
+    open("/lorasweep-test-ckpt/step-20", "w")
+    error = None
+except OSError as e:
+    error = e.strerror
+open(os.environ["LORASWEEP_RESULT_PATH"], "w").write(json.dumps([weights, error]))
+"""
+
+
+def test_local_pods_share_a_claimed_volume_at_its_sub_path(core, namespace):
+    """Checkpoints on a PersistentVolumeClaim: one pod writes into its subPath, the next reads
+    it back; the files are in the volume's directory, not at the mount path on this machine."""
+    volume = devcluster.create_volume_claim(core, namespace, "checkpoints")
+    mount = {"mountPath": "/lorasweep-test-ckpt", "subPath": "t1"}
+    core.create_namespaced_pod(
+        namespace, local_pod("writer", WRITE_CHECKPOINT, "checkpoints", mount)
+    )
+    writer = finished(core, namespace, "writer")
+    assert (writer.spec.node_name, writer.status.phase) == ("local-gpu-0", "Succeeded")
+    assert (volume / "t1" / "step-10").read_text() == "weights"
+    assert not Path("/lorasweep-test-ckpt/step-10").exists()
+
+    read_only = {**mount, "readOnly": True}
+    core.create_namespaced_pod(
+        namespace, local_pod("reader", READ_CHECKPOINT, "checkpoints", read_only)
+    )
+    reader = finished(core, namespace, "reader")
+    assert reader.status.phase == "Succeeded"
+    message = reader.status.container_statuses[0].state.terminated.message
+    assert json.loads(message) == ["weights", "Read-only file system"]
 
 
 def test_mlflow_logs_a_run_and_reads_it_back(mlflow_uri):
