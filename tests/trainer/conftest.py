@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from lora_trainer import tiny
+from tests.trainer.helpers import EXPERIMENT
 
 
 @pytest.fixture(scope="session")
@@ -60,3 +61,15 @@ def trial_env(tmp_path: Path) -> dict[str, str]:
         "LORASWEEP_RESULT_PATH": str(tmp_path / "termination-log"),
     }
     return env
+
+
+@pytest.fixture
+def tracked_env(trial_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """trial_env with an MLflow store of this test's own: sqlite, artifacts under tmp_path."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment(
+        EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    return trial_env | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": EXPERIMENT}

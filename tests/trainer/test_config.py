@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_trainer.config import ConfigError, TrainConfig, load_config
+from lora_trainer.config import ConfigError, TrainConfig, check_hardware, load_config
 
 REQUIRED = ["model_name_or_path=/models/tiny", "train_file=/data/train.jsonl"]
 
@@ -84,6 +84,13 @@ def test_unknown_keys_are_errors_that_suggest_the_real_name(tmp_path: Path) -> N
         ),
         ("val_size=2.5", r"val_size=2.5 must be a share below 1 or a whole number"),
         ("lora_target=q_proj,,v_proj", r"lora_target='q_proj,,v_proj': expected `all` or a comma"),
+        ("quantization_bit=3", r"quantization_bit=3 \(from --set\): Input should be 4 or 8"),
+        ("bnb_4bit_quant_type=int4", r"bnb_4bit_quant_type='int4' .*'nf4' or 'fp4'"),
+        (
+            "fsdp=full_shard autowrap",
+            r"fsdp='full_shard autowrap': unknown option 'autowrap'; expected space-separated "
+            r"options from full_shard, .*auto_wrap",
+        ),
     ],
 )
 def test_bad_values_name_the_field_and_what_is_accepted(override: str, expected: str) -> None:
@@ -94,6 +101,74 @@ def test_bad_values_name_the_field_and_what_is_accepted(override: str, expected:
 def test_bf16_and_fp16_are_exclusive() -> None:
     with pytest.raises(ConfigError, match="bf16 and fp16 are exclusive"):
         configure("bf16=true", "fp16=true")
+
+
+def test_fsdp_and_quantization_are_exclusive() -> None:
+    with pytest.raises(ConfigError, match="fsdp='full_shard' and quantization_bit=4 cannot be"):
+        configure("fsdp=full_shard", "quantization_bit=4")
+
+
+CPU = {"cuda": False, "bf16_supported": False}
+OLD_GPU = {"cuda": True, "bf16_supported": False}  # a T4 or V100
+GPU = {"cuda": True, "bf16_supported": True}
+
+
+@pytest.mark.parametrize(
+    ("settings", "machine", "expected"),
+    [
+        (
+            ["quantization_bit=4"],
+            CPU,
+            r"quantization_bit=4 needs a CUDA GPU \(bitsandbytes\); this",
+        ),
+        (["quantization_bit=8"], CPU, r"quantization_bit=8 needs a CUDA GPU"),
+        (["fp16=true"], CPU, r"fp16=true needs a CUDA GPU"),
+        (["fsdp=full_shard auto_wrap"], CPU, r"fsdp='full_shard auto_wrap' needs CUDA GPUs"),
+        (["bf16=true"], OLD_GPU, r"bf16=true: this GPU does not support bfloat16; use fp16=true"),
+        (
+            ["quantization_bit=4", "fp16=true"],
+            OLD_GPU,
+            r"bnb_4bit_compute_dtype=bfloat16: this GPU does not support bfloat16; use "
+            r"bnb_4bit_compute_dtype=float16",
+        ),
+    ],
+)
+def test_settings_this_machine_cannot_run_are_refused(
+    settings: list[str], machine: dict[str, bool], expected: str
+) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        check_hardware(configure(*settings), **machine)
+
+
+@pytest.mark.parametrize(
+    ("settings", "machine"),
+    [
+        (["bf16=true"], CPU),
+        (["quantization_bit=4", "bf16=true", "use_dora=true", "gradient_checkpointing=true"], GPU),
+        (["quantization_bit=4", "fp16=true", "bnb_4bit_compute_dtype=float16"], OLD_GPU),
+        (["quantization_bit=8", "fp16=true"], OLD_GPU),
+    ],
+)
+def test_settings_this_machine_can_run_pass(settings: list[str], machine: dict[str, bool]) -> None:
+    check_hardware(configure(*settings), **machine)
+
+
+def test_checkpoints_default_to_the_trials_volume_from_the_environment() -> None:
+    environ = {"LORASWEEP_CHECKPOINT_DIR": "/checkpoints/t-1", "LORASWEEP_CHECKPOINT_STEPS": "50"}
+    cfg = load_config(None, REQUIRED, environ)
+    assert (cfg.checkpoint_dir, cfg.save_steps) == ("/checkpoints/t-1", 50)
+    cfg = load_config(None, [*REQUIRED, "save_steps=10", "checkpoint_dir=/scratch"], environ)
+    assert (cfg.checkpoint_dir, cfg.save_steps) == ("/scratch", 10)
+    assert (configure().checkpoint_dir, configure().save_steps) == (None, None)
+
+
+def test_bad_checkpoint_settings_name_their_source() -> None:
+    with pytest.raises(
+        ConfigError, match=r"save_steps='often' \(from LORASWEEP_CHECKPOINT_STEPS\): Input should"
+    ):
+        load_config(None, REQUIRED, {"LORASWEEP_CHECKPOINT_STEPS": "often"})
+    with pytest.raises(ConfigError, match=r"checkpoint_dir='/ckpt' needs save_steps \(or LORA"):
+        configure("checkpoint_dir=/ckpt")
 
 
 def test_missing_required_settings_are_named() -> None:

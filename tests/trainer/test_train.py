@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,10 +18,7 @@ from mlflow.tracking import MlflowClient
 from lora_trainer.__main__ import run
 from lora_trainer.stopping import StopFlag
 from tests.support import free_port
-
-
-def cli(settings: list[str]) -> list[str]:
-    return [sys.executable, "-m", "lora_trainer", *(a for s in settings for a in ("--set", s))]
+from tests.trainer.helpers import cli
 
 
 def trial_run(client: MlflowClient, experiment: str, trial: str):

@@ -2,6 +2,9 @@
 
 Exit codes: 0 done, 1 unexpected error, 2 bad configuration or model, 3 bad data,
 4 out of GPU memory, 128+N stopped by signal N (143 for SIGTERM).
+
+Under torchrun (`python -m torch.distributed.run ... -m lora_trainer ...`), every process
+trains; process 0 (RANK=0) alone keeps the MLflow run and writes the result.
 """
 
 from __future__ import annotations
@@ -56,15 +59,25 @@ def _oom_message(cfg: object) -> str:
     )
 
 
+def is_main_process(environ: Mapping[str, str]) -> bool:
+    return int(environ.get("RANK") or 0) == 0
+
+
 def run(
     config_path: str | None, overrides: Sequence[str], environ: Mapping[str, str], stop: StopFlag
 ) -> int:
+    main_process = is_main_process(environ)
     out = result_path(environ)
+
+    def report(metrics: Mapping[str, float] | None = None, error: str | None = None) -> None:
+        if main_process:
+            write_result(out, metrics, error)
+
     try:
         cfg = load_config(config_path, overrides, environ)
     except ConfigError as exc:
         log.error("%s", exc)
-        write_result(out, error=str(exc))
+        report(error=str(exc))
         return EXIT_CONFIG
 
     # Heavy imports only once the configuration is known to be good.
@@ -75,13 +88,14 @@ def run(
 
     sweep = environ.get("LORASWEEP_SWEEP", "")
     trial = environ.get("LORASWEEP_TRIAL", "")
-    tracker = Tracker(environ)
+    tracker = Tracker(environ if main_process else {})
     tracker.start(
         run_name=trial or "lora-trainer",
         tags={
             "lorasweep.sweep": sweep,
             "lorasweep.trial": trial,
             "lorasweep.params": environ.get("LORASWEEP_PARAMS", "")[:5000],
+            "env.world_size": environ.get("WORLD_SIZE", "1"),
             **environment_tags(),
         },
     )
@@ -110,7 +124,7 @@ def run(
         log.error("training failed:\n%s", traceback.format_exc())
     finally:
         tracker.end(status)
-        write_result(out, metrics, error)
+        report(metrics, error)
     if code == 0:
         log.info("done: %s", json.dumps(metrics))
     return code
@@ -121,11 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.help_config:
         print(describe_fields())
         return 0
+    # Under torchrun, the other processes would repeat process 0's log line for line.
+    default_level = "INFO" if is_main_process(os.environ) else "WARNING"
+    level = os.environ.get("LORA_TRAINER_LOG_LEVEL", default_level)
     logging.basicConfig(
-        level=os.environ.get("LORA_TRAINER_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # MLflow's sqlite store reconfigures the root logger (to WARNING); ours keeps its level.
+    log.setLevel(level)
     stop = StopFlag()
     stop.install()
     return run(args.config, args.overrides, os.environ, stop)

@@ -18,7 +18,19 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PARAMS_ENV = "LORASWEEP_PARAMS"
+CHECKPOINT_DIR_ENV = "LORASWEEP_CHECKPOINT_DIR"
+CHECKPOINT_STEPS_ENV = "LORASWEEP_CHECKPOINT_STEPS"
 DEFAULT_OUTPUT_DIR = "/tmp/lorasweep/output"
+# The words transformers accepts in its `fsdp` training argument.
+FSDP_OPTIONS = (
+    "full_shard",
+    "shard_grad_op",
+    "no_shard",
+    "hybrid_shard",
+    "hybrid_shard_zero2",
+    "offload",
+    "auto_wrap",
+)
 
 
 class ConfigError(ValueError):
@@ -42,6 +54,24 @@ class ModelArguments(_Arguments):
     )
     trust_remote_code: bool = Field(
         False, description="Allow the model repository to run its own Python code. Off by default."
+    )
+
+
+class QuantizationArguments(_Arguments):
+    quantization_bit: Literal[4, 8] | None = Field(
+        None,
+        description="QLoRA: load the base model quantized to 4 or 8 bits with bitsandbytes "
+        "(needs a CUDA GPU); unset loads it unquantized.",
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type: `nf4` (NormalFloat, as in QLoRA) or `fp4`."
+    )
+    bnb_4bit_use_double_quant: bool = Field(
+        True,
+        description="4-bit: quantize the quantization constants too (~0.4 bit less per weight).",
+    )
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="4-bit: dtype the quantized layers compute in."
     )
 
 
@@ -119,13 +149,33 @@ class TrainingArguments(_Arguments):
     )
     logging_steps: int = Field(10, gt=0, description="Log training metrics every this many steps.")
     save_steps: int | None = Field(
-        None, gt=0, description="Save a checkpoint every this many steps; unset saves none."
+        None,
+        gt=0,
+        description="Save a checkpoint every this many steps; unset: LORASWEEP_CHECKPOINT_STEPS, "
+        "else no checkpoints.",
     )
     early_stopping_patience: int | None = Field(
         None,
         gt=0,
         description="Stop after this many evaluations without a lower eval_loss; unset: never.",
     )
+    fsdp: str = Field(
+        "",
+        description="Shard the model over the processes of a torchrun launch with PyTorch FSDP, "
+        "for models that do not fit one GPU (CUDA only, not with quantization_bit): "
+        "space-separated transformers options, e.g. `full_shard auto_wrap`. Empty: every "
+        "process holds the whole model (DDP).",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_options_are_known(self) -> Self:
+        unknown = [word for word in self.fsdp.split() if word not in FSDP_OPTIONS]
+        if unknown:
+            raise ValueError(
+                f"fsdp={self.fsdp!r}: unknown option {unknown[0]!r}; expected space-separated "
+                f"options from {', '.join(FSDP_OPTIONS)}"
+            )
+        return self
 
 
 class DataArguments(_Arguments):
@@ -179,10 +229,29 @@ class OutputArguments(_Arguments):
         "sweep's trial: /tmp/lorasweep/<namespace>/<trial>.",
     )
     save_adapter: bool = Field(True, description="Save the trained adapter to output_dir/adapter.")
+    log_adapter: bool = Field(
+        True,
+        description="Upload the saved adapter (see save_adapter) to the MLflow run as artifacts "
+        "under `adapter`; the run is tagged lorasweep.adapter_artifact=adapter once it is there.",
+    )
+    checkpoint_dir: str | None = Field(
+        None,
+        description="Directory for checkpoints that outlive the process (a volume of the trial): "
+        "every save_steps steps, the last 2 kept; a run that finds a complete checkpoint there "
+        "resumes from the latest. Unset: LORASWEEP_CHECKPOINT_DIR, else output_dir/checkpoints "
+        "and no resuming.",
+    )
 
 
 # pydantic lists inherited fields from the last base to the first: model settings come first.
-class TrainConfig(OutputArguments, DataArguments, TrainingArguments, LoraArguments, ModelArguments):
+class TrainConfig(
+    OutputArguments,
+    DataArguments,
+    TrainingArguments,
+    LoraArguments,
+    QuantizationArguments,
+    ModelArguments,
+):
     """Everything one training run needs. Field names are flat, so `--set lora_rank=16` works."""
 
     @model_validator(mode="after")
@@ -191,6 +260,16 @@ class TrainConfig(OutputArguments, DataArguments, TrainingArguments, LoraArgumen
             self.lora_alpha = 2 * self.lora_rank
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are exclusive: enable at most one")
+        if self.fsdp and self.quantization_bit:
+            raise ValueError(
+                f"fsdp={self.fsdp!r} and quantization_bit={self.quantization_bit} cannot be "
+                "combined: unset one of them"
+            )
+        if self.checkpoint_dir and not self.save_steps:
+            raise ValueError(
+                f"checkpoint_dir={self.checkpoint_dir!r} needs save_steps (or "
+                f"{CHECKPOINT_STEPS_ENV}): how many steps between checkpoints"
+            )
         targets = self.lora_target_modules()
         if isinstance(targets, list) and "" in targets:
             raise ValueError(
@@ -314,6 +393,14 @@ def load_config(
     if problems:
         raise ConfigError("\n".join(problems))
     values.setdefault("output_dir", default_output_dir(environ))
+    # The trial's checkpoint volume, as the operator mounted it, unless the settings name another.
+    for key, variable in (
+        ("checkpoint_dir", CHECKPOINT_DIR_ENV),
+        ("save_steps", CHECKPOINT_STEPS_ENV),
+    ):
+        if key not in values and environ.get(variable, "").strip():
+            values[key] = environ[variable].strip()
+            sources[key] = variable
 
     # YAML 1.1 reads `2e-4` as a string; pydantic's lax mode turns numeric strings into numbers.
     try:
@@ -321,6 +408,30 @@ def load_config(
     except ValidationError as exc:
         lines = [_describe(error, sources) for error in exc.errors(include_url=False)]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def check_hardware(cfg: TrainConfig, *, cuda: bool, bf16_supported: bool) -> None:
+    """Refuse settings this machine cannot run, before anything is loaded.
+
+    Takes the facts rather than asking torch, so it can be checked without a GPU."""
+    if cfg.quantization_bit and not cuda:
+        raise ConfigError(
+            f"quantization_bit={cfg.quantization_bit} needs a CUDA GPU (bitsandbytes); this "
+            "machine has none: unset quantization_bit"
+        )
+    if cfg.fp16 and not cuda:
+        raise ConfigError("fp16=true needs a CUDA GPU; use bf16=true or neither on CPU")
+    if cfg.fsdp and not cuda:
+        raise ConfigError(f"fsdp={cfg.fsdp!r} needs CUDA GPUs; this machine has none: unset fsdp")
+    if not cuda or bf16_supported:
+        return
+    if cfg.bf16:
+        raise ConfigError("bf16=true: this GPU does not support bfloat16; use fp16=true instead")
+    if cfg.quantization_bit == 4 and cfg.bnb_4bit_compute_dtype == "bfloat16":
+        raise ConfigError(
+            "bnb_4bit_compute_dtype=bfloat16: this GPU does not support bfloat16; use "
+            "bnb_4bit_compute_dtype=float16 (or float32)"
+        )
 
 
 def describe_fields() -> str:

@@ -39,6 +39,10 @@ class Tracker:
         self.experiment_name = environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
         self.parent_run_id = environ.get("MLFLOW_PARENT_RUN_ID", "").strip()
         self.run_id: str | None = None
+        # What an earlier attempt at the same trial left in the run this one continues.
+        self.earlier_tags: dict[str, str] = {}
+        self.earlier_params: dict[str, str] = {}
+        self.logged_through: dict[str, int] = {}  # metric -> last step logged
         self._client: Any = None
         self._failures = 0
 
@@ -47,6 +51,8 @@ class Tracker:
         return self._client is not None and self.run_id is not None
 
     def start(self, run_name: str, tags: Mapping[str, str]) -> None:
+        """Create the trial's run, or continue the one an earlier attempt at the same trial
+        left (a restarted pod): one run per trial, with one curve."""
         if not self.tracking_uri:
             log.info("MLFLOW_TRACKING_URI is not set: not logging to MLflow")
             return
@@ -63,7 +69,15 @@ class Tracker:
             all_tags = {"mlflow.runName": run_name, **tags}
             if self.parent_run_id:
                 all_tags["mlflow.parentRunId"] = self.parent_run_id
-            run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+            run = self._earlier_run(client, experiment_id, all_tags)
+            if run is None:
+                run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+            else:
+                client.update_run(run.info.run_id, status="RUNNING")
+                client.log_batch(run.info.run_id, tags=_run_tags(all_tags))
+                self.logged_through = _last_logged_steps(client, run)
+                self.earlier_tags = dict(run.data.tags)
+                self.earlier_params = dict(run.data.params)
         except Exception as exc:
             log.warning(
                 "MLflow at %s is unreachable (%s); training continues without tracking",
@@ -73,7 +87,23 @@ class Tracker:
             return
         self._client = client
         self.run_id = run.info.run_id
-        log.info("MLflow run %s in experiment %s", self.run_id, experiment_id)
+        continued = " (continued)" if self.earlier_tags else ""
+        log.info("MLflow run %s%s in experiment %s", self.run_id, continued, experiment_id)
+
+    def _earlier_run(self, client: Any, experiment_id: str, tags: Mapping[str, str]) -> Any:
+        keys = ["lorasweep.sweep", "lorasweep.trial", "mlflow.parentRunId"]
+        values = {key: tags[key] for key in keys if tags.get(key)}
+        # Kubernetes names never hold a quote; a name that does cannot go into a filter string.
+        if "lorasweep.trial" not in values or any("'" in value for value in values.values()):
+            return None
+        conditions = [f"tags.`{key}` = '{value}'" for key, value in values.items()]
+        found = client.search_runs(
+            [experiment_id],
+            filter_string=" and ".join(conditions),
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return found[0] if found else None
 
     def _experiment_id(self, client: Any) -> str:
         # A child run must live in its parent's experiment to be shown under it.
@@ -93,31 +123,36 @@ class Tracker:
                 raise
             return experiment.experiment_id
 
-    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> None:
+    def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> bool:
+        """Whether the call succeeded."""
         if not self.active:
-            return
+            return False
         try:
             getattr(self._client, method)(self.run_id, *args, **kwargs)
             self._failures = 0
+            return True
         except Exception as exc:
             self._failures += 1
             log.warning("MLflow: could not log %s: %s", what, exc)
             if self._failures >= MAX_CONSECUTIVE_FAILURES:
                 log.warning("MLflow keeps failing; no more tracking for this run")
                 self._client = None
+            return False
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, "" if value is None else str(value)) for key, value in params.items()]
+        texts = {key: "" if value is None else str(value) for key, value in params.items()}
+        # MLflow params cannot change; a continued run keeps the values it was started with.
+        changed = [k for k, v in texts.items() if self.earlier_params.get(k, v) != v]
+        if changed:
+            log.warning("continuing the MLflow run with changed settings: %s", ", ".join(changed))
+        items = [Param(k, v) for k, v in texts.items() if k not in self.earlier_params]
         for start in range(0, len(items), 100):  # MLflow's batch limit for params
             self._call("params", "log_batch", params=items[start : start + 100])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        items = [RunTag(key, str(value)) for key, value in tags.items()]
-        self._call("tags", "log_batch", tags=items)
+        self._call("tags", "log_batch", tags=_run_tags(tags))
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> None:
         import time
@@ -125,9 +160,19 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, v, now, step) for k, v in _finite_floats(metrics).items()]
+        # A resumed run repeats the steps between its checkpoint and where the earlier attempt
+        # stopped; the curve already has them.
+        items = [
+            Metric(k, v, now, step)
+            for k, v in _finite_floats(metrics).items()
+            if step > self.logged_through.get(k, -1)
+        ]
         if items:
             self._call("metrics", "log_batch", metrics=items)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> bool:
+        """Upload a folder's files to the run; whether they all arrived."""
+        return self._call("artifacts", "log_artifacts", str(local_dir), artifact_path)
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
@@ -140,6 +185,21 @@ class Tracker:
 
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         self._call("run status", "set_terminated", status=status)
+
+
+def _run_tags(tags: Mapping[str, Any]) -> list[Any]:
+    from mlflow.entities import RunTag
+
+    return [RunTag(key, str(value)) for key, value in tags.items()]
+
+
+def _last_logged_steps(client: Any, run: Any) -> dict[str, int]:
+    return {
+        key: max(
+            (point.step for point in client.get_metric_history(run.info.run_id, key)), default=-1
+        )
+        for key in run.data.metrics
+    }
 
 
 def result_path(environ: Mapping[str, str]) -> Path:

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import peft
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -23,10 +26,13 @@ from transformers import (
 )
 from transformers import TrainingArguments as HFTrainingArguments
 
-from lora_trainer.config import ConfigError, TrainConfig
+from lora_trainer.checkpoints import checkpoint_step, latest_complete
+from lora_trainer.config import TrainConfig, check_hardware
 from lora_trainer.data import (
     IGNORE_INDEX,
     REAL_TOKENS,
+    DataError,
+    Example,
     PackingCollator,
     PaddingCollator,
     PreparedData,
@@ -36,6 +42,10 @@ from lora_trainer.stopping import StopFlag, Stopped
 from lora_trainer.tracking import Tracker
 
 log = logging.getLogger("lora_trainer")
+
+# The MLflow artifact path of the trained adapter, and the tag that says it was uploaded.
+ADAPTER_ARTIFACT = "adapter"
+ADAPTER_ARTIFACT_TAG = "lorasweep.adapter_artifact"
 
 DTYPES: dict[str, Any] = {
     "auto": "auto",
@@ -63,14 +73,34 @@ def load_tokenizer(cfg: TrainConfig) -> Any:
     return tokenizer
 
 
-def load_model(cfg: TrainConfig) -> Any:
-    """The base model with fresh LoRA adapters; only the adapters are trainable."""
+def quantization_config(cfg: TrainConfig) -> Any:
+    """transformers' bitsandbytes settings for QLoRA; None without quantization_bit."""
+    if cfg.quantization_bit is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=cfg.quantization_bit == 4,
+        load_in_8bit=cfg.quantization_bit == 8,
+        bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=DTYPES[cfg.bnb_4bit_compute_dtype],
+    )
+
+
+def load_base_model(cfg: TrainConfig) -> Any:
+    """The base model as configured, quantized with quantization_bit."""
+    quantization = quantization_config(cfg)
+    # Quantized weights are placed while loading: on this process's GPU under torchrun.
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     try:
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model_name_or_path,
             dtype=DTYPES[cfg.torch_dtype],
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
+            quantization_config=quantization,
+            device_map={"": device} if quantization else None,
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
@@ -78,7 +108,21 @@ def load_model(cfg: TrainConfig) -> Any:
         ) from exc
     # A KV cache is useless in training, and its presence turns off the packed-sequence masks.
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
+    return model
+
+
+def load_model(cfg: TrainConfig) -> Any:
+    """The base model with fresh LoRA adapters; only the adapters are trainable."""
+    model = load_base_model(cfg)
+    if cfg.quantization_bit:
+        # Freezes the base, upcasts its unquantized weights to float32 and turns on gradient
+        # checkpointing as the Trainer will (non-reentrant).
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif cfg.gradient_checkpointing:
         model.enable_input_require_grads()
     transformers.set_seed(cfg.seed)  # the adapters' initial weights
     lora = LoraConfig(
@@ -118,12 +162,40 @@ class LoraTrainer(Trainer):
     def __init__(self, *args: Any, stop_flag: StopFlag, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_flag = stop_flag
-        self.train_tokens = 0
+        self.stopped = False
+        self.train_tokens = 0  # this process's
         self.last_eval_step = -1
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         self.train_tokens += real_tokens(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
+
+    def sum_over_processes(self, value: int) -> int:
+        """The sum of `value` over the processes of a torchrun launch; every one must call it."""
+        total = torch.tensor(value, dtype=torch.int64, device=self.args.device)
+        return int(self.accelerator.reduce(total, reduction="sum"))
+
+    def stop_requested(self) -> bool:
+        """Whether any process got SIGTERM. All stop at the same step: one that went on would
+        wait forever for the others in its next gradient exchange."""
+        if self.args.world_size == 1:
+            return self.stop_flag.is_set
+        return self.sum_over_processes(int(self.stop_flag.is_set)) > 0
+
+    def _eval_batches(self, dataset: list[Example]) -> Iterator[tuple[dict[str, Any], bool]]:
+        """This process's eval batches, each with whether it counts.
+
+        Batches go round-robin to the processes, so each example counts exactly once however
+        many there are (accelerate's sampler repeats examples to even out the shares). Every
+        process runs as many forwards as the busiest one, because a sharded (FSDP) model needs
+        all of them in each forward; the extra ones repeat a batch and do not count."""
+        size = self.args.per_device_eval_batch_size
+        batches = [dataset[start : start + size] for start in range(0, len(dataset), size)]
+        world, rank = self.args.world_size, self.args.process_index
+        mine = batches[rank::world]
+        for index in range(math.ceil(len(batches) / world)):
+            counted = index < len(mine)
+            yield self.data_collator(mine[index] if counted else batches[0]), counted
 
     def evaluate(
         self,
@@ -139,12 +211,15 @@ class LoraTrainer(Trainer):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.args.device)
         counts = torch.zeros(2, dtype=torch.int64, device=self.args.device)  # targets, tokens
         with torch.no_grad():
-            for batch in self.get_eval_dataloader(eval_dataset):
-                self.stop_flag.check()
+            for batch, counted in self._eval_batches(eval_dataset or self.eval_dataset):
+                if self.stop_requested():  # every process runs as many batches: they agree
+                    raise Stopped
                 inputs = self._prepare_inputs(batch)
                 tokens = real_tokens(inputs)
                 with self.compute_loss_context_manager():
                     loss = model(**inputs).loss
+                if not counted:
+                    continue
                 targets = (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
                 loss_sum += loss.double() * targets
                 counts += torch.stack([targets, torch.tensor(tokens, device=counts.device)])
@@ -178,14 +253,37 @@ class RunCallback(TrainerCallback):
         self.last_log_time = time.perf_counter()
         self.last_log_tokens = 0
 
+    def on_train_begin(
+        self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> TrainerControl:
+        # A run resumed from a checkpoint goes on counting its patience where the checkpoint was.
+        for entry in state.log_history:
+            if "eval_loss" in entry:
+                self._count_evaluation(entry["eval_loss"])
+        return control
+
     def on_step_end(
         self, args: Any, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
-        if self.trainer.stop_flag.is_set:
+        if self.trainer.stop_requested():
+            self.trainer.stopped = True
             control.should_training_stop = True
             control.should_evaluate = False
             control.should_save = False
+        if state.global_step >= state.max_steps:
+            # transformers would resume a checkpoint of the last step by training one step
+            # past the end; the adapter is saved on its own anyway.
+            control.should_save = False
         return control
+
+    def _count_evaluation(self, eval_loss: float) -> bool:
+        """Whether patience has run out with this evaluation."""
+        if eval_loss < self.best_eval_loss:
+            self.best_eval_loss = eval_loss
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        return self.patience is not None and self.evals_without_improvement >= self.patience
 
     def on_evaluate(
         self,
@@ -196,14 +294,7 @@ class RunCallback(TrainerCallback):
         **kwargs: Any,
     ) -> TrainerControl:
         eval_loss = (metrics or {}).get("eval_loss")
-        if self.patience is None or eval_loss is None:
-            return control
-        if eval_loss < self.best_eval_loss:
-            self.best_eval_loss = eval_loss
-            self.evals_without_improvement = 0
-        else:
-            self.evals_without_improvement += 1
-        if self.evals_without_improvement >= self.patience:
+        if eval_loss is not None and self._count_evaluation(eval_loss):
             log.info("early stopping: eval_loss has not improved in %d evaluations", self.patience)
             control.should_training_stop = True
         return control
@@ -219,7 +310,7 @@ class RunCallback(TrainerCallback):
         logs = logs if logs is not None else {}
         if "loss" in logs:
             now = time.perf_counter()
-            tokens = self.trainer.train_tokens
+            tokens = self.trainer.sum_over_processes(self.trainer.train_tokens)
             logs["tokens_per_second"] = round(
                 (tokens - self.last_log_tokens) / max(now - self.last_log_time, 1e-9), 2
             )
@@ -238,7 +329,7 @@ def hf_arguments(cfg: TrainConfig, has_eval: bool) -> HFTrainingArguments:
     if has_eval:
         eval_strategy = "steps" if cfg.eval_steps else "epoch"
     return HFTrainingArguments(
-        output_dir=str(Path(cfg.output_dir) / "checkpoints"),
+        output_dir=cfg.checkpoint_dir or str(Path(cfg.output_dir) / "checkpoints"),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -263,6 +354,12 @@ def hf_arguments(cfg: TrainConfig, has_eval: bool) -> HFTrainingArguments:
         logging_first_step=True,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps,
+        # The newest may be half-written when the process is killed; the other is complete.
+        save_total_limit=2 if cfg.checkpoint_dir else None,
+        fsdp=cfg.fsdp,
+        # Every adapter weight takes part in every forward; searching for unused ones would
+        # cost a pass over the graph each step.
+        ddp_find_unused_parameters=False,
         report_to="none",
         remove_unused_columns=False,
         disable_tqdm=True,
@@ -300,12 +397,13 @@ def data_tags(cfg: TrainConfig, data: PreparedData) -> dict[str, str]:
     return tags
 
 
-def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, float]:
-    """Train and evaluate; returns the final metrics. Raises Stopped on SIGTERM."""
-    if cfg.fp16 and not torch.cuda.is_available():
-        raise ConfigError("fp16=true needs a CUDA GPU; use bf16=true or neither on CPU")
-    tokenizer = load_tokenizer(cfg)
-    data = prepare(
+def check_this_machine(cfg: TrainConfig) -> None:
+    cuda = torch.cuda.is_available()
+    check_hardware(cfg, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+
+
+def prepare_data(cfg: TrainConfig, tokenizer: Any) -> PreparedData:
+    return prepare(
         train_file=cfg.train_file,
         eval_file=cfg.eval_file,
         val_size=cfg.val_size,
@@ -314,6 +412,13 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
         template=cfg.template,
         tokenizer=tokenizer,
     )
+
+
+def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, float]:
+    """Train and evaluate; returns the final metrics. Raises Stopped on SIGTERM."""
+    check_this_machine(cfg)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
     tracker.set_tags(data_tags(cfg, data))
     if data.eval is None:
         log.warning("no evaluation data (eval_file unset, val_size=0): no eval_loss is reported")
@@ -342,27 +447,43 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step, once
     trainer.add_callback(RunCallback(trainer, tracker, cfg.early_stopping_patience))
-    output = trainer.train()
-    if stop_flag.is_set:
+    checkpoint = latest_complete(Path(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
+    if checkpoint is not None:
+        log.info("resuming from %s", checkpoint)
+        resumes = int(tracker.earlier_tags.get("lorasweep.resumes", "0")) + 1
+        tracker.set_tags(
+            {
+                "lorasweep.resumes": resumes,
+                "lorasweep.resumed_from_step": checkpoint_step(checkpoint),
+            }
+        )
+    try:
+        # A checkpoint restores the adapter, optimizer, scheduler, random generators and the
+        # position in the data.
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        if trainer.stopped or stop_flag.is_set:
+            raise Stopped
+        if data.eval is not None and trainer.last_eval_step != trainer.state.global_step:
+            trainer.evaluate()
+    except Stopped:
         last = {
             "eval_loss": _last_logged(trainer, "eval_loss"),
             "loss": _last_logged(trainer, "loss"),
         }
-        raise Stopped({"train_steps": trainer.state.global_step, **last})
+        raise Stopped({"train_steps": trainer.state.global_step, **last}) from None
 
     metrics: dict[str, float] = {}
     if data.eval is not None:
-        if trainer.last_eval_step != trainer.state.global_step:
-            trainer.evaluate()
         metrics["eval_loss"] = _last_logged(trainer, "eval_loss")
         metrics["eval_tokens"] = _last_logged(trainer, "eval_tokens")
     runtime = output.metrics["train_runtime"]
+    train_tokens = trainer.sum_over_processes(trainer.train_tokens)
     metrics |= {
         "train_loss": output.training_loss,
         "train_runtime": runtime,
         "train_steps": trainer.state.global_step,
-        "train_tokens": trainer.train_tokens,
-        "train_tokens_per_second": trainer.train_tokens / max(runtime, 1e-9),
+        "train_tokens": train_tokens,
+        "train_tokens_per_second": train_tokens / max(runtime, 1e-9),
         "epoch": trainer.state.epoch or 0.0,
     }
     if torch.cuda.is_available():
@@ -375,11 +496,39 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
 
     if cfg.save_adapter:
         adapter_dir = Path(cfg.output_dir) / "adapter"
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
+        # The adapter's weights and config, and the tokenizer; gathered from all processes
+        # under FSDP, written by process 0.
+        trainer.save_model(str(adapter_dir))
         tracker.set_tags({"output.adapter_dir": str(adapter_dir)})
         log.info("adapter saved to %s", adapter_dir)
+        # The operator reads the tag as "the adapter is there", so it comes after the upload.
+        if cfg.log_adapter and tracker.log_artifacts(adapter_dir, ADAPTER_ARTIFACT):
+            tracker.set_tags({ADAPTER_ARTIFACT_TAG: ADAPTER_ARTIFACT})
     return metrics
+
+
+def evaluate_adapter(cfg: TrainConfig, adapter_dir: str | Path) -> float:
+    """The eval_loss of a saved adapter: cfg's base model with the adapter applied, on cfg's
+    evaluation data, computed as training reports it (same data preparation, collator, mixed
+    precision and token weighting). One process."""
+    check_this_machine(cfg)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    if data.eval is None:
+        raise DataError("no evaluation data: set eval_file, or val_size above 0")
+    model = PeftModel.from_pretrained(load_base_model(cfg), str(adapter_dir))
+    trainer = LoraTrainer(
+        model=model,
+        args=hf_arguments(cfg, has_eval=True),
+        eval_dataset=data.eval.examples,
+        data_collator=collator_for(cfg, tokenizer),
+        processing_class=tokenizer,
+        stop_flag=StopFlag(),
+    )
+    trainer.remove_callback(PrinterCallback)
+    # What training does to the model: onto the device, with bf16/fp16 autocast.
+    trainer.model = trainer.accelerator.prepare_model(model, evaluation_mode=True)
+    return trainer.evaluate()["eval_loss"]
 
 
 def _last_logged(trainer: Trainer, key: str) -> float:
