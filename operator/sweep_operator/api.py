@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from sweep_operator.expr import check_expressions
+from sweep_operator.trials import CHECKPOINT_VOLUME, GPU_RESOURCE
 
 GROUP = "lorasweep.io"
 VERSION = "v1alpha1"
@@ -30,6 +31,9 @@ SINGULAR = "hyperparametersweep"
 PARAMETER_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 MAX_PARAMETERS = 64
 MAX_VALUES = 1000
+# A PersistentVolumeClaim's name is a DNS-1123 subdomain.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+MAX_DNS_SUBDOMAIN = 253
 
 # A parameter value: what a YAML scalar can be. Lists and mappings are refused on purpose, a
 # trial's parameters must fit on a command line and in an MLflow param.
@@ -287,6 +291,49 @@ class DataSpec(_Model):
     eval: str | None = Field(None, description="Path of the evaluation set (JSONL), optional.")
 
 
+class CheckpointSpec(_Model):
+    """Where trials save checkpoints, and how often."""
+
+    # The patterns are written into the schema (so `kubectl apply` refuses a bad value) and
+    # checked by the validators below, whose messages say what is accepted.
+    claim_name: str = Field(
+        max_length=MAX_DNS_SUBDOMAIN,
+        description="PersistentVolumeClaim for the checkpoints, in the sweep's namespace. Each "
+        "trial gets its own directory on it, the sub-path <trial name>. With trials on several "
+        "nodes at once the claim must be ReadWriteMany.",
+        json_schema_extra={"pattern": DNS_SUBDOMAIN_PATTERN},
+    )
+    interval_steps: int = Field(
+        ge=1,
+        description="Save a checkpoint every this many optimizer steps. A restarted trial (its "
+        "pod evicted, preempted or lost with its node) resumes from its last complete "
+        "checkpoint instead of starting over.",
+    )
+    mount_path: str = Field(
+        "/checkpoints",
+        description="Where the trainer container sees its checkpoint directory (an absolute "
+        "path, also given as LORASWEEP_CHECKPOINT_DIR).",
+        json_schema_extra={"pattern": "^/"},
+    )
+
+    @field_validator("claim_name")
+    @classmethod
+    def _claim_name(cls, name: str) -> str:
+        if not re.fullmatch(DNS_SUBDOMAIN_PATTERN, name):
+            raise ValueError(
+                f"claimName {name!r} is not a PersistentVolumeClaim name: lower-case letters, "
+                "digits, '-' and '.', starting and ending with a letter or digit"
+            )
+        return name
+
+    @field_validator("mount_path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"mountPath {path!r} must be an absolute path (start with /)")
+        return path
+
+
 def _free_form(description: str) -> Any:
     """A Kubernetes sub-object kept as-is; the apiserver validates it when the Job is created."""
     return Field(None, description=description)
@@ -334,7 +381,34 @@ class TrainerSpec(_Model):
         "one. It is rendered in a sandbox; see the README for the variables in scope.",
     )
     resources: dict[str, Any] | None = _free_form(
-        "Compute resources of the trainer container (requests and limits, e.g. nvidia.com/gpu)."
+        "Compute resources of the trainer container (requests and limits: cpu, memory). The "
+        "operator sets the nvidia.com/gpu limit from gpus; resources may repeat that value, "
+        "not contradict it."
+    )
+    gpus: int = Field(
+        1,
+        ge=1,
+        description="GPUs of one trial on each of its nodes: the trainer container's "
+        "nvidia.com/gpu limit. With more than one, the bundled trainer runs under "
+        "torchrun (lora_trainer.launch), one process per GPU. A custom command runs as is "
+        "and starts its own processes; it gets LORASWEEP_NPROC_PER_NODE.",
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes of one trial, one pod on each. With more than one, the trial Job is "
+        "Indexed, a headless Service of the sweep gives each pod the DNS name "
+        "<trial>-<index>.<service>, and the pod of index 0 hosts rank 0, which reports the "
+        "result. The bundled trainer's node rank is its pod's index; a custom command gets "
+        "LORASWEEP_NNODES, LORASWEEP_MASTER_ADDR, LORASWEEP_MASTER_PORT and "
+        "JOB_COMPLETION_INDEX (the node rank) for its own launcher.",
+    )
+    checkpoints: CheckpointSpec | None = Field(
+        None,
+        description="Periodic checkpoints on a PersistentVolumeClaim, so that a trial that "
+        "loses its pod resumes instead of starting over. The bundled trainer saves and "
+        "resumes by itself; a custom program gets LORASWEEP_CHECKPOINT_DIR and "
+        "LORASWEEP_CHECKPOINT_STEPS.",
     )
     env: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -387,6 +461,42 @@ class TrainerSpec(_Model):
                 raise ValueError(f"env[{i}] needs a name, got {var!r}")
         return env
 
+    @model_validator(mode="after")
+    def _gpus_set_once(self) -> TrainerSpec:
+        for kind in ("limits", "requests"):
+            given = (self.resources or {}).get(kind)
+            if given is None:
+                continue
+            if not isinstance(given, dict):
+                raise ValueError(
+                    f"spec.trainer.resources.{kind} must map resource names to quantities, "
+                    f"got {given!r}"
+                )
+            if GPU_RESOURCE in given and str(given[GPU_RESOURCE]) != str(self.gpus):
+                raise ValueError(
+                    f"spec.trainer.resources.{kind} has {GPU_RESOURCE}: {given[GPU_RESOURCE]} "
+                    f"but spec.trainer.gpus is {self.gpus}; set the GPUs of a trial with "
+                    "spec.trainer.gpus only"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _checkpoint_mount_is_free(self) -> TrainerSpec:
+        if self.checkpoints is None:
+            return self
+        if any(v.get("name") == CHECKPOINT_VOLUME for v in self.volumes):
+            raise ValueError(
+                f"spec.trainer.volumes has a volume named {CHECKPOINT_VOLUME}, the name of the "
+                "checkpoint volume; rename it"
+            )
+        path = self.checkpoints.mount_path
+        if any(m.get("mountPath") == path for m in self.volume_mounts):
+            raise ValueError(
+                f"spec.trainer.volumeMounts already mounts a volume at {path}; choose another "
+                "spec.trainer.checkpoints.mountPath"
+            )
+        return self
+
     @property
     def custom(self) -> bool:
         """True when the user runs their own program instead of the bundled trainer."""
@@ -401,6 +511,13 @@ class MlflowSpec(_Model):
     )
     experiment_name: str | None = Field(
         None, description="MLflow experiment of the sweep; <namespace>/<sweep name> when unset."
+    )
+    registered_model: str | None = Field(
+        None,
+        min_length=1,
+        description="MLflow registered model: when the sweep succeeds, the best trial's adapter "
+        "is registered as a new version of it (status.bestTrial.adapterUri). Nothing is "
+        "registered when unset.",
     )
 
 
@@ -632,6 +749,11 @@ class BestTrial(_Model):
     )
     mlflow_run_id: str | None = Field(None, description="The trial's MLflow run id.")
     url: str | None = Field(None, description="Link to the trial's MLflow run.")
+    adapter_uri: str | None = Field(
+        None,
+        description="Where the trial's LoRA adapter is: models:/NAME/VERSION once registered "
+        "in spec.mlflow.registeredModel, else runs:/RUN_ID/adapter (an artifact of its run).",
+    )
 
 
 class ParetoTrial(_Model):

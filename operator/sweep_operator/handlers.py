@@ -30,7 +30,7 @@ from sweep_operator.defaults import trial_defaults
 from sweep_operator.naming import experiment_name, label_value
 from sweep_operator.observe import job_summary, observe_trial, pod_summary
 from sweep_operator.plan import Plan, failed_status, plan
-from sweep_operator.render import RenderError, SweepRef, render_trial_job
+from sweep_operator.render import RenderError, SweepRef, render_trial_job, render_trial_service
 from sweep_operator.report import (
     best_config_yaml,
     optimization_plot_png,
@@ -38,7 +38,7 @@ from sweep_operator.report import (
     trials_summary_csv,
 )
 from sweep_operator.semantic import SweepInvalid, validate_sweep
-from sweep_operator.tracking import Tracker
+from sweep_operator.tracking import TAG_NAMESPACE, TAG_SWEEP, TAG_TRIAL, Tracker
 from sweep_operator.trials import (
     ANNOTATION_STOPPED,
     LABEL_SWEEP,
@@ -177,6 +177,8 @@ class Reconciler:
         self.importance: dict[str, float] | None = None
         self.reported: tuple[int, str] | None = None  # (finished trials, phase) last reported
         self.reported_at = 0.0
+        self.has_service = False  # the headless Service of multi-node trials exists
+        self.registered: dict[str, str] = {}  # trial -> models:/ URI of its registered adapter
 
     def reconcile(self, body: kopf.Body, jobs: list[dict], pods: list[dict]) -> None:
         now = datetime.now(UTC)
@@ -217,6 +219,7 @@ class Reconciler:
                     )
                 }
             )
+        status = self._adapter(spec, sweep, status, tracker)
         try:
             self._act(sweep, body, spec, result, tracking_uri, mlflow_status)
         except RenderError as error:
@@ -361,6 +364,8 @@ class Reconciler:
         mlflow_status: MlflowStatus | None,
     ) -> None:
         parent = mlflow_status.parent_run_id if mlflow_status else None
+        if result.create:
+            self._ensure_service(sweep, spec)
         jobs = [
             render_trial_job(sweep, spec, trial, tracking_uri=tracking_uri, parent_run_id=parent)
             for trial in result.create
@@ -381,6 +386,19 @@ class Reconciler:
                 result.delete,
             )
         )
+
+    def _ensure_service(self, sweep: SweepRef, spec: SweepSpec) -> None:
+        """The headless Service that gives the pods of multi-node trials their DNS names for
+        the rendezvous: one per sweep, owned by it, created before its first trial."""
+        service = render_trial_service(sweep, spec)
+        if service is None or self.has_service:
+            return
+        try:
+            self.core.create_namespaced_service(sweep.namespace, service, _preload_content=False)
+        except ApiException as error:
+            if error.status != 409:  # created before a restart
+                raise
+        self.has_service = True
 
     def _create_job(self, namespace: str, job: dict) -> bool:
         try:
@@ -404,6 +422,30 @@ class Reconciler:
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def _adapter(
+        self, spec: SweepSpec, sweep: SweepRef, status: SweepStatus, tracker: Tracker | None
+    ) -> SweepStatus:
+        """Where the best trial's adapter is: an artifact of its MLflow run and, once the sweep
+        has succeeded with spec.mlflow.registeredModel, that model's version registered here."""
+        best = status.best_trial
+        run = self.results.get(best.name) if best else None
+        if best is None or run is None or not run.get("adapter"):
+            return status
+        uri = f"runs:/{run['run_id']}/{run['adapter']}"
+        model = spec.mlflow.registered_model if spec.mlflow else None
+        if model and tracker and status.phase == "Succeeded" and best.name not in self.registered:
+            tags = {TAG_SWEEP: sweep.name, TAG_NAMESPACE: sweep.namespace, TAG_TRIAL: best.name}
+            try:
+                self.registered[best.name] = tracker.register_adapter(
+                    model, run["run_id"], run["adapter"], tags
+                )
+            except Exception as error:
+                self.logger.warning("cannot register the best adapter in MLflow yet: %s", error)
+        uri = self.registered.get(best.name, uri)
+        return status.model_copy(
+            update={"best_trial": best.model_copy(update={"adapter_uri": uri})}
+        )
 
     def _mark_stopped_runs(self, tracker: Tracker, observed: list[ObservedTrial]) -> None:
         """Tag the MLflow run of each stopped trial with why (once its Job shows the stop: a

@@ -1,4 +1,4 @@
-"""Deterministic names: trial Jobs, label values, MLflow experiments.
+"""Deterministic names: trial Jobs, the trials' Service, label values, MLflow experiments.
 
 A trial's name is a pure function of (sweep name, index). After a restart the operator
 recomputes the same names, and the apiserver's name uniqueness makes a second create of the
@@ -16,6 +16,8 @@ import re
 MAX_TRIAL_NAME = 52
 MAX_LABEL_VALUE = 63
 HASH_CHARS = 8
+MAX_SERVICE_NAME = 63
+SERVICE_SUFFIX = "-trials"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -44,6 +46,14 @@ def trial_name(sweep: str, index: int) -> str:
         raise ValueError(f"trial index must be >= 0, got {index}")
     suffix = f"-{index:04d}"
     return _shorten(sweep, MAX_TRIAL_NAME - len(suffix)) + suffix
+
+
+def service_name(sweep: str) -> str:
+    """The headless Service of a sweep's multi-node trials: `<sweep>-trials`, hashed when too
+    long. A Service name is a DNS-1035 label, which must start with a letter; a sweep name
+    need not, so one that does not is prefixed with `s-`."""
+    base = sweep if re.match("[a-z]", sweep) else f"s-{sweep}"
+    return _shorten(base, MAX_SERVICE_NAME - len(SERVICE_SUFFIX)) + SERVICE_SUFFIX
 
 
 def label_value(name: str) -> str:

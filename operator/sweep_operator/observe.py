@@ -118,8 +118,9 @@ def observe_trial(
         state = TrialState.RUNNING
     else:
         state = TrialState.PENDING
-    succeeded_pods = [p for p in pods if p["phase"] == "Succeeded"]
-    reported = parse_result(succeeded_pods[0]["message"]) if succeeded_pods else {}
+    # Of a multi-node trial's pods only index 0 (rank 0) writes the result.
+    messages = [p["message"] for p in pods if p["phase"] == "Succeeded" and p["message"]]
+    reported = parse_result(messages[0]) if messages else {}
     metrics = dict((tracked or {}).get("metrics", {}))
     metrics.update(reported)
     message = job["stopped"] or "" if state == TrialState.PRUNED else ""

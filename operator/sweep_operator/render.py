@@ -1,4 +1,5 @@
-"""Rendering a trial's batch/v1 Job from a Jinja2 template. Pure and deterministic.
+"""Rendering a trial's batch/v1 Job from a Jinja2 template, and the headless Service of
+multi-node trials. Pure and deterministic.
 
 Templates run in Jinja2's immutable sandbox with StrictUndefined: a user template (or an
 `args` string) can read what it is given but cannot call into Python internals or mutate the
@@ -18,11 +19,13 @@ import jinja2
 import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from sweep_operator.api import API_VERSION, KIND, SweepSpec
-from sweep_operator.naming import experiment_name, label_value
+from sweep_operator.api import API_VERSION, KIND, SweepSpec, TrainerSpec
+from sweep_operator.naming import experiment_name, label_value, service_name
 from sweep_operator.trials import (
     ANNOTATION_INDEX,
     ANNOTATION_PARAMETERS,
+    CHECKPOINT_VOLUME,
+    GPU_RESOURCE,
     LABEL_SWEEP,
     LABEL_TRIAL,
     RESULT_PATH,
@@ -30,6 +33,15 @@ from sweep_operator.trials import (
 )
 
 BUNDLED_COMMAND = ["python", "-m", "lora_trainer"]
+# Starts one bundled trainer process per GPU when a trial has several GPUs or nodes: torchrun
+# that exits with the trainer's own exit code, which the podFailurePolicy reads.
+LAUNCHER = ["python", "-m", "lora_trainer.launch"]
+# The static rendezvous of a multi-node trial, on its pod of index 0 (torch's default port).
+RENDEZVOUS_PORT = 29500
+# The bundled trainer's exit codes for a bad configuration, bad data and out of GPU memory
+# (lora_trainer.__main__): running the same trial again cannot help, so they fail its Job
+# at once instead of using up backoffLimit.
+FATAL_EXIT_CODES = [2, 3, 4]
 # How spec.trainer's model and data reach the bundled trainer (TrainConfig field names).
 MODEL_FIELD = "model_name_or_path"
 TRAIN_FILE_FIELD = "train_file"
@@ -184,7 +196,31 @@ def container_command(
     args = []
     for name, value in settings.items():
         args += ["--set", f"{name}={yaml_scalar(value)}"]
-    return list(BUNDLED_COMMAND), args
+    return _bundled_command(trainer, _master_addr(sweep, trial)), args
+
+
+def _bundled_command(trainer: TrainerSpec, master_addr: str) -> list[str]:
+    if trainer.nodes > 1:
+        launch = [
+            f"--nnodes={trainer.nodes}",
+            f"--nproc-per-node={trainer.gpus}",
+            # The Job controller sets JOB_COMPLETION_INDEX in an Indexed Job's pods, and
+            # Kubernetes expands $(VAR) in a command: each pod's index is its node rank.
+            "--node-rank=$(JOB_COMPLETION_INDEX)",
+            f"--master-addr={master_addr}",
+            f"--master-port={RENDEZVOUS_PORT}",
+        ]
+    elif trainer.gpus > 1:
+        launch = ["--standalone", f"--nproc-per-node={trainer.gpus}"]
+    else:
+        return list(BUNDLED_COMMAND)
+    return [*LAUNCHER, *launch, *BUNDLED_COMMAND[1:]]
+
+
+def _master_addr(sweep: SweepRef, trial: NewTrial) -> str:
+    """The DNS name of a multi-node trial's pod of index 0 (its hostname, in the sweep's
+    Service), which hosts rank 0 and the rendezvous."""
+    return f"{trial.name}-0.{service_name(sweep.name)}"
 
 
 def trial_env(
@@ -200,6 +236,10 @@ def trial_env(
     A user may override the MLFLOW_* variables (e.g. from a Secret); LORASWEEP_* are the
     operator's and always win.
     """
+    trainer = spec.trainer
+    distributed = trainer.gpus > 1 or trainer.nodes > 1
+    multi_node = trainer.nodes > 1
+    checkpoints = trainer.checkpoints
     contract = {
         "LORASWEEP_SWEEP": sweep.name,
         "LORASWEEP_NAMESPACE": sweep.namespace,
@@ -208,13 +248,19 @@ def trial_env(
         "LORASWEEP_PARAMS": params_json(trial.parameters),
         "LORASWEEP_OBJECTIVE": spec.objective.metric,
         "LORASWEEP_RESULT_PATH": RESULT_PATH,
+        "LORASWEEP_NNODES": str(trainer.nodes) if distributed else None,
+        "LORASWEEP_NPROC_PER_NODE": str(trainer.gpus) if distributed else None,
+        "LORASWEEP_MASTER_ADDR": _master_addr(sweep, trial) if multi_node else None,
+        "LORASWEEP_MASTER_PORT": str(RENDEZVOUS_PORT) if multi_node else None,
+        "LORASWEEP_CHECKPOINT_DIR": checkpoints.mount_path if checkpoints else None,
+        "LORASWEEP_CHECKPOINT_STEPS": str(checkpoints.interval_steps) if checkpoints else None,
         "MLFLOW_TRACKING_URI": spec.mlflow.tracking_uri or tracking_uri,
         "MLFLOW_EXPERIMENT_NAME": experiment_name(
             sweep.namespace, sweep.name, spec.mlflow.experiment_name
         ),
         "MLFLOW_PARENT_RUN_ID": parent_run_id,
     }
-    user = [v for v in spec.trainer.env if not v["name"].startswith(RESERVED_ENV_PREFIX)]
+    user = [v for v in trainer.env if not v["name"].startswith(RESERVED_ENV_PREFIX)]
     overridden = {v["name"] for v in user}
     env = [
         {"name": name, "value": value}
@@ -230,6 +276,8 @@ def _context(
     trainer = spec.trainer
     command, args = container_command(spec, sweep, trial)
     labels = {LABEL_SWEEP: label_value(sweep.name), LABEL_TRIAL: trial.name}
+    volumes, mounts = _volumes(trainer, trial)
+    multi_node = trainer.nodes > 1
     return {
         **_scope(sweep, trial),
         "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
@@ -242,14 +290,22 @@ def _context(
             },
             "ownerReferences": [sweep.owner_reference()],
         },
+        "job": {
+            # One pod per node; Indexed gives each its index (the node rank) and hostname.
+            "completionMode": "Indexed" if multi_node else None,
+            "completions": trainer.nodes,
+            "parallelism": trainer.nodes,
+            "fatalExitCodes": [] if trainer.custom else FATAL_EXIT_CODES,
+        },
         "pod": {
             "labels": {**trainer.pod_labels, **labels},
             "annotations": dict(trainer.pod_annotations),
-            "volumes": [*trainer.volumes, *_scratch(trainer)[0]],
+            "volumes": volumes,
             "nodeSelector": trainer.node_selector,
             "tolerations": trainer.tolerations,
             "serviceAccountName": trainer.service_account_name,
             "priorityClassName": trainer.priority_class_name,
+            "subdomain": service_name(sweep.name) if multi_node else None,
         },
         "container": {
             "image": trainer.image,
@@ -258,22 +314,43 @@ def _context(
             "args": args,
             "env": env,
             "envFrom": trainer.env_from,
-            "resources": trainer.resources,
-            "volumeMounts": [*trainer.volume_mounts, *_scratch(trainer)[1]],
+            "resources": _resources(trainer),
+            "volumeMounts": mounts,
             "terminationMessagePath": RESULT_PATH,
         },
     }
 
 
-def _scratch(trainer: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """An emptyDir at /tmp, unless the user mounts one there: the trainer image keeps its
-    caches under /tmp so that it runs on a read-only root filesystem."""
-    if any(m.get("mountPath") == SCRATCH_PATH for m in trainer.volume_mounts):
-        return [], []
-    return (
-        [{"name": SCRATCH_VOLUME, "emptyDir": {}}],
-        [{"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH}],
-    )
+def _resources(trainer: TrainerSpec) -> dict[str, Any]:
+    """The user's resources with the GPU limit set to gpus (the API refuses a user's GPU
+    request or limit that differs from it, so requests need no change)."""
+    resources = dict(trainer.resources or {})
+    resources["limits"] = {**(resources.get("limits") or {}), GPU_RESOURCE: trainer.gpus}
+    return resources
+
+
+def _volumes(
+    trainer: TrainerSpec, trial: NewTrial
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The pod's volumes and the trainer's mounts: the user's, the trial's checkpoint
+    directory, and an emptyDir at /tmp unless something is mounted there already (the trainer
+    image keeps its caches under /tmp so that it runs on a read-only root filesystem)."""
+    volumes, mounts = list(trainer.volumes), list(trainer.volume_mounts)
+    if trainer.checkpoints is not None:
+        claim = {"claimName": trainer.checkpoints.claim_name}
+        volumes.append({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": claim})
+        # A directory per trial: a restarted pod finds its own checkpoints and no other's.
+        mounts.append(
+            {
+                "name": CHECKPOINT_VOLUME,
+                "mountPath": trainer.checkpoints.mount_path,
+                "subPath": trial.name,
+            }
+        )
+    if not any(m.get("mountPath") == SCRATCH_PATH for m in mounts):
+        volumes.append({"name": SCRATCH_VOLUME, "emptyDir": {}})
+        mounts.append({"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH})
+    return volumes, mounts
 
 
 def _check_job(job: Any, field: str) -> dict[str, Any]:
@@ -306,6 +383,8 @@ def _check_job(job: Any, field: str) -> dict[str, Any]:
             f"spec.template.spec.restartPolicy is {pod.get('restartPolicy')!r}, "
             "expected Never or OnFailure"
         )
+    if job["spec"].get("podFailurePolicy") and pod["restartPolicy"] != "Never":
+        raise fail("spec.podFailurePolicy needs spec.template.spec.restartPolicy Never")
     return job
 
 
@@ -351,3 +430,32 @@ def render_trial_job(
     job["spec"]["template"]["metadata"] = pod_metadata
     pod_metadata["labels"] = {**(pod_metadata.get("labels") or {}), **required["labels"]}
     return job
+
+
+def render_trial_service(sweep: SweepRef, spec: SweepSpec) -> dict[str, Any] | None:
+    """The headless Service of a sweep whose trials span several nodes, None otherwise.
+
+    One per sweep, selecting every trial pod of it: with each pod's hostname (`<trial>-<index>`,
+    set by the Job controller) and subdomain (this Service), DNS resolves
+    `<trial>-<index>.<service>`. Addresses are published before the pods are ready, so that
+    the other pods reach rank 0 while it starts.
+    """
+    if spec.trainer.nodes == 1:
+        return None
+    labels = {LABEL_SWEEP: label_value(sweep.name)}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": service_name(sweep.name),
+            "namespace": sweep.namespace,
+            "labels": labels,
+            "ownerReferences": [sweep.owner_reference()],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": dict(labels),
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }

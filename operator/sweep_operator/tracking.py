@@ -15,6 +15,7 @@ from typing import Any
 import requests
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,8 @@ TAG_SWEEP_UID = "lorasweep.sweep_uid"
 TAG_ROLE = "lorasweep.role"
 TAG_TRIAL = "lorasweep.trial"
 TAG_STOPPED = "lorasweep.stopped_reason"
+# Set by the bundled trainer once its adapter is uploaded: the artifact path of the adapter.
+TAG_ADAPTER = "lorasweep.adapter_artifact"
 HISTORY_BATCH = 100  # run ids per bulk history request: the tracking server's maximum
 HISTORY_MAX_POINTS = 2500  # per run: the server's maximum
 HTTP_TIMEOUT_SECONDS = 10
@@ -72,7 +75,11 @@ class Tracker:
             for run in page:
                 trial = run.data.tags.get(TAG_TRIAL)
                 if trial:
-                    results[trial] = {"run_id": run.info.run_id, "metrics": run.data.metrics}
+                    results[trial] = {
+                        "run_id": run.info.run_id,
+                        "metrics": run.data.metrics,
+                        "adapter": run.data.tags.get(TAG_ADAPTER),
+                    }
             page_token = page.token
             if not page_token:
                 return results
@@ -139,6 +146,25 @@ class Tracker:
             self.client.set_tag(run_id, "lorasweep.best_trial", best["name"])
         status = "FINISHED" if phase == "Succeeded" else "FAILED"
         self.client.set_terminated(run_id, status)
+
+    def register_adapter(
+        self, model_name: str, run_id: str, artifact_path: str, tags: dict[str, str]
+    ) -> str:
+        """`models:/NAME/VERSION` of a run's adapter, registered as a new version of the model
+        on the first call; later calls (a restarted operator) find that version again."""
+        versions = self.client.search_model_versions(
+            f"name = '{model_name}' and run_id = '{run_id}'"
+        )
+        if versions:
+            return f"models:/{model_name}/{versions[0].version}"
+        try:
+            self.client.create_registered_model(model_name)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(model_name, source, run_id=run_id, tags=tags)
+        return f"models:/{model_name}/{version.version}"
 
     def run_url(self, experiment_id: str, run_id: str) -> str:
         return f"{self.uri}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -25,6 +25,11 @@ Curve = list[tuple[int, float]]
 # Where a trial writes its result; the container's terminationMessagePath.
 RESULT_PATH = "/dev/termination-log"
 
+# The extended resource the operator sets to spec.trainer.gpus in the trainer's limits.
+GPU_RESOURCE = "nvidia.com/gpu"
+# The pod volume of spec.trainer.checkpoints; a user volume may not take its name.
+CHECKPOINT_VOLUME = "lorasweep-checkpoints"
+
 
 class TrialState(StrEnum):
     PENDING = "pending"  # Job exists, pod not running yet (e.g. waiting for a GPU)

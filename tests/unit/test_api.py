@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sweep_operator.api import ParameterSpec, SweepSpec
+from sweep_operator.api import BestTrial, MlflowSpec, ParameterSpec, SweepSpec
 from sweep_operator.semantic import SweepInvalid, parse_spec
 from tests.unit.sweep_helpers import BASE_SPEC, make_spec, raw_spec
 
@@ -118,6 +118,110 @@ def test_parameter_names_must_be_identifiers():
 def test_counts_must_be_positive(field):
     [message] = problems(raw_spec(**{field: 0}))
     assert message == f"spec.{field}: Input should be greater than or equal to 1 (got 0)"
+
+
+def trainer_problems(**trainer) -> list[str]:
+    raw = raw_spec()
+    raw["trainer"].update(trainer)
+    return problems(raw)
+
+
+@pytest.mark.parametrize("field", ["gpus", "nodes"])
+def test_a_trial_needs_at_least_one_gpu_and_node(field):
+    assert trainer_problems(**{field: 0}) == [
+        f"spec.trainer.{field}: Input should be greater than or equal to 1 (got 0)"
+    ]
+
+
+def test_gpus_and_nodes_default_to_one():
+    trainer = make_spec().trainer
+    assert (trainer.gpus, trainer.nodes, trainer.checkpoints) == (1, 1, None)
+
+
+@pytest.mark.parametrize("kind", ["limits", "requests"])
+def test_resources_may_repeat_gpus_but_not_contradict_it(kind):
+    assert trainer_problems(gpus=2, resources={kind: {"nvidia.com/gpu": 1}}) == [
+        f"spec.trainer: spec.trainer.resources.{kind} has nvidia.com/gpu: 1 but "
+        "spec.trainer.gpus is 2; set the GPUs of a trial with spec.trainer.gpus only"
+    ]
+    for same in (2, "2"):
+        raw = raw_spec()
+        raw["trainer"].update(gpus=2, resources={kind: {"nvidia.com/gpu": same}})
+        assert parse_spec(raw).trainer.gpus == 2
+
+
+def test_resource_limits_must_be_a_mapping():
+    [message] = trainer_problems(resources={"limits": ["nvidia.com/gpu"]})
+    assert message == (
+        "spec.trainer: spec.trainer.resources.limits must map resource names to quantities, "
+        "got ['nvidia.com/gpu']"
+    )
+
+
+def test_checkpoints_defaults_and_aliases():
+    raw = raw_spec()
+    raw["trainer"]["checkpoints"] = {"claimName": "lora-ckpt.team-a", "intervalSteps": 100}
+    checkpoints = parse_spec(raw).trainer.checkpoints
+    assert checkpoints.claim_name == "lora-ckpt.team-a"
+    assert (checkpoints.interval_steps, checkpoints.mount_path) == (100, "/checkpoints")
+
+
+@pytest.mark.parametrize(
+    ("checkpoints", "expected"),
+    [
+        (
+            {"claimName": "Lora_Ckpt", "intervalSteps": 10},
+            "spec.trainer.checkpoints.claimName: claimName 'Lora_Ckpt' is not a "
+            "PersistentVolumeClaim name: lower-case letters, digits, '-' and '.', starting and "
+            "ending with a letter or digit",
+        ),
+        (
+            {"claimName": "c" * 254, "intervalSteps": 10},
+            "spec.trainer.checkpoints.claimName: String should have at most 253 characters",
+        ),
+        (
+            {"claimName": "ckpt", "intervalSteps": 0},
+            "spec.trainer.checkpoints.intervalSteps: Input should be greater than or equal to 1 "
+            "(got 0)",
+        ),
+        ({"claimName": "ckpt"}, "spec.trainer.checkpoints.intervalSteps: Field required"),
+        (
+            {"claimName": "ckpt", "intervalSteps": 10, "mountPath": "checkpoints"},
+            "spec.trainer.checkpoints.mountPath: mountPath 'checkpoints' must be an absolute "
+            "path (start with /)",
+        ),
+    ],
+)
+def test_bad_checkpoints_name_the_field(checkpoints, expected):
+    [message] = trainer_problems(checkpoints=checkpoints)
+    assert message.startswith(expected), message
+
+
+def test_the_checkpoint_volume_name_and_mount_path_must_be_free():
+    checkpoints = {"claimName": "ckpt", "intervalSteps": 10}
+    volume = {"name": "lorasweep-checkpoints", "emptyDir": {}}
+    assert trainer_problems(checkpoints=checkpoints, volumes=[volume]) == [
+        "spec.trainer: spec.trainer.volumes has a volume named lorasweep-checkpoints, the name "
+        "of the checkpoint volume; rename it"
+    ]
+    mounts = [{"name": "data", "mountPath": "/checkpoints"}]
+    assert trainer_problems(checkpoints=checkpoints, volumeMounts=mounts) == [
+        "spec.trainer: spec.trainer.volumeMounts already mounts a volume at /checkpoints; "
+        "choose another spec.trainer.checkpoints.mountPath"
+    ]
+    # Without checkpoints the name is the user's to take.
+    raw = raw_spec()
+    raw["trainer"]["volumes"] = [volume]
+    parse_spec(raw)
+
+
+def test_registered_model_and_adapter_uri_are_camel_case():
+    mlflow = MlflowSpec.model_validate({"registeredModel": "llama-lora"})
+    assert mlflow.registered_model == "llama-lora"
+    best = BestTrial(
+        name="s-0001", index=1, parameters={}, value=0.5, adapter_uri="models:/llama-lora/3"
+    )
+    assert best.model_dump(by_alias=True)["adapterUri"] == "models:/llama-lora/3"
 
 
 def test_env_entries_need_a_name():

@@ -72,3 +72,38 @@ def test_render_the_tpe_example():
         assert params["lora_alpha"] == 2 * params["lora_rank"]
         assert 1e-5 <= params["learning_rate"] <= 1e-3
         assert params["lora_rank"] % 4 == 0
+
+
+def test_render_prints_the_service_of_multi_node_trials(tmp_path):
+    sweep = yaml.safe_load(EXAMPLE.read_text())
+    trainer = sweep["spec"]["trainer"]
+    trainer.update(gpus=8, nodes=2, resources={"limits": {"nvidia.com/gpu": 8}})
+    path = tmp_path / "multi-node.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    code, text = run("render", str(path), "--limit", "2")
+    assert code == 0
+    service, *jobs = yaml.safe_load_all(text)
+    assert (service["kind"], service["metadata"]["name"]) == ("Service", "rank-lr-trials")
+    assert [j["kind"] for j in jobs] == ["Job", "Job"]
+    assert {j["spec"]["template"]["spec"]["subdomain"] for j in jobs} == {"rank-lr-trials"}
+
+
+def test_render_the_gpu_example():
+    """examples/gpu-sweep.yaml: QLoRA trials of 2 GPUs each, checkpointing to a PVC."""
+    code, text = run("render", str(EXAMPLE.with_name("gpu-sweep.yaml")))
+    assert code == 0
+    jobs = list(yaml.safe_load_all(text))
+    assert [j["metadata"]["name"] for j in jobs] == [f"qlora-8b-{i:04d}" for i in range(8)]
+    for job in jobs:
+        pod = job["spec"]["template"]["spec"]
+        [c] = pod["containers"]
+        assert c["command"][:3] == ["python", "-m", "lora_trainer.launch"]
+        assert "--nproc-per-node=2" in c["command"]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+        assert "quantization_bit=4" in c["args"]
+        [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == "/checkpoints"]
+        assert mount["subPath"] == job["metadata"]["name"]
+        [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert volume["persistentVolumeClaim"]["claimName"] == "lorasweep-checkpoints"
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        assert [r["action"] for r in rules] == ["Ignore", "FailJob"]

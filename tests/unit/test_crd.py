@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 from sweep_operator.crd import CRD_NAME, crd, crd_yaml
 from tests.unit.sweep_helpers import REPO
@@ -88,6 +91,40 @@ def test_cross_field_rules_and_defaults():
         "minimum": 1,
     }
     assert spec["properties"]["algorithm"]["default"] == {}
+
+
+def trainer_schema() -> dict[str, Any]:
+    return schema()["properties"]["spec"]["properties"]["trainer"]["properties"]
+
+
+@pytest.mark.parametrize("field", ["gpus", "nodes"])
+def test_apply_refuses_a_trial_without_gpus_or_nodes(field):
+    node = trainer_schema()[field]
+    assert (node["type"], node["default"], node["minimum"]) == ("integer", 1, 1)
+    assert "exclusiveMinimum" not in node
+
+
+def test_apply_refuses_a_checkpoint_claim_that_is_not_a_pvc_name():
+    checkpoints = trainer_schema()["checkpoints"]
+    assert checkpoints["required"] == ["claimName", "intervalSteps"]
+    claim = checkpoints["properties"]["claimName"]
+    assert claim["maxLength"] == 253
+    # The apiserver matches pattern as Go's regexp.MatchString does: anywhere in the value.
+    for good in ("ckpt", "lora-ckpt.team-a", "0ckpt"):
+        assert re.search(claim["pattern"], good), good
+    for bad in ("Ckpt", "ckpt_1", "-ckpt", "ckpt.", "", "a/b"):
+        assert not re.search(claim["pattern"], bad), bad
+    assert checkpoints["properties"]["intervalSteps"]["minimum"] == 1
+    mount = checkpoints["properties"]["mountPath"]
+    assert mount["default"] == "/checkpoints"
+    assert re.search(mount["pattern"], "/ckpt") and not re.search(mount["pattern"], "ckpt")
+
+
+def test_registered_model_and_adapter_uri():
+    mlflow = schema()["properties"]["spec"]["properties"]["mlflow"]["properties"]
+    assert mlflow["registeredModel"]["type"] == "string"
+    best = schema()["properties"]["status"]["properties"]["bestTrial"]["properties"]
+    assert best["adapterUri"]["type"] == "string"
 
 
 def test_names_subresource_and_columns():

@@ -6,9 +6,17 @@ import re
 
 import pytest
 
-from sweep_operator.naming import MAX_TRIAL_NAME, experiment_name, label_value, trial_name
+from sweep_operator.naming import (
+    MAX_TRIAL_NAME,
+    experiment_name,
+    label_value,
+    service_name,
+    trial_name,
+)
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# A Service name: a DNS label that starts with a letter.
+DNS_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
 def test_short_names_are_readable():
@@ -52,3 +60,14 @@ def test_label_value_and_experiment_name():
     assert len(label_value(long)) <= 63
     assert experiment_name("ns", "rank-lr") == "ns/rank-lr"
     assert experiment_name("ns", "rank-lr", "custom") == "custom"
+
+
+def test_service_name_is_a_dns_1035_label_of_at_most_63_characters():
+    assert service_name("rank-lr") == "rank-lr-trials"
+    long_a, long_b = "a" * 60 + "-one", "a" * 60 + "-two"
+    names = [service_name(n) for n in ("rank-lr", "1st-sweep", "my.sweep", long_a, long_b)]
+    for name in names:
+        assert len(name) <= 63 and DNS_1035_LABEL.match(name), name
+    assert len(set(names)) == len(names)
+    assert service_name(long_a) == service_name(long_a)  # deterministic
+    assert service_name("1st-sweep") == "s-1st-sweep-trials"

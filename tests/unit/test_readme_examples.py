@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from sweep_operator.cli import render_jobs
+from sweep_operator.cli import render_sweep
 from sweep_operator.observe import parse_result
 from tests.unit.sweep_helpers import EXAMPLE
 
@@ -29,7 +29,7 @@ def test_a_custom_trainer_gets_its_args_rendered_per_trial() -> None:
     (snippet,) = readme_blocks("Bring your own training program", "yaml")
     sweep = yaml.safe_load(EXAMPLE.read_text())
     sweep["spec"]["trainer"] = yaml.safe_load(snippet)["trainer"]
-    jobs = render_jobs(sweep)
+    jobs = render_sweep(sweep)
     container = jobs[0]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example.com/my-trainer:1.0"
     assert container["command"] == ["python", "train.py"]

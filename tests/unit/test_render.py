@@ -7,12 +7,15 @@ import json
 import pytest
 import yaml
 
+from lora_trainer.__main__ import EXIT_CONFIG, EXIT_DATA, EXIT_OOM
 from lora_trainer.config import parse_set
 from sweep_operator.render import (
+    FATAL_EXIT_CODES,
     RenderError,
     SweepRef,
     builtin_template,
     render_trial_job,
+    render_trial_service,
     yaml_flow,
     yaml_scalar,
 )
@@ -34,6 +37,16 @@ def container(job):
 
 def env_of(job) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container(job)["env"]}
+
+
+def trainer_spec(**trainer):
+    """BASE_SPEC with spec.trainer fields added or replaced."""
+    raw = raw_spec()
+    raw["trainer"].update(trainer)
+    return make_spec(**raw)
+
+
+CUSTOM = {"command": ["python", "/app/train.py"], "args": ["--lr={{ params.learning_rate }}"]}
 
 
 def test_metadata_labels_annotations_and_owner():
@@ -220,10 +233,10 @@ def test_a_writable_tmp_is_mounted_unless_the_user_mounts_one():
 
 
 def test_user_template_gets_the_operator_metadata_enforced():
-    template = builtin_template().replace("restartPolicy: Never", "restartPolicy: OnFailure")
+    template = builtin_template().replace("{{ trainer.backoffLimit | yaml }}", "5")
     template = template.replace("  labels: {{ metadata.labels | yaml }}", "  labels: {mine: x}")
     job = render(template=template)
-    assert job["spec"]["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert job["spec"]["backoffLimit"] == 5
     assert job["metadata"]["labels"] == {
         "mine": "x",
         "lorasweep.io/sweep": "rank-lr",
@@ -244,6 +257,10 @@ def test_spec_template_wins_over_the_default_template():
     ("template", "problem"),
     [
         ("apiVersion: v1\nkind: Pod\n", "apiVersion/kind is v1/Pod, expected batch/v1/Job"),
+        (
+            builtin_template().replace("restartPolicy: Never", "restartPolicy: OnFailure"),
+            "spec.podFailurePolicy needs spec.template.spec.restartPolicy Never",
+        ),
         ("- a\n- b\n", "expected a YAML mapping, got list"),
         ("apiVersion: batch/v1\nkind: Job\nspec: {}\n", "spec.template.spec is missing"),
         (
@@ -263,3 +280,152 @@ def test_a_template_that_is_not_a_job_is_refused_clearly(template, problem):
     with pytest.raises(RenderError) as caught:
         render(template=template)
     assert str(caught.value).startswith("template: ") and problem in str(caught.value)
+
+
+def test_one_gpu_trial_is_one_pod_of_the_bundled_trainer():
+    job = render()
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
+    assert "completionMode" not in job["spec"]
+    assert "subdomain" not in job["spec"]["template"]["spec"]
+    assert container(job)["command"] == ["python", "-m", "lora_trainer"]
+    assert container(job)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert not {"LORASWEEP_NNODES", "LORASWEEP_MASTER_ADDR"} & env_of(job).keys()
+    assert render_trial_service(SWEEP, make_spec()) is None
+
+
+def test_the_gpu_limit_comes_from_gpus_and_keeps_the_users_resources():
+    resources = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
+    c = container(render(trainer_spec(gpus=4, resources=resources)))
+    assert c["resources"] == {
+        "requests": {"cpu": "4", "memory": "32Gi"},
+        "limits": {"memory": "32Gi", "nvidia.com/gpu": 4},
+    }
+
+
+def test_several_gpus_on_one_node_run_one_trainer_process_per_gpu():
+    job = render(trainer_spec(gpus=2))
+    c = container(job)
+    assert c["command"] == [
+        "python",
+        "-m",
+        "lora_trainer.launch",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "lora_trainer",
+    ]
+    assert c["args"] == container(render())["args"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
+    env = env_of(job)
+    assert (env["LORASWEEP_NNODES"], env["LORASWEEP_NPROC_PER_NODE"]) == ("1", "2")
+    assert "LORASWEEP_MASTER_ADDR" not in env and "LORASWEEP_MASTER_PORT" not in env
+
+
+def test_a_trial_on_several_nodes_is_an_indexed_job_that_meets_on_its_pod_0():
+    job = render(trainer_spec(gpus=2, nodes=2))
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (2, 2)
+    assert job["spec"]["template"]["spec"]["subdomain"] == "rank-lr-trials"
+    c = container(job)
+    assert c["command"] == [
+        "python",
+        "-m",
+        "lora_trainer.launch",
+        "--nnodes=2",
+        "--nproc-per-node=2",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=rank-lr-0003-0.rank-lr-trials",
+        "--master-port=29500",
+        "-m",
+        "lora_trainer",
+    ]
+    assert c["args"] == container(render())["args"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2  # per pod, not per trial
+    env = env_of(job)
+    assert env["LORASWEEP_NNODES"] == "2" and env["LORASWEEP_NPROC_PER_NODE"] == "2"
+    assert env["LORASWEEP_MASTER_ADDR"] == "rank-lr-0003-0.rank-lr-trials"
+    assert env["LORASWEEP_MASTER_PORT"] == "29500"
+
+
+def test_a_custom_program_runs_as_is_and_gets_the_distributed_environment():
+    job = render(trainer_spec(gpus=4, nodes=3, **CUSTOM))
+    assert container(job)["command"] == ["python", "/app/train.py"]
+    assert container(job)["args"] == ["--lr=0.0002"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 3
+    env = env_of(job)
+    assert (env["LORASWEEP_NNODES"], env["LORASWEEP_NPROC_PER_NODE"]) == ("3", "4")
+    assert env["LORASWEEP_MASTER_ADDR"] == "rank-lr-0003-0.rank-lr-trials"
+    assert env["LORASWEEP_MASTER_PORT"] == "29500"
+
+
+def test_the_service_gives_the_pods_of_multi_node_trials_their_dns_names():
+    spec = trainer_spec(nodes=2)
+    service = render_trial_service(SWEEP, spec)
+    assert service == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "rank-lr-trials",
+            "namespace": "team-a",
+            "labels": {"lorasweep.io/sweep": "rank-lr"},
+            "ownerReferences": render()["metadata"]["ownerReferences"],
+        },
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"lorasweep.io/sweep": "rank-lr"},
+            "ports": [{"name": "rendezvous", "port": 29500, "protocol": "TCP"}],
+        },
+    }
+    # It selects every trial's pods, which name it as their subdomain.
+    pod = render(spec)["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"]
+
+
+def test_lost_pods_are_retried_and_hopeless_trials_fail_at_once():
+    disrupted = {
+        "action": "Ignore",
+        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+    }
+    fatal = {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [2, 3, 4]},
+    }
+    assert render()["spec"]["podFailurePolicy"] == {"rules": [disrupted, fatal]}
+    assert render(trainer_spec(**CUSTOM))["spec"]["podFailurePolicy"] == {"rules": [disrupted]}
+    assert container(render())["name"] == "trainer"  # the container the exit codes are read from
+
+
+def test_fatal_exit_codes_are_the_bundled_trainers():
+    assert FATAL_EXIT_CODES == [EXIT_CONFIG, EXIT_DATA, EXIT_OOM]
+
+
+def test_checkpoints_get_a_directory_per_trial_on_the_claim():
+    checkpoints = {"claimName": "lora-checkpoints", "intervalSteps": 50}
+    job = render(trainer_spec(checkpoints=checkpoints))
+    assert job["spec"]["template"]["spec"]["volumes"] == [
+        {
+            "name": "lorasweep-checkpoints",
+            "persistentVolumeClaim": {"claimName": "lora-checkpoints"},
+        },
+        {"name": "lorasweep-tmp", "emptyDir": {}},
+    ]
+    assert container(job)["volumeMounts"] == [
+        {"name": "lorasweep-checkpoints", "mountPath": "/checkpoints", "subPath": "rank-lr-0003"},
+        {"name": "lorasweep-tmp", "mountPath": "/tmp"},
+    ]
+    env = env_of(job)
+    assert env["LORASWEEP_CHECKPOINT_DIR"] == "/checkpoints"
+    assert env["LORASWEEP_CHECKPOINT_STEPS"] == "50"
+    assert "LORASWEEP_CHECKPOINT_DIR" not in env_of(render())
+
+
+def test_a_custom_program_gets_its_checkpoint_directory_too():
+    checkpoints = {"claimName": "ckpt", "intervalSteps": 10, "mountPath": "/work/ckpt"}
+    job = render(trainer_spec(checkpoints=checkpoints, **CUSTOM))
+    assert env_of(job)["LORASWEEP_CHECKPOINT_DIR"] == "/work/ckpt"
+    assert env_of(job)["LORASWEEP_CHECKPOINT_STEPS"] == "10"
+    [mount] = [m for m in container(job)["volumeMounts"] if m["mountPath"] == "/work/ckpt"]
+    assert mount["subPath"] == "rank-lr-0003"

@@ -52,6 +52,16 @@ def test_values_are_checked_against_the_trainers_types():
     ]
 
 
+def test_a_quantization_the_trainer_lacks_fails_the_sweep_before_any_trial():
+    raw = raw_spec()
+    raw["trainer"]["config"] = {"quantization_bit": 3}
+    found = [str(p) for p in check_spec(make_spec(**raw), SWEEP)]
+    assert found == [
+        "spec.trainer.config.quantization_bit: 3 is not valid for the trainer's "
+        "quantization_bit: Input should be 4 or 8"
+    ]
+
+
 def test_range_bounds_are_checked_too():
     found = problems(
         algorithm={"name": "random"},

@@ -97,6 +97,11 @@ server's Service when mlflow.enabled, else none. */}}
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+# A headless Service per sweep with multi-node trials, for their pods' DNS names (the
+# rendezvous); owned by the sweep, so garbage collection deletes it.
+- apiGroups: [""]
+  resources: [services]
+  verbs: [create]
 # Events on sweeps (trial started, succeeded, new best).
 - apiGroups: [""]
   resources: [events]
