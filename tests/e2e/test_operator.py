@@ -216,6 +216,25 @@ def test_schema_errors_are_refused_at_apply(sweep_crd, custom, namespace, change
     if "parameters" in change:
         spec["algorithm"] = {"name": "random", "seed": 1}
         spec["maxTrials"] = 2
+    assert_refused(custom, namespace, spec, expected)
+
+
+@pytest.mark.parametrize(
+    ("trainer", "expected"),
+    [
+        ({"gpus": 0}, "spec.trainer.gpus"),
+        ({"nodes": 0}, "spec.trainer.nodes"),
+        ({"checkpoints": {"claimName": "Not_A_PVC", "intervalSteps": 10}}, "claimName"),
+    ],
+)
+def test_trial_shape_errors_are_refused_at_apply(sweep_crd, custom, namespace, trainer, expected):
+    spec = sim_spec(2, 1, {})
+    spec["trainer"] |= trainer
+    assert_refused(custom, namespace, spec, expected)
+
+
+def assert_refused(custom, namespace: str, spec: dict, expected: str) -> None:
+    """The apiserver refuses the sweep (422) with a message naming `expected`."""
     with pytest.raises(ApiException) as refused:
         custom.create_namespaced_custom_object(
             GROUP, VERSION, namespace, PLURAL, sweep_manifest("bad", spec)
@@ -224,16 +243,24 @@ def test_schema_errors_are_refused_at_apply(sweep_crd, custom, namespace, change
     assert expected in refused.value.body
 
 
-def test_unknown_trainer_parameter_fails_the_sweep_without_jobs(operator, custom, batch, namespace):
+@pytest.mark.parametrize(
+    ("parameters", "expected"),
+    [
+        ({"lora_rnak": {"values": [8, 16]}}, ["spec.parameters.lora_rnak", "lora_rank"]),
+        ({"quantization_bit": {"values": [3]}}, ["quantization_bit", "4 or 8"]),
+    ],
+)
+def test_a_bad_trainer_parameter_fails_the_sweep_without_jobs(
+    operator, custom, batch, namespace, parameters, expected
+):
     spec = sim_spec(2, 1, {})
     del spec["trainer"]["command"]  # the bundled trainer: parameter names are checked
-    spec["parameters"] = {"lora_rnak": {"values": [8, 16]}}
+    spec["parameters"] = parameters
     spec["trainer"]["model"] = "/models/tiny"
     spec["trainer"]["data"] = {"train": "/data/train.jsonl"}
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("typo", spec)
     )
     status = wait_for_phase(custom, namespace, "typo", ("Failed",), 30)["status"]
-    assert "spec.parameters.lora_rnak" in status["message"]
-    assert "lora_rank" in status["message"]
+    assert all(fragment in status["message"] for fragment in expected), status["message"]
     assert not trial_jobs(batch, namespace, "typo")
