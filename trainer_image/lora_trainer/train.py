@@ -38,6 +38,7 @@ from lora_trainer.data import (
     PreparedData,
     prepare,
 )
+from lora_trainer.isolation import check_isolation
 from lora_trainer.stopping import StopFlag, Stopped
 from lora_trainer.tracking import Tracker
 
@@ -47,6 +48,8 @@ log = logging.getLogger("lora_trainer")
 ADAPTER_ARTIFACT = "adapter"
 ADAPTER_ARTIFACT_TAG = "lorasweep.adapter_artifact"
 
+# "on", or "off: <why>" when packing was asked for but this model lets packed examples mix.
+TAG_PACKING = "lorasweep.packing"
 DTYPES: dict[str, Any] = {
     "auto": "auto",
     "float32": torch.float32,
@@ -140,10 +143,21 @@ def load_model(cfg: TrainConfig) -> Any:
         raise ModelLoadError(f"lora_target={cfg.lora_target!r}: {exc}") from exc
 
 
-def collator_for(cfg: TrainConfig, tokenizer: Any) -> PackingCollator | PaddingCollator:
+def collator_for(
+    cfg: TrainConfig, tokenizer: Any, model: Any, examples: list[Any], tracker: Tracker | None
+) -> PackingCollator | PaddingCollator:
+    """Packing when it is on and verified on this model (examples of a packed row must not see
+    each other), else padding; the verdict goes to the log and to the run's tags."""
     if cfg.packing:
-        one_row = cfg.attn_implementation == "flash_attention_2"
-        return PackingCollator(pad_token_id=tokenizer.pad_token_id, one_row=one_row)
+        isolation = check_isolation(model, examples)
+        if isolation.isolated:
+            if tracker is not None:
+                tracker.set_tags({TAG_PACKING: "on"})
+            one_row = cfg.attn_implementation == "flash_attention_2"
+            return PackingCollator(pad_token_id=tokenizer.pad_token_id, one_row=one_row)
+        log.warning("packing is off for this model, padding instead: %s", isolation.reason)
+        if tracker is not None:
+            tracker.set_tags({TAG_PACKING: f"off: {isolation.reason}"[:5000]})
     return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
 
 
@@ -441,9 +455,12 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
         args=hf_arguments(cfg, has_eval=data.eval is not None),
         train_dataset=data.train.examples,
         eval_dataset=data.eval.examples if data.eval else None,
-        data_collator=collator_for(cfg, tokenizer),
         processing_class=tokenizer,
         stop_flag=stop_flag,
+    )
+    # Chosen once the Trainer has put the model on its device: the check runs the model.
+    trainer.data_collator = collator_for(
+        cfg, tokenizer, trainer.model, data.train.examples, tracker
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step, once
     trainer.add_callback(RunCallback(trainer, tracker, cfg.early_stopping_patience))
@@ -521,7 +538,7 @@ def evaluate_adapter(cfg: TrainConfig, adapter_dir: str | Path) -> float:
         model=model,
         args=hf_arguments(cfg, has_eval=True),
         eval_dataset=data.eval.examples,
-        data_collator=collator_for(cfg, tokenizer),
+        data_collator=collator_for(cfg, tokenizer, model, data.eval.examples, None),
         processing_class=tokenizer,
         stop_flag=StopFlag(),
     )
