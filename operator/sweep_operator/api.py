@@ -446,6 +446,15 @@ class TrainerSpec(_Model):
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Wall-clock limit of one trial, in seconds."
     )
+    termination_grace_period_seconds: int = Field(
+        60,
+        ge=1,
+        description="Seconds between SIGTERM (a stopped, preempted or evicted trial) and "
+        "SIGKILL. The bundled trainer writes its result at once, stops after the current "
+        "micro-batch and then closes its MLflow run; 60 s leaves room for a large model's "
+        "micro-batch and a slow tracking server, while a preempting workload waits at most "
+        "a minute for the GPU.",
+    )
     pod_annotations: dict[str, str] = Field(
         default_factory=dict, description="Annotations added to every trial pod."
     )

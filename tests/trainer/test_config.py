@@ -108,9 +108,10 @@ def test_fsdp_and_quantization_are_exclusive() -> None:
         configure("fsdp=full_shard", "quantization_bit=4")
 
 
-CPU = {"cuda": False, "bf16_supported": False}
-OLD_GPU = {"cuda": True, "bf16_supported": False}  # a T4 or V100
-GPU = {"cuda": True, "bf16_supported": True}
+CPU = {"cuda": False, "bf16_supported": False, "flash_attn": False}
+OLD_GPU = {"cuda": True, "bf16_supported": False, "flash_attn": False}  # a T4 or V100
+GPU = {"cuda": True, "bf16_supported": True, "flash_attn": False}
+GPU_WITH_FLASH_ATTN = GPU | {"flash_attn": True}
 
 
 @pytest.mark.parametrize(
@@ -125,6 +126,12 @@ GPU = {"cuda": True, "bf16_supported": True}
         (["fp16=true"], CPU, r"fp16=true needs a CUDA GPU"),
         (["fsdp=full_shard auto_wrap"], CPU, r"fsdp='full_shard auto_wrap' needs CUDA GPUs"),
         (["bf16=true"], OLD_GPU, r"bf16=true: this GPU does not support bfloat16; use fp16=true"),
+        (
+            ["attn_implementation=flash_attention_2"],
+            GPU,
+            r"flash_attention_2 needs a CUDA GPU and the flash-attn package \(not installed\)",
+        ),
+        (["attn_implementation=flash_attention_2"], CPU, r"this machine has no GPU\): use sdpa"),
         (
             ["quantization_bit=4", "fp16=true"],
             OLD_GPU,
@@ -147,10 +154,34 @@ def test_settings_this_machine_cannot_run_are_refused(
         (["quantization_bit=4", "bf16=true", "use_dora=true", "gradient_checkpointing=true"], GPU),
         (["quantization_bit=4", "fp16=true", "bnb_4bit_compute_dtype=float16"], OLD_GPU),
         (["quantization_bit=8", "fp16=true"], OLD_GPU),
+        (["attn_implementation=flash_attention_2", "bf16=true"], GPU_WITH_FLASH_ATTN),
     ],
 )
 def test_settings_this_machine_can_run_pass(settings: list[str], machine: dict[str, bool]) -> None:
     check_hardware(configure(*settings), **machine)
+
+
+@pytest.mark.parametrize(
+    ("settings", "machine", "bf16"),
+    [
+        ([], GPU, True),
+        ([], OLD_GPU, False),
+        ([], CPU, False),
+        (["fp16=true"], GPU, False),
+        (["bf16=false"], GPU, False),
+        (["bf16=true"], CPU, True),
+    ],
+)
+def test_bf16_is_on_by_default_where_the_gpu_supports_it(
+    settings: list[str], machine: dict[str, bool], bf16: bool
+) -> None:
+    assert check_hardware(configure(*settings), **machine).bf16 is bf16
+
+
+def test_defaults_follow_the_tuning_guides() -> None:
+    cfg = configure()
+    assert cfg.warmup_ratio == 0.05
+    assert cfg.bf16 is None  # settled per machine by check_hardware
 
 
 def test_checkpoints_default_to_the_trials_volume_from_the_environment() -> None:

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from lora_trainer.__main__ import run
 from lora_trainer.stopping import StopFlag
 from tests.support import free_port
-from tests.trainer.helpers import cli
+from tests.trainer.helpers import cli, runs_of
 
 
 def trial_run(client: MlflowClient, experiment: str, trial: str):
@@ -159,6 +159,29 @@ def test_missing_model_is_a_configuration_error(
     assert code == 2
     error = json.loads(Path(trial_env["LORASWEEP_RESULT_PATH"]).read_text())["error"]
     assert error.startswith(f"model_name_or_path='{tmp_path / 'nope'}': cannot load the tokenizer")
+
+
+def test_a_lora_target_the_model_lacks_is_refused_naming_what_exists(
+    base_settings: list[str], trial_env: dict[str, str]
+) -> None:
+    settings = [*base_settings, "lora_target=q_proj,nonexistent"]
+    assert run(None, settings, trial_env, StopFlag()) == 2
+    error = json.loads(Path(trial_env["LORASWEEP_RESULT_PATH"]).read_text())["error"]
+    assert error == (
+        "lora_target='q_proj,nonexistent': the model has no module named nonexistent; its "
+        "linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
+        "v_proj (or use `all`)"
+    )
+
+
+def test_the_effective_batch_is_logged(
+    base_settings: list[str], tracked_env: dict[str, str]
+) -> None:
+    settings = [*base_settings, "max_steps=1", "gradient_accumulation_steps=3"]
+    assert run(None, settings, tracked_env, StopFlag()) == 0
+    [run_] = runs_of(tracked_env["MLFLOW_TRACKING_URI"])
+    assert run_.data.params["effective_batch_size"] == "24"  # 8 per device x 3 x 1 process
+    assert run_.data.params["bf16"] == "False"  # unset: off on this CPU
 
 
 def test_early_stopping_ends_a_run_whose_eval_loss_stalls(

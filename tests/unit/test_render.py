@@ -293,6 +293,13 @@ def test_one_gpu_trial_is_one_pod_of_the_bundled_trainer():
     assert render_trial_service(SWEEP, make_spec()) is None
 
 
+def test_a_stopped_trial_gets_a_grace_period_to_write_its_result():
+    pod = render()["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 60
+    pod = render(trainer_spec(terminationGracePeriodSeconds=300))["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+
+
 def test_the_gpu_limit_comes_from_gpus_and_keeps_the_users_resources():
     resources = {"requests": {"cpu": "4", "memory": "32Gi"}, "limits": {"memory": "32Gi"}}
     c = container(render(trainer_spec(gpus=4, resources=resources)))

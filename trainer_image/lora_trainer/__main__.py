@@ -59,6 +59,10 @@ def _oom_message(cfg: object) -> str:
     )
 
 
+def stop_message(stop: StopFlag) -> str:
+    return f"stopped by signal {stop.signal_number or 'SIGTERM'}"
+
+
 def is_main_process(environ: Mapping[str, str]) -> bool:
     return int(environ.get("RANK") or 0) == 0
 
@@ -84,7 +88,14 @@ def run(
     import torch
 
     from lora_trainer.data import DataError
-    from lora_trainer.train import ModelLoadError, environment_tags, train
+    from lora_trainer.train import ModelLoadError, check_this_machine, environment_tags, train
+
+    try:
+        cfg = check_this_machine(cfg)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        report(error=str(exc))
+        return EXIT_CONFIG
 
     sweep = environ.get("LORASWEEP_SWEEP", "")
     trial = environ.get("LORASWEEP_TRIAL", "")
@@ -99,7 +110,17 @@ def run(
             **environment_tags(),
         },
     )
-    tracker.log_params(cfg.model_dump())
+    world_size = int(environ.get("WORLD_SIZE") or 1)
+    batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    tracker.log_params({**cfg.model_dump(), "effective_batch_size": batch})
+
+    def stopping() -> None:
+        # The result as known now, before anything can block on MLflow; the end of the stop
+        # rewrites it with the final figures if it gets there before SIGKILL.
+        tracker.hold()
+        report(tracker.latest, stop_message(stop))
+
+    stop.on_signal = stopping
 
     status, code, metrics, error = "FAILED", EXIT_ERROR, {}, None
     try:
@@ -108,7 +129,7 @@ def run(
     except Stopped as exc:
         metrics = exc.metrics
         status, code = "KILLED", stop.exit_code
-        error = f"stopped by signal {stop.signal_number or 'SIGTERM'}"
+        error = stop_message(stop)
         log.warning("%s", error)
     except torch.OutOfMemoryError:
         code, error = EXIT_OOM, _oom_message(cfg)
@@ -123,8 +144,11 @@ def run(
         error = f"{type(exc).__name__}: {exc}"
         log.error("training failed:\n%s", traceback.format_exc())
     finally:
-        tracker.end(status)
+        stop.finishing()
+        # The result first: MLflow may hang, and the kubelet reads the termination message
+        # however the process ends, even by SIGKILL at the end of the grace period.
         report(metrics, error)
+        tracker.end(status)
     if code == 0:
         log.info("done: %s", json.dumps(metrics))
     return code

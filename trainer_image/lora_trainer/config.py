@@ -117,7 +117,12 @@ class TrainingArguments(_Arguments):
         1, gt=0, description="Batches accumulated into one optimizer step."
     )
     warmup_ratio: float = Field(
-        0.0, ge=0.0, le=1.0, description="Fraction of steps with linear learning-rate warmup."
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of steps with linear learning-rate warmup. 5% by default, as "
+        "LoRA tuning guides advise (5-10%): a fresh adapter's first updates at the full "
+        "learning rate can overshoot.",
     )
     lr_scheduler_type: Literal[
         "linear",
@@ -135,10 +140,18 @@ class TrainingArguments(_Arguments):
     optim: Literal["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop"] = (
         Field("adamw_torch", description="Optimizer, by its transformers name.")
     )
-    bf16: bool = Field(False, description="Mixed precision with bfloat16.")
+    bf16: bool | None = Field(
+        None,
+        description="Mixed precision with bfloat16. Unset: on where the GPU supports it "
+        "(Ampere and later), off on CPU and older GPUs.",
+    )
     fp16: bool = Field(False, description="Mixed precision with float16 (needs a CUDA GPU).")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass to save memory."
+        False,
+        description="Recompute activations in the backward pass instead of keeping them: "
+        "activation memory falls from one copy per layer to about one layer's, for about 30% "
+        "more compute. Turn it on when a batch runs out of GPU memory (long cutoff_len, big "
+        "models, QLoRA) before lowering the batch size.",
     )
     seed: int = Field(42, ge=0, description="Seed for weight init of the adapter and shuffling.")
     eval_steps: int | None = Field(
@@ -410,10 +423,18 @@ def load_config(
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
-def check_hardware(cfg: TrainConfig, *, cuda: bool, bf16_supported: bool) -> None:
-    """Refuse settings this machine cannot run, before anything is loaded.
-
-    Takes the facts rather than asking torch, so it can be checked without a GPU."""
+def check_hardware(
+    cfg: TrainConfig, *, cuda: bool, bf16_supported: bool, flash_attn: bool
+) -> TrainConfig:
+    """Refuse settings this machine cannot run, before anything is loaded, and settle what the
+    unset ones mean here (bf16). Takes the facts rather than asking torch, so it can be
+    checked without a GPU."""
+    if cfg.attn_implementation == "flash_attention_2" and not (cuda and flash_attn):
+        raise ConfigError(
+            "attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            f"({'not installed' if cuda else 'this machine has no GPU'}): use sdpa, or unset "
+            "attn_implementation"
+        )
     if cfg.quantization_bit and not cuda:
         raise ConfigError(
             f"quantization_bit={cfg.quantization_bit} needs a CUDA GPU (bitsandbytes); this "
@@ -423,8 +444,10 @@ def check_hardware(cfg: TrainConfig, *, cuda: bool, bf16_supported: bool) -> Non
         raise ConfigError("fp16=true needs a CUDA GPU; use bf16=true or neither on CPU")
     if cfg.fsdp and not cuda:
         raise ConfigError(f"fsdp={cfg.fsdp!r} needs CUDA GPUs; this machine has none: unset fsdp")
+    bf16 = cfg.bf16 if cfg.bf16 is not None else cuda and bf16_supported and not cfg.fp16
+    settled = cfg.model_copy(update={"bf16": bf16})
     if not cuda or bf16_supported:
-        return
+        return settled
     if cfg.bf16:
         raise ConfigError("bf16=true: this GPU does not support bfloat16; use fp16=true instead")
     if cfg.quantization_bit == 4 and cfg.bnb_4bit_compute_dtype == "bfloat16":
@@ -432,6 +455,7 @@ def check_hardware(cfg: TrainConfig, *, cuda: bool, bf16_supported: bool) -> Non
             "bnb_4bit_compute_dtype=bfloat16: this GPU does not support bfloat16; use "
             "bnb_4bit_compute_dtype=float16 (or float32)"
         )
+    return settled
 
 
 def describe_fields() -> str:

@@ -43,6 +43,9 @@ class Tracker:
         self.earlier_tags: dict[str, str] = {}
         self.earlier_params: dict[str, str] = {}
         self.logged_through: dict[str, int] = {}  # metric -> last step logged
+        # The last value of each metric and its step, sent or not: a stopped run's result.
+        self.latest: dict[str, float] = {}
+        self._held = False
         self._client: Any = None
         self._failures = 0
 
@@ -123,9 +126,14 @@ class Tracker:
                 raise
             return experiment.experiment_id
 
+    def hold(self) -> None:
+        """Send nothing more until `end`: the run is stopping, and its result must not wait
+        behind a slow or hung tracking server."""
+        self._held = True
+
     def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> bool:
         """Whether the call succeeded."""
-        if not self.active:
+        if not self.active or self._held:
             return False
         try:
             getattr(self._client, method)(self.run_id, *args, **kwargs)
@@ -160,6 +168,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        self.latest |= {**_finite_floats(metrics), "train_steps": float(step)}
         # A resumed run repeats the steps between its checkpoint and where the earlier attempt
         # stopped; the curve already has them.
         items = [
@@ -176,6 +185,7 @@ class Tracker:
 
     def end(self, status: str) -> None:
         """Mark the run FINISHED, FAILED or KILLED."""
+        self._held = False
         if self.run_id is None:
             return
         if (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
@@ -127,6 +128,7 @@ def load_model(cfg: TrainConfig) -> Any:
         )
     elif cfg.gradient_checkpointing:
         model.enable_input_require_grads()
+    check_lora_targets(cfg, model)
     transformers.set_seed(cfg.seed)  # the adapters' initial weights
     lora = LoraConfig(
         task_type="CAUSAL_LM",
@@ -141,6 +143,28 @@ def load_model(cfg: TrainConfig) -> Any:
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise ModelLoadError(f"lora_target={cfg.lora_target!r}: {exc}") from exc
+
+
+def check_lora_targets(cfg: TrainConfig, model: Any) -> None:
+    """Refuse a lora_target list naming modules the model lacks: peft adapts the names it
+    finds and ignores the rest, so a typo would train fewer layers than asked, silently."""
+    targets = cfg.lora_target_modules()
+    if isinstance(targets, str):
+        return
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [target for target in targets if target not in names]
+    if missing:
+        linear = sorted(
+            {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and name
+            }
+        )
+        raise ModelLoadError(
+            f"lora_target={cfg.lora_target!r}: the model has no module named "
+            f"{', '.join(missing)}; its linear layers are {', '.join(linear)} (or use `all`)"
+        )
 
 
 def collator_for(
@@ -181,6 +205,10 @@ class LoraTrainer(Trainer):
         self.last_eval_step = -1
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        # Per micro-batch, not only per optimizer step: with gradient accumulation a step can
+        # outlast the grace period between SIGTERM and SIGKILL.
+        if self.stop_requested():
+            raise Stopped
         self.train_tokens += real_tokens(inputs)
         return super().training_step(model, inputs, *args, **kwargs)
 
@@ -355,7 +383,7 @@ def hf_arguments(cfg: TrainConfig, has_eval: bool) -> HFTrainingArguments:
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
-        bf16=cfg.bf16,
+        bf16=bool(cfg.bf16),  # settled by check_this_machine; None only where it was skipped
         fp16=cfg.fp16,
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -411,9 +439,15 @@ def data_tags(cfg: TrainConfig, data: PreparedData) -> dict[str, str]:
     return tags
 
 
-def check_this_machine(cfg: TrainConfig) -> None:
+def check_this_machine(cfg: TrainConfig) -> TrainConfig:
+    """cfg, checked against this machine and with its unset hardware settings settled."""
     cuda = torch.cuda.is_available()
-    check_hardware(cfg, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+    return check_hardware(
+        cfg,
+        cuda=cuda,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+    )
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any) -> PreparedData:
@@ -430,7 +464,7 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any) -> PreparedData:
 
 def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, float]:
     """Train and evaluate; returns the final metrics. Raises Stopped on SIGTERM."""
-    check_this_machine(cfg)
+    cfg = check_this_machine(cfg)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
     tracker.set_tags(data_tags(cfg, data))
@@ -528,7 +562,7 @@ def evaluate_adapter(cfg: TrainConfig, adapter_dir: str | Path) -> float:
     """The eval_loss of a saved adapter: cfg's base model with the adapter applied, on cfg's
     evaluation data, computed as training reports it (same data preparation, collator, mixed
     precision and token weighting). One process."""
-    check_this_machine(cfg)
+    cfg = check_this_machine(cfg)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
     if data.eval is None:
