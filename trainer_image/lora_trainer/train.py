@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
 import math
 import os
@@ -203,6 +204,41 @@ class LoraTrainer(Trainer):
         self.stopped = False
         self.train_tokens = 0  # this process's
         self.last_eval_step = -1
+        base = self.accelerator.unwrap_model(self.model)
+        base = base.get_base_model() if isinstance(base, PeftModel) else base
+        self.labelled_head = "logits_to_keep" in inspect.signature(base.forward).parameters
+
+    def compute_loss(
+        self,
+        model: Any,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """The causal LM loss with the output head run only at positions that predict a label.
+
+        Prompts carry no labels, and with a modern vocabulary the head is a large share of a
+        forward pass: on short responses most of it would be computed for nothing. The loss is
+        the model's own (summed cross-entropy over labelled tokens, over num_items_in_batch)."""
+        targets = inputs["labels"][:, 1:]
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        if not self.labelled_head or return_outputs or keep.numel() == 0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        features = {key: value for key, value in inputs.items() if key != "labels"}
+        logits = model(**features, logits_to_keep=keep).logits
+        chosen = targets[:, keep]
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]),
+            chosen.reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
+        )
+        if num_items_in_batch is None or not self.model_accepts_loss_kwargs:
+            return loss / (chosen != IGNORE_INDEX).sum().clamp(min=1)
+        loss = loss / num_items_in_batch
+        if self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss does
+        return loss
 
     def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         # Per micro-batch, not only per optimizer step: with gradient accumulation a step can
