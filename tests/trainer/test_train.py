@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from lora_trainer.__main__ import run
 from lora_trainer.stopping import StopFlag
 from tests.support import free_port
-from tests.trainer.helpers import cli, runs_of
+from tests.trainer.helpers import cli, runs_of, start_until_step
 
 
 def trial_run(client: MlflowClient, experiment: str, trial: str):
@@ -88,20 +87,8 @@ def test_sigterm_stops_at_the_next_step_and_marks_the_run_killed(
     experiment = f"trainer-{uuid.uuid4().hex[:8]}"
     env = trial_env | {"MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": experiment}
     settings = [*base_settings, "max_steps=100000", "logging_steps=1"]
-    process = subprocess.Popen(cli(settings), env=env, stderr=subprocess.PIPE, text=True)
-    stderr: list[str] = []
-    training = threading.Event()
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            stderr.append(line)
-            if " step 3/100000 " in line:
-                training.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    process, _ = start_until_step(settings, env, 3)
     try:
-        assert training.wait(120), "".join(stderr[-30:])
         sent = time.monotonic()
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 143

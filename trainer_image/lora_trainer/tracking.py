@@ -46,6 +46,7 @@ class Tracker:
         # The last value of each metric and its step, sent or not: a stopped run's result.
         self.latest: dict[str, float] = {}
         self._held = False
+        self._held_metrics: list[Any] = []  # logged while held, sent by `end`
         self._client: Any = None
         self._failures = 0
 
@@ -127,8 +128,8 @@ class Tracker:
             return experiment.experiment_id
 
     def hold(self) -> None:
-        """Send nothing more until `end`: the run is stopping, and its result must not wait
-        behind a slow or hung tracking server."""
+        """Send nothing more until `end` (metrics wait for it): the run is stopping, and its
+        result must not wait behind a slow or hung tracking server."""
         self._held = True
 
     def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> bool:
@@ -176,7 +177,9 @@ class Tracker:
             for k, v in _finite_floats(metrics).items()
             if step > self.logged_through.get(k, -1)
         ]
-        if items:
+        if items and self._held:
+            self._held_metrics += items
+        elif items:
             self._call("metrics", "log_batch", metrics=items)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> bool:
@@ -188,6 +191,8 @@ class Tracker:
         self._held = False
         if self.run_id is None:
             return
+        if self._held_metrics and self.active:
+            self._call("metrics", "log_batch", metrics=self._held_metrics)
         if (
             self._client is None
         ):  # tracking gave up mid-run: one last try, so it is not left RUNNING
