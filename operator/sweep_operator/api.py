@@ -31,6 +31,11 @@ SINGULAR = "hyperparametersweep"
 PARAMETER_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]*$"
 MAX_PARAMETERS = 64
 MAX_VALUES = 1000
+# A Kueue LocalQueue or WorkloadPriorityClass name, as the label value it becomes on a Job;
+# an empty queueName opts a sweep out of the operator's default queue.
+QUEUE_NAME_PATTERN = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"
+PRIORITY_CLASS_PATTERN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+MAX_LABEL_VALUE = 63
 # A PersistentVolumeClaim's name is a DNS-1123 subdomain.
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 MAX_DNS_SUBDOMAIN = 253
@@ -342,6 +347,19 @@ def _free_form(description: str) -> Any:
 class TrainerSpec(_Model):
     """The trial workload: which image runs, on what data, with what pod settings."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.workloadPriorityClass) || "
+                    "(has(self.queueName) && self.queueName != '')",
+                    "workloadPriorityClass needs queueName (it is Kueue's priority)",
+                    ".workloadPriorityClass",
+                ),
+            ]
+        }
+    )
+
     image: str | None = Field(
         None,
         min_length=1,
@@ -438,6 +456,25 @@ class TrainerSpec(_Model):
         None, description="Service account the trial pods run as."
     )
     priority_class_name: str | None = Field(None, description="Priority class of the trial pods.")
+    queue_name: str | None = Field(
+        None,
+        max_length=MAX_LABEL_VALUE,
+        description="Kueue LocalQueue of the trials, in the sweep's namespace. Each trial Job "
+        "is created suspended with the label kueue.x-k8s.io/queue-name, and runs once Kueue "
+        "admits it; until then, or after Kueue preempts it, it counts as queued. parallelism "
+        "still caps the trials in flight (queued ones included). When unset, the operator's "
+        'default (the Helm chart\'s trialDefaults.queueName); "" opts out of it.',
+        json_schema_extra={"pattern": QUEUE_NAME_PATTERN},
+    )
+    workload_priority_class: str | None = Field(
+        None,
+        max_length=MAX_LABEL_VALUE,
+        description="Kueue WorkloadPriorityClass of the trial Jobs (the label "
+        "kueue.x-k8s.io/priority-class): Kueue admits higher-priority trials first and may "
+        "preempt lower-priority ones for them. Needs queueName. Unlike priorityClassName it "
+        "does not change the pods' scheduling priority.",
+        json_schema_extra={"pattern": PRIORITY_CLASS_PATTERN},
+    )
     backoff_limit: int = Field(
         0,
         ge=0,
@@ -461,6 +498,35 @@ class TrainerSpec(_Model):
     pod_labels: dict[str, str] = Field(
         default_factory=dict, description="Labels added to every trial pod."
     )
+
+    @field_validator("queue_name")
+    @classmethod
+    def _queue_name(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(QUEUE_NAME_PATTERN, name):
+            raise ValueError(
+                f"queueName {name!r} is not a LocalQueue name: lower-case letters, digits and "
+                "'-', starting and ending with a letter or digit"
+            )
+        return name
+
+    @field_validator("workload_priority_class")
+    @classmethod
+    def _priority_class(cls, name: str | None) -> str | None:
+        if name is not None and not re.fullmatch(PRIORITY_CLASS_PATTERN, name):
+            raise ValueError(
+                f"workloadPriorityClass {name!r} is not a WorkloadPriorityClass name: lower-case "
+                "letters, digits, '-' and '.', starting and ending with a letter or digit"
+            )
+        return name
+
+    @model_validator(mode="after")
+    def _priority_needs_queue(self) -> TrainerSpec:
+        if self.workload_priority_class is not None and not self.queue_name:
+            raise ValueError(
+                "spec.trainer.workloadPriorityClass needs spec.trainer.queueName: it is the "
+                "priority Kueue gives the trials in their queue"
+            )
+        return self
 
     @field_validator("env")
     @classmethod
@@ -735,7 +801,14 @@ class TrialCounts(_Model):
     """How many trials are in each state."""
 
     total: int = Field(0, description="Trials created so far.")
-    pending: int = Field(0, description="Trials whose pod is not running yet (e.g. no free GPU).")
+    queued: int = Field(
+        0,
+        description="Trials waiting in their Kueue queue for quota: not admitted yet, or "
+        "preempted (spec.trainer.queueName).",
+    )
+    pending: int = Field(
+        0, description="Trials whose pod is not running yet (admitted, e.g. no free GPU)."
+    )
     running: int = Field(0, description="Trials running now.")
     succeeded: int = Field(0, description="Trials that completed successfully.")
     failed: int = Field(0, description="Trials that failed after their retries.")

@@ -158,6 +158,7 @@ def crd() -> dict[str, Any]:
         ("Metric", "string", ".spec.objective.metric", "The objective metric."),
         ("Best", "number", ".status.bestTrial.value", "The best objective value so far."),
         ("Succeeded", "string", ".status.progress", "Succeeded trials / trials to run."),
+        ("Queued", "integer", ".status.trials.queued", "Trials waiting for quota in Kueue."),
         ("Age", "date", ".metadata.creationTimestamp", "Time since the sweep was created."),
     ]
     return {

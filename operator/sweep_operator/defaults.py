@@ -7,10 +7,11 @@ selector and tolerations in every sweep:
     LORASWEEP_DEFAULT_TRAINER_IMAGE    spec.trainer.image
     LORASWEEP_DEFAULT_NODE_SELECTOR    spec.trainer.nodeSelector (a JSON object)
     LORASWEEP_DEFAULT_TOLERATIONS      spec.trainer.tolerations (a JSON list)
+    LORASWEEP_DEFAULT_QUEUE_NAME       spec.trainer.queueName (a Kueue LocalQueue)
 
 (The default MLflow tracking URI, LORASWEEP_MLFLOW_TRACKING_URI, is read by the handlers.)
-A default applies only where the sweep leaves the field out: an explicit `nodeSelector: {}`
-or `tolerations: []` keeps the trials off the defaults.
+A default applies only where the sweep leaves the field out: an explicit `nodeSelector: {}`,
+`tolerations: []` or `queueName: ""` keeps the trials off the defaults.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from sweep_operator.semantic import Problem, SweepInvalid
 ENV_IMAGE = "LORASWEEP_DEFAULT_TRAINER_IMAGE"
 ENV_NODE_SELECTOR = "LORASWEEP_DEFAULT_NODE_SELECTOR"
 ENV_TOLERATIONS = "LORASWEEP_DEFAULT_TOLERATIONS"
+ENV_QUEUE_NAME = "LORASWEEP_DEFAULT_QUEUE_NAME"
 
 
 class DefaultsError(ValueError):
@@ -39,6 +41,7 @@ class TrialDefaults:
     image: str | None = None
     node_selector: dict[str, str] | None = None
     tolerations: list[dict[str, Any]] | None = None
+    queue_name: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TrialDefaults:
@@ -55,6 +58,7 @@ class TrialDefaults:
             image=env.get(ENV_IMAGE) or None,
             node_selector=node_selector,
             tolerations=tolerations,
+            queue_name=env.get(ENV_QUEUE_NAME) or None,
         )
 
     def apply(self, raw_spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -71,6 +75,7 @@ class TrialDefaults:
             ("image", self.image),
             ("nodeSelector", self.node_selector),
             ("tolerations", self.tolerations),
+            ("queueName", self.queue_name),
         ):
             if key not in trainer and default is not None:
                 trainer[key] = copy.deepcopy(default)

@@ -58,6 +58,9 @@ REPORT_INTERVAL_SECONDS = 60.0
 IMPORTANCE_IN_STATUS = 5
 # Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
 EVENT_BURST = 5
+# Kueue's API: a trial Job's Workload (found by the Job's uid) and LocalQueue.
+KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
+LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"
 
 _wakeups: dict[tuple[str, str], threading.Event] = defaultdict(threading.Event)
 _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
@@ -179,6 +182,9 @@ class Reconciler:
         self.reported_at = 0.0
         self.has_service = False  # the headless Service of multi-node trials exists
         self.registered: dict[str, str] = {}  # trial -> models:/ URI of its registered adapter
+        self.released: set[str] = set()  # stopped trials whose Kueue Workload is deactivated
+        self.waiting_reported = False  # the Event that trials wait for quota, this time round
+        self.cluster_queue: str | None = None  # of spec.trainer.queueName, once read
 
     def reconcile(self, body: kopf.Body, jobs: list[dict], pods: list[dict]) -> None:
         now = datetime.now(UTC)
@@ -225,6 +231,8 @@ class Reconciler:
         except RenderError as error:
             self._refuse(body, "InvalidTemplate", str(error), now, previous)
             return
+        self._release_stopped(namespace, jobs, result.delete)
+        self._waiting_event(body, spec, namespace, jobs, observed)
         if tracker:
             self._mark_stopped_runs(tracker, observed)
         self._trial_events(body, observed, previous, status)
@@ -303,10 +311,9 @@ class Reconciler:
         # (else the next reconcile would plan them again and exceed parallelism in its count).
         indexed = {job["name"] for job in jobs}
         self.created = {n: t for n, t in self.created.items() if n not in indexed}
+        state = TrialState.QUEUED if spec.trainer.queue_name else TrialState.PENDING
         observed += [
-            ObservedTrial(
-                name=t.name, index=t.index, parameters=t.parameters, state=TrialState.PENDING
-            )
+            ObservedTrial(name=t.name, index=t.index, parameters=t.parameters, state=state)
             for t in self.created.values()
         ]
         return observed
@@ -380,9 +387,12 @@ class Reconciler:
                 if was_created
             ],
         )
+        queued = bool(spec.trainer.queue_name)
         list(
             _api_pool.map(
-                lambda job: self._stop_job(sweep.namespace, job, result.stop_reasons.get(job)),
+                lambda job: self._stop_job(
+                    sweep.namespace, job, result.stop_reasons.get(job), queued
+                ),
                 result.delete,
             )
         )
@@ -410,18 +420,116 @@ class Reconciler:
             raise
         return True
 
-    def _stop_job(self, namespace: str, name: str, reason: str | None) -> None:
+    def _stop_job(self, namespace: str, name: str, reason: str | None, queued: bool) -> None:
         """Stop a trial: suspending its Job ends its pod (SIGTERM, then the grace period), and
-        the annotation keeps it observed as pruned, so it is never planned again."""
-        patch = {
-            "metadata": {"annotations": {ANNOTATION_STOPPED: reason or "stopped by the operator"}},
-            "spec": {"suspend": True},
+        the annotation keeps it observed as pruned, so it is never planned again.
+
+        Kueue owns the suspension of a queued Job (it would undo ours): such a Job only gets
+        the annotation here, and _release_stopped has Kueue suspend it for good."""
+        patch: dict[str, Any] = {
+            "metadata": {"annotations": {ANNOTATION_STOPPED: reason or "stopped by the operator"}}
         }
+        if not queued:
+            patch["spec"] = {"suspend": True}
         try:
             self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False)
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def _release_stopped(self, namespace: str, jobs: list[dict], stopping: list[str]) -> None:
+        """Deactivate the Kueue Workload of each stopped trial (spec.active: false): Kueue
+        then suspends its Job, frees its quota and never admits it again. Once per trial and
+        operator run; a Workload Kueue has not made yet is looked for again next time."""
+        wanted = {
+            job["uid"]: job["name"]
+            for job in jobs
+            if job["queue"]
+            and (job["stopped"] is not None or job["name"] in stopping)
+            and not (job["complete"] or job["failed"])
+            and job["name"] not in self.released
+        }
+        if not wanted:
+            return
+        try:
+            for workload in self._workloads(namespace, list(wanted)):
+                if workload["spec"].get("active", True):
+                    self.custom.patch_namespaced_custom_object(
+                        KUEUE_GROUP,
+                        KUEUE_VERSION,
+                        namespace,
+                        "workloads",
+                        workload["metadata"]["name"],
+                        {"spec": {"active": False}},
+                    )
+                self.released.add(wanted[workload["metadata"]["labels"][LABEL_WORKLOAD_JOB_UID]])
+        except ApiException as error:
+            self.logger.warning("cannot deactivate stopped trials in Kueue yet: %s", error.reason)
+
+    def _workloads(self, namespace: str, job_uids: list[str]) -> list[dict]:
+        """The Kueue Workloads of these Jobs (Kueue labels each with its Job's uid)."""
+        selector = f"{LABEL_WORKLOAD_JOB_UID} in ({','.join(sorted(job_uids))})"
+        return self.custom.list_namespaced_custom_object(
+            KUEUE_GROUP, KUEUE_VERSION, namespace, "workloads", label_selector=selector
+        )["items"]
+
+    def _waiting_event(
+        self,
+        body: kopf.Body,
+        spec: SweepSpec,
+        namespace: str,
+        jobs: list[dict],
+        observed: list[ObservedTrial],
+    ) -> None:
+        """One Event when trials start waiting for quota, naming the ClusterQueue: Kueue tried
+        their Workloads and reserved nothing (a Job it has not looked at yet is not waiting)."""
+        queued = {t.name for t in observed if t.state == TrialState.QUEUED}
+        if not queued:
+            self.waiting_reported = False
+            return
+        if self.waiting_reported or not spec.trainer.queue_name:
+            return
+        uids = [job["uid"] for job in jobs if job["name"] in queued]
+        if not uids:
+            return
+        try:
+            workloads = self._workloads(namespace, uids)
+        except ApiException as error:
+            self.logger.warning("cannot read the trials' Kueue Workloads: %s", error.reason)
+            return
+        refused = [
+            c.get("message", "")
+            for w in workloads
+            for c in (w.get("status") or {}).get("conditions") or []
+            if c["type"] == "QuotaReserved" and c["status"] == "False"
+        ]
+        if not refused:
+            return
+        queue = spec.trainer.queue_name
+        where = f"LocalQueue {queue}"
+        cluster_queue = self._cluster_queue(namespace, queue)
+        if cluster_queue:
+            where = f"ClusterQueue {cluster_queue} (LocalQueue {queue})"
+        kopf.event(
+            body,
+            type="Normal",
+            reason="WaitingForQuota",
+            message=f"{len(queued)} trials wait for quota in {where}: {refused[0]}"[:1000],
+        )
+        self.waiting_reported = True
+
+    def _cluster_queue(self, namespace: str, queue: str) -> str | None:
+        """The ClusterQueue behind a LocalQueue; None when it cannot be read."""
+        if self.cluster_queue is None:
+            try:
+                local = self.custom.get_namespaced_custom_object(
+                    KUEUE_GROUP, KUEUE_VERSION, namespace, "localqueues", queue
+                )
+            except ApiException as error:
+                self.logger.warning("cannot read LocalQueue %s: %s", queue, error.reason)
+                return None
+            self.cluster_queue = local["spec"].get("clusterQueue")
+        return self.cluster_queue
 
     def _adapter(
         self, spec: SweepSpec, sweep: SweepRef, status: SweepStatus, tracker: Tracker | None
@@ -515,6 +623,9 @@ class Reconciler:
                     )
                 elif trial.state == TrialState.PRUNED:
                     events.append(TrialEvent("TrialStopped", trial.name, trial.message))
+                elif trial.state == TrialState.QUEUED and trial.name in self.states:
+                    detail = "suspended by Kueue (preempted); it waits for quota to run again"
+                    events.append(TrialEvent("TrialRequeued", trial.name, detail))
         self.states = {t.name: t.state for t in observed}
         best, before = status.best_trial, previous.best_trial if previous else None
         if best is not None and (before is None or before.name != best.name):

@@ -16,6 +16,7 @@ from sweep_operator.trials import (
     ANNOTATION_INDEX,
     ANNOTATION_PARAMETERS,
     ANNOTATION_STOPPED,
+    LABEL_QUEUE_NAME,
     LABEL_TRIAL,
     ObservedTrial,
     TrialState,
@@ -42,6 +43,7 @@ def job_summary(job: dict[str, Any]) -> Summary | None:
     }
     return {
         "name": meta["name"],
+        "uid": meta.get("uid", ""),
         "index": int(annotations[ANNOTATION_INDEX]),
         "parameters": json.loads(annotations.get(ANNOTATION_PARAMETERS, "{}")),
         "deleting": bool(meta.get("deletionTimestamp")),
@@ -53,6 +55,8 @@ def job_summary(job: dict[str, Any]) -> Summary | None:
         "started_at": status.get("startTime"),
         "ready": int(status.get("ready") or 0),
         "stopped": annotations.get(ANNOTATION_STOPPED),
+        "suspended": bool((job.get("spec") or {}).get("suspend")),
+        "queue": (meta.get("labels") or {}).get(LABEL_QUEUE_NAME),
     }
 
 
@@ -114,6 +118,10 @@ def observe_trial(
         state = TrialState.FAILED
     elif job["deleting"] or job["stopped"] is not None:
         state = TrialState.PRUNED
+    elif job["suspended"]:
+        # Suspended without the operator's stop annotation: Kueue holds it until it has
+        # quota (not admitted yet, or preempted). It waits; it has neither failed nor ended.
+        state = TrialState.QUEUED
     elif job["ready"] > 0 or any(p["phase"] == "Running" for p in pods):
         state = TrialState.RUNNING
     else:

@@ -7,7 +7,8 @@ by their index; the plan only creates indices that are not observed, so it never
 a trial after a restart.
 
 The returned status describes the sweep as it will be once the plan is carried out: trials
-to create count as pending and trials to delete as pruned.
+to create count as pending (queued, for a sweep with a Kueue queue) and trials to delete as
+pruned. Queued trials are active: they hold a parallelism slot but no GPU.
 
 Stopping a trial (early stopping, the time budget, a failed sweep) puts its name in
 `Plan.delete` with a reason in `Plan.stop_reasons`. The stopped trial must stay observable as
@@ -222,6 +223,8 @@ def plan(
 
     create: list[NewTrial] = []
     stops: dict[str, str] = {}
+    # With a queue a new trial's Job starts suspended, waiting for Kueue to admit it.
+    new_state = TrialState.QUEUED if spec.trainer.queue_name else TrialState.PENDING
     phase: Phase
     changed = _space_changed(spec, trials)
     budget = spec.max_failed_trials
@@ -270,7 +273,7 @@ def plan(
                     name=new.name,
                     index=index,
                     parameters=new.parameters,
-                    state=TrialState.PENDING,
+                    state=new_state,
                 )
             )
         finished = not going_on and not create and all(i in by_index for i in range(target))
@@ -286,14 +289,18 @@ def plan(
                 reason = "NoTrialSucceeded"
                 message = f"all {len(trials)} trials failed or were stopped"
         else:
-            started = any(t.state != TrialState.PENDING for t in trials)
+            waiting = (TrialState.QUEUED, TrialState.PENDING)
+            started = any(t.state not in waiting for t in trials)
             phase, reason = ("Running", "TrialsRunning") if started else ("Pending", "Waiting")
             running = sum(t.state == TrialState.RUNNING for t in going_on)
-            pending = len(going_on) - running + len(create)
+            queued = sum(t.state == TrialState.QUEUED for t in going_on)
+            queued += len(create) if new_state == TrialState.QUEUED else 0
+            pending = len(going_on) - running + len(create) - queued
             pruned = sum(t.state == TrialState.PRUNED for t in trials) + len(stops)
             message = (
                 f"{len(succeeded)}/{target} trials succeeded, {running} running, "
-                f"{pending} pending, {len(failed)} failed"
+                + (f"{queued} queued, " if spec.trainer.queue_name else "")
+                + f"{pending} pending, {len(failed)} failed"
                 + (f", {pruned} pruned" if pruned else "")
                 + best_text
             )
@@ -304,11 +311,13 @@ def plan(
         )
 
     def count(state: TrialState) -> int:
-        return sum(t.state == state and t.name not in stops for t in trials)
+        created = len(create) if state == new_state else 0
+        return sum(t.state == state and t.name not in stops for t in trials) + created
 
     counts = TrialCounts(
         total=len(trials) + len(create),
-        pending=count(TrialState.PENDING) + len(create),
+        queued=count(TrialState.QUEUED),
+        pending=count(TrialState.PENDING),
         running=count(TrialState.RUNNING),
         succeeded=len(succeeded),
         failed=len(failed),

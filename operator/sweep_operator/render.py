@@ -26,6 +26,8 @@ from sweep_operator.trials import (
     ANNOTATION_PARAMETERS,
     CHECKPOINT_VOLUME,
     GPU_RESOURCE,
+    LABEL_PRIORITY_CLASS,
+    LABEL_QUEUE_NAME,
     LABEL_SWEEP,
     LABEL_TRIAL,
     RESULT_PATH,
@@ -402,7 +404,8 @@ def render_trial_job(
     Template precedence: spec.trainer.jobTemplate, then `template` (an operator-wide or
     command-line default), then the built-in template. Whatever the template says, the Job's
     name, namespace, ownerReference and the operator's labels and annotations are set here,
-    because the operator relies on them to find its trials and to cascade deletion.
+    because the operator relies on them to find its trials and to cascade deletion; so are,
+    with spec.trainer.queueName, Kueue's labels and `suspend: true`.
     """
     if spec.trainer.job_template is not None:
         source, field = spec.trainer.job_template, "spec.trainer.jobTemplate"
@@ -423,13 +426,30 @@ def render_trial_job(
     job["metadata"] = metadata
     metadata["name"] = trial.name
     metadata["namespace"] = sweep.namespace
-    metadata["labels"] = {**(metadata.get("labels") or {}), **required["labels"]}
+    metadata["labels"] = {
+        **(metadata.get("labels") or {}),
+        **required["labels"],
+        **_queue_labels(spec.trainer),
+    }
     metadata["annotations"] = {**(metadata.get("annotations") or {}), **required["annotations"]}
     metadata["ownerReferences"] = required["ownerReferences"]
     pod_metadata = job["spec"]["template"].setdefault("metadata", {}) or {}
     job["spec"]["template"]["metadata"] = pod_metadata
     pod_metadata["labels"] = {**(pod_metadata.get("labels") or {}), **required["labels"]}
+    if spec.trainer.queue_name:
+        # Kueue starts it once admitted; created running, it would hold a GPU before that.
+        job["spec"]["suspend"] = True
     return job
+
+
+def _queue_labels(trainer: TrainerSpec) -> dict[str, str]:
+    """The Job labels that hand a trial to Kueue: its LocalQueue and priority."""
+    if not trainer.queue_name:
+        return {}
+    labels = {LABEL_QUEUE_NAME: trainer.queue_name}
+    if trainer.workload_priority_class:
+        labels[LABEL_PRIORITY_CLASS] = trainer.workload_priority_class
+    return labels
 
 
 def render_trial_service(sweep: SweepRef, spec: SweepSpec) -> dict[str, Any] | None:

@@ -16,8 +16,12 @@ ANNOTATION_PARAMETERS = "lorasweep.io/parameters"
 ANNOTATION_INDEX = "lorasweep.io/trial-index"
 # Set, with the reason, on the Job of a trial the operator stopped (early stopping, time
 # budget, failed sweep). The Job is suspended rather than deleted, so that the trial stays
-# observable as pruned, and is never planned again, after a restart.
+# observable as pruned, and is never planned again, after a restart. It is what tells such a
+# Job from one that Kueue keeps suspended (queued, or preempted), which waits to run.
 ANNOTATION_STOPPED = "lorasweep.io/stopped"
+# Kueue's labels on a trial Job: the LocalQueue it waits in, and its WorkloadPriorityClass.
+LABEL_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
+LABEL_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 
 # A learning curve: (step, value) pairs of one metric.
 Curve = list[tuple[int, float]]
@@ -32,7 +36,8 @@ CHECKPOINT_VOLUME = "lorasweep-checkpoints"
 
 
 class TrialState(StrEnum):
-    PENDING = "pending"  # Job exists, pod not running yet (e.g. waiting for a GPU)
+    QUEUED = "queued"  # Job suspended by Kueue: not admitted yet, or preempted
+    PENDING = "pending"  # Job exists (admitted), pod not running yet (e.g. waiting for a GPU)
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # failed after the Job's retries
@@ -40,7 +45,7 @@ class TrialState(StrEnum):
 
     @property
     def active(self) -> bool:
-        return self in (TrialState.PENDING, TrialState.RUNNING)
+        return self in (TrialState.QUEUED, TrialState.PENDING, TrialState.RUNNING)
 
 
 class ObservedTrial(BaseModel):

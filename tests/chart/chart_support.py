@@ -28,7 +28,7 @@ SCHEMA_LOCATION = "{{ .ResourceKind }}{{ .KindSuffix }}.json"
 def tools_dir() -> Path:
     """helm and kubeconform, built (once, cached) by the project's build script.
 
-    The script prints the cluster's bin folder; the tools sit beside it in a folder named by
+    The script prints the cluster's bin folder first; the tools sit beside it in a folder named by
     their versions, which are the script's defaults unless the environment overrides them.
     """
     out = subprocess.run(
@@ -42,7 +42,7 @@ def tools_dir() -> Path:
         return os.environ.get(var) or found.group(1)
 
     folder = (
-        Path(out.strip()).parent
+        Path(out.splitlines()[0]).parent
         / f"helm-{version('HELM_VERSION')}-kubeconform-{version('KUBECONFORM_VERSION')}"
     )
     assert (folder / "helm").is_file() and (folder / "kubeconform").is_file(), folder

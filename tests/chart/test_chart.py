@@ -127,6 +127,7 @@ def test_kubeconform_is_strict(schemas: Path, tmp_path: Path):
         ({"trialDefaults": {"nodeSelector": {"gpu": True}}}, "got boolean, want string"),
         ({"trialDefaults": {"tolerations": {"key": "x"}}}, "got object, want array"),
         ({"trialDefaults": {"mlflowTrackingUri": "mlflow:5000"}}, "does not match pattern"),
+        ({"trialDefaults": {"queueName": "Team_A"}}, "does not match pattern"),
         ({"image": {"pullPolicy": "Sometimes"}}, "value must be one of"),
     ],
 )
@@ -216,6 +217,12 @@ def test_rbac_is_least_privilege(tmp_path: Path):
                 assert set(rule["verbs"]) == {"create", "patch"}
         verbs = {v for rule in rules for v in rule["verbs"]}
         assert not verbs & {"*", "escalate", "bind", "impersonate"}
+        # Kueue: stopped trials' Workloads are deactivated; nothing of Kueue's is created,
+        # deleted or watched.
+        kueue = {r: set(rule["verbs"]) for rule in rules for r in rule["resources"]}
+        if rules is not namespaced["ClusterRole/"]:  # the discovery-only one
+            assert kueue["workloads"] == {"list", "patch"}
+            assert kueue["localqueues"] == {"get"}
         for rule in rules:
             if rule["resources"] == ["customresourcedefinitions"]:
                 assert rule["verbs"] == ["list", "watch"]  # reads, never writes, CRDs
@@ -260,6 +267,7 @@ def test_deployment_arguments_and_defaults(tmp_path: Path):
             "image": "trainer:1",
             "nodeSelector": {"gpu": "yes"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}],
+            "queueName": "team-gpus",
         },
     }
     stream = template(values, tmp_path)
@@ -281,6 +289,7 @@ def test_deployment_arguments_and_defaults(tmp_path: Path):
     assert (
         json.loads(env["LORASWEEP_DEFAULT_TOLERATIONS"]) == values["trialDefaults"]["tolerations"]
     )
+    assert env["LORASWEEP_DEFAULT_QUEUE_NAME"] == "team-gpus"
     peerings = [d for d in documents(stream) if d["kind"] == "KopfPeering"]
     assert [(p["metadata"]["namespace"], p["metadata"]["name"]) for p in peerings] == [
         ("a", "rel-lorasweep"),

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
 # Builds the test cluster's binaries from Go modules into a cache keyed by version:
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok
-#   (one wrapper module, one `go build`, so shared packages compile once), then helm and
-#   kubeconform for the chart tests. Prints the bin folder. A second run is a no-op.
+#   (one wrapper module, one `go build`, so shared packages compile once), Kueue's manager
+#   with its CRDs and webhook manifests (a module of its own: it needs other k8s.io versions),
+#   then helm and kubeconform for the chart tests. Prints the bin folder and Kueue's folder,
+#   one a line. A second run is a no-op.
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.36.3}
 KWOK_VERSION=${KWOK_VERSION:-v0.8.0}
 HELM_VERSION=${HELM_VERSION:-v3.21.4}
 KUBECONFORM_VERSION=${KUBECONFORM_VERSION:-v0.8.0}
+KUEUE_VERSION=${KUEUE_VERSION:-v0.17.0}
 
 cache=${LORASWEEP_CACHE:-$HOME/.cache/lorasweep}
-bin="$cache/bin/k8s-$K8S_VERSION-kwok-$KWOK_VERSION"
+# "-stamped": the binaries report their version (Kueue refuses an apiserver that says v0.0.0).
+bin="$cache/bin/k8s-$K8S_VERSION-kwok-$KWOK_VERSION-stamped"
+kueue="$cache/bin/kueue-$KUEUE_VERSION"
 tools="$cache/bin/helm-$HELM_VERSION-kubeconform-$KUBECONFORM_VERSION"
 cluster_bins=(kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok)
 
@@ -61,7 +66,11 @@ EOF
   (
     cd "$src"
     export GOFLAGS=-mod=mod CGO_ENABLED=0
-    go build -trimpath -ldflags=-s -o "$bin/" \
+    # What `make release` stamps into Kubernetes' binaries; unstamped, /version says v0.0.0.
+    local minor="${K8S_VERSION#v1.}"
+    local version=k8s.io/component-base/version
+    go build -trimpath -o "$bin/" -ldflags="-s -X $version.gitVersion=$K8S_VERSION \
+      -X $version.gitMajor=1 -X $version.gitMinor=${minor%%.*} -X $version.gitTreeState=clean" \
       k8s.io/kubernetes/cmd/kube-apiserver \
       k8s.io/kubernetes/cmd/kube-controller-manager \
       k8s.io/kubernetes/cmd/kube-scheduler \
@@ -69,6 +78,20 @@ EOF
       sigs.k8s.io/kwok/cmd/kwok \
       ./cmd/etcd
   )
+}
+
+# The manager binary, and beside it what devcluster.py installs from the same module version:
+# the CRDs and the webhook manifests (copied, so a cleaned module cache does not break them).
+build_kueue() {
+  log "building kueue $KUEUE_VERSION; the first build takes a few minutes"
+  mkdir -p "$kueue/crds"
+  GOBIN="$kueue" CGO_ENABLED=0 go install -trimpath -ldflags=-s \
+    "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION"
+  local mod
+  mod="$(go env GOMODCACHE)/sigs.k8s.io/kueue@$KUEUE_VERSION"
+  cp "$mod"/config/components/crd/bases/*.yaml "$kueue/crds/"
+  cp "$mod/config/components/webhook/manifests.yaml" "$kueue/webhooks.yaml"
+  chmod -R u+w "$kueue"
 }
 
 build_tools() {
@@ -81,7 +104,9 @@ build_tools() {
 }
 
 have_all "$bin" "${cluster_bins[@]}" || build_cluster_bins
+[[ -x "$kueue/kueue" && -f "$kueue/webhooks.yaml" ]] || build_kueue
 if [[ "${LORASWEEP_SKIP_TOOLS:-}" != 1 ]]; then
   have_all "$tools" helm kubeconform || build_tools
 fi
 echo "$bin"
+echo "$kueue"

@@ -3,10 +3,11 @@
     python tests/cluster/devcluster.py up | down | status | logs POD [-n NAMESPACE]
 
 `up` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (simulating
-the `sim` GPU nodes), the pod runner (running pods of `local-gpu-0` as local processes) and an
-MLflow server, each on a free loopback port, then writes `.cluster/kubeconfig` and
-`.cluster/env`. Every process is recorded by pid in `.cluster/state.json`, which is what `down`
-stops; `up` on a healthy cluster does nothing.
+the `sim` GPU nodes), the pod runner (running pods of `local-gpu-0` as local processes), Kueue
+(its CRDs, its manager and webhooks, the ClusterQueue `gpus`) and an MLflow server, each on a
+free loopback port, then writes `.cluster/kubeconfig` and `.cluster/env`. Every process is
+recorded by pid in `.cluster/state.json`, which is what `down` stops; `up` on a healthy
+cluster does nothing.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import yaml
 
 if TYPE_CHECKING:
     from kubernetes import client
@@ -58,6 +61,8 @@ SIM_NODES = {"sim-gpu-0": 4, "sim-gpu-1": 4}
 LOCAL_NODE = "local-gpu-0"
 LOCAL_NODE_GPUS = 2
 GPU_PRODUCT = "NVIDIA-H100-80GB-HBM3"
+NODE_CPUS = 32
+NODE_MEMORY_GI = 256
 CONTROLLERS = ",".join(
     [
         "job-controller",
@@ -78,6 +83,19 @@ CONTROLLERS = ",".join(
 )
 
 
+# Kueue meters the sim nodes' GPUs: one ResourceFlavor for them (Kueue puts its node labels
+# on the pods it admits) and one ClusterQueue whose quota is what those nodes hold. cpu and
+# memory are covered too, because Kueue refuses a workload that requests a resource its
+# ClusterQueue does not name.
+KUEUE_FLAVOR = "sim-gpu"
+KUEUE_CLUSTER_QUEUE = "gpus"
+# Only the webhooks of what Kueue runs here: its own API and batch/v1 Jobs. The others
+# (Pods, Deployments, ...) are served only for enabled integrations, and a registered webhook
+# with nobody behind it would refuse every such object.
+KUEUE_WEBHOOK_GROUPS = {"kueue.x-k8s.io", "batch"}
+METRICS_CERTS = Path("/etc/kueue/metrics/certs")
+
+
 def log(message: str) -> None:
     print(f"devcluster: {message}", file=sys.stderr, flush=True)
 
@@ -90,6 +108,7 @@ class Cluster:
     mlflow_url: str
     bin_dir: str
     pids: dict[str, int]
+    kueue_dir: str = ""
 
     @classmethod
     def load(cls) -> Cluster | None:
@@ -219,6 +238,8 @@ def _make_certs() -> None:
         ("admin", "/O=system:masters/CN=lorasweep-admin", "extendedKeyUsage=clientAuth"),
         # The operator's own identity, so the audit log can count its requests apart.
         ("operator", "/O=system:masters/CN=lorasweep-operator", "extendedKeyUsage=clientAuth"),
+        # Kueue's webhook server; the apiserver calls it at 127.0.0.1 and trusts the CA.
+        ("kueue", "/CN=kueue-webhook", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
     ]:
         (STATE_DIR / "certs" / f"{name}.ext").write_text(ext + "\n")
         _openssl(
@@ -294,7 +315,8 @@ def _write_kubeconfig(api_url: str, path: Path, user: str) -> None:
     path.chmod(0o600)
 
 
-def _build_bins() -> str:
+def _build_bins() -> tuple[str, str]:
+    """(the control plane's bin folder, Kueue's folder), as build-bins.sh prints them."""
     env = {**os.environ, "LORASWEEP_SKIP_TOOLS": "1"}
     out = subprocess.run(
         ["bash", str(HERE / "build-bins.sh")],
@@ -303,11 +325,17 @@ def _build_bins() -> str:
         text=True,
         env=env,
     )
-    return out.stdout.strip().splitlines()[-1]
+    bin_dir, kueue_dir = out.stdout.strip().splitlines()[-2:]
+    return bin_dir, kueue_dir
 
 
 def _node_manifest(name: str, gpus: int, mode: str) -> dict:
-    capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": str(gpus)}
+    capacity = {
+        "cpu": str(NODE_CPUS),
+        "memory": f"{NODE_MEMORY_GI}Gi",
+        "pods": "110",
+        "nvidia.com/gpu": str(gpus),
+    }
     return {
         "apiVersion": "v1",
         "kind": "Node",
@@ -452,14 +480,16 @@ def _up() -> Cluster:
         log(f"stale state (dead: {existing.dead_processes() or 'none'}); restarting")
         _down()
     started = time.monotonic()
-    bin_dir = _build_bins()
+    bin_dir, kueue_dir = _build_bins()
     STATE_DIR.mkdir(exist_ok=True)
     (STATE_DIR / "logs").mkdir(exist_ok=True)
     etcd_port, peer_port, api_port, cm_port, sched_port, kwok_port, mlflow_port = _free_ports(7)
     api_url = f"https://127.0.0.1:{api_port}"
     mlflow_url = f"http://127.0.0.1:{mlflow_port}"
     pids: dict[str, int] = {}
-    cluster = Cluster(api_url=api_url, mlflow_url=mlflow_url, bin_dir=bin_dir, pids=pids)
+    cluster = Cluster(
+        api_url=api_url, mlflow_url=mlflow_url, bin_dir=bin_dir, pids=pids, kueue_dir=kueue_dir
+    )
     # Save as we go, so a failed start can still be torn down by pid.
     cluster.save()
     try:
@@ -642,6 +672,8 @@ def _start_all(
         ),
     )
 
+    start_kueue(cluster)
+
     mlflow_dir = STATE_DIR / "mlflow"
     mlflow_dir.mkdir()
     pid = record(
@@ -667,6 +699,165 @@ def _start_all(
     for name, pid in pids.items():
         if not process_alive(pid):
             raise RuntimeError(f"{name} died during start-up; see {logs / (name + '.log')}")
+
+
+def _kubectl_apply(cluster: Cluster, path: Path) -> None:
+    subprocess.run(
+        [f"{cluster.bin_dir}/kubectl", "apply", "--server-side", "-f", str(path)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )
+
+
+def _wait_established(cluster: Cluster, path: Path) -> None:
+    subprocess.run(
+        [
+            f"{cluster.bin_dir}/kubectl",
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "-f",
+            str(path),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )
+
+
+def kueue_webhooks(manifests: list[dict], url: str, ca_bundle: str) -> list[dict]:
+    """Kueue's webhook configurations for a manager outside the cluster: only the webhooks of
+    KUEUE_WEBHOOK_GROUPS, each calling `url` + its path instead of the in-cluster Service."""
+    configurations = []
+    for manifest in manifests:
+        webhooks = []
+        for webhook in manifest["webhooks"]:
+            groups = {g for rule in webhook["rules"] for g in rule["apiGroups"]}
+            if not groups <= KUEUE_WEBHOOK_GROUPS:
+                continue
+            path = webhook["clientConfig"]["service"]["path"]
+            webhooks.append(
+                {**webhook, "clientConfig": {"url": f"{url}{path}", "caBundle": ca_bundle}}
+            )
+        name = f"kueue-{manifest['metadata']['name']}"
+        configurations.append({**manifest, "metadata": {"name": name}, "webhooks": webhooks})
+    return configurations
+
+
+def start_kueue(cluster: Cluster) -> None:
+    """Kueue's CRDs, its manager on loopback (batch/v1 Jobs only, no leader election, our own
+    certificate), its webhooks, and the ResourceFlavor and ClusterQueue of the sim GPUs."""
+    from kubernetes import client, config
+
+    started = time.monotonic()
+    kueue_dir = Path(cluster.kueue_dir)
+    logs = STATE_DIR / "logs"
+    home = STATE_DIR / "kueue"
+    (home / "certs").mkdir(parents=True)
+    certs = STATE_DIR / "certs"
+    shutil.copy(certs / "kueue.crt", home / "certs" / "tls.crt")
+    shutil.copy(certs / "kueue.key", home / "certs" / "tls.key")
+    _kubectl_apply(cluster, kueue_dir / "crds")
+    _wait_established(cluster, kueue_dir / "crds")
+    webhook_port, health_port = _free_ports(2)
+    configuration = {
+        "apiVersion": "config.kueue.x-k8s.io/v1beta2",
+        "kind": "Configuration",
+        "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+        "metrics": {"bindAddress": "0"},
+        "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(home / "certs")},
+        "leaderElection": {"leaderElect": False},
+        "internalCertManagement": {"enable": False},
+        "integrations": {"frameworks": ["batch/job"]},
+        # Its on-demand visibility API server would take a fixed port (8082).
+        "featureGates": {"VisibilityOnDemand": False},
+    }
+    (home / "config.yaml").write_text(json.dumps(configuration, indent=2))
+    # Without internal cert management Kueue also reads a metrics certificate from a fixed
+    # path, even with metrics off. It gets ours there in a private mount namespace, as a
+    # container would, so the machine's /etc keeps only the empty mount point.
+    METRICS_CERTS.mkdir(parents=True, exist_ok=True)
+    argv = [str(kueue_dir / "kueue"), f"--config={home / 'config.yaml'}"]
+    script = f'mount --bind {home / "certs"} {METRICS_CERTS} && exec "$@"'
+    pid = _start(
+        "kueue",
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )
+    cluster.pids["kueue"] = pid
+    cluster.save()
+    ready = f"http://127.0.0.1:{health_port}/readyz"
+    _wait("kueue", lambda: _http_ok(ready), 90, pid, logs / "kueue.log")
+
+    api = config.new_client_from_config(str(KUBECONFIG))
+    admission = client.AdmissionregistrationV1Api(api)
+    manifests = yaml_documents(kueue_dir / "webhooks.yaml")
+    ca_bundle = base64.b64encode((certs / "ca.crt").read_bytes()).decode()
+    for webhook_config in kueue_webhooks(manifests, f"https://127.0.0.1:{webhook_port}", ca_bundle):
+        if webhook_config["kind"] == "MutatingWebhookConfiguration":
+            admission.create_mutating_webhook_configuration(webhook_config)
+        else:
+            admission.create_validating_webhook_configuration(webhook_config)
+
+    custom = client.CustomObjectsApi(api)
+    custom.create_cluster_custom_object(
+        "kueue.x-k8s.io",
+        "v1beta2",
+        "resourceflavors",
+        {
+            "apiVersion": "kueue.x-k8s.io/v1beta2",
+            "kind": "ResourceFlavor",
+            "metadata": {"name": KUEUE_FLAVOR},
+            "spec": {"nodeLabels": {"lorasweep.io/node-mode": "sim"}},
+        },
+    )
+    custom.create_cluster_custom_object(
+        "kueue.x-k8s.io",
+        "v1beta2",
+        "clusterqueues",
+        cluster_queue_manifest(
+            KUEUE_CLUSTER_QUEUE,
+            {
+                "nvidia.com/gpu": sum(SIM_NODES.values()),
+                "cpu": NODE_CPUS * len(SIM_NODES),
+                "memory": f"{NODE_MEMORY_GI * len(SIM_NODES)}Gi",
+            },
+        ),
+    )
+    log(f"kueue up in {time.monotonic() - started:.1f}s")
+
+
+def cluster_queue_manifest(name: str, quota: dict[str, int | str]) -> dict:
+    """A ClusterQueue over the sim GPUs' flavor that preempts lower-priority workloads of its
+    own queue for higher-priority ones."""
+    return {
+        "apiVersion": "kueue.x-k8s.io/v1beta2",
+        "kind": "ClusterQueue",
+        "metadata": {"name": name},
+        "spec": {
+            "namespaceSelector": {},
+            "resourceGroups": [
+                {
+                    "coveredResources": list(quota),
+                    "flavors": [
+                        {
+                            "name": KUEUE_FLAVOR,
+                            "resources": [
+                                {"name": resource, "nominalQuota": value}
+                                for resource, value in quota.items()
+                            ],
+                        }
+                    ],
+                }
+            ],
+            "preemption": {"withinClusterQueue": "LowerPriority"},
+        },
+    }
+
+
+def yaml_documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
 
 
 def down(keep_logs: bool = False) -> None:

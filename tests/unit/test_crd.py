@@ -138,6 +138,7 @@ def test_names_subresource_and_columns():
         "Metric": ".spec.objective.metric",
         "Best": ".status.bestTrial.value",
         "Succeeded": ".status.progress",
+        "Queued": ".status.trials.queued",
         "Age": ".metadata.creationTimestamp",
     }
     conditions = schema()["properties"]["status"]["properties"]["conditions"]

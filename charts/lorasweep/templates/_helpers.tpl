@@ -106,4 +106,14 @@ server's Service when mlflow.enabled, else none. */}}
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
+# Kueue (sweeps with spec.trainer.queueName): a stopped trial's Workload is deactivated
+# (list by its Job's uid, patch spec.active), so that Kueue frees its quota and never admits
+# it again; the Workloads of queued trials are read for why they wait, and their LocalQueue
+# for its ClusterQueue. Harmless where Kueue is not installed.
+- apiGroups: [kueue.x-k8s.io]
+  resources: [workloads]
+  verbs: [list, patch]
+- apiGroups: [kueue.x-k8s.io]
+  resources: [localqueues]
+  verbs: [get]
 {{- end }}
