@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 from sweep_operator.expr import check_expressions
-from sweep_operator.trials import CHECKPOINT_VOLUME, GPU_RESOURCE
+from sweep_operator.trials import CHECKPOINT_VOLUME, GPU_RESOURCE, MODEL_CACHE_VOLUME
 
 GROUP = "lorasweep.io"
 VERSION = "v1alpha1"
@@ -39,6 +39,10 @@ MAX_LABEL_VALUE = 63
 # A PersistentVolumeClaim's name is a DNS-1123 subdomain.
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 MAX_DNS_SUBDOMAIN = 253
+# A Hugging Face hub model id, `name` or `org/name`: what spec.trainer.modelCache downloads.
+# The hub also forbids "--" and ".." in a name, which makes <org>--<name> a unique directory.
+_HUB_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
+HUB_ID_PATTERN = f"^{_HUB_NAME}(/{_HUB_NAME})?$"
 
 # A parameter value: what a YAML scalar can be. Lists and mappings are refused on purpose, a
 # trial's parameters must fit on a command line and in an MLflow param.
@@ -296,11 +300,33 @@ class DataSpec(_Model):
     eval: str | None = Field(None, description="Path of the evaluation set (JSONL), optional.")
 
 
-class CheckpointSpec(_Model):
-    """Where trials save checkpoints, and how often."""
+class _ClaimMount(_Model):
+    """A PersistentVolumeClaim mounted at an absolute path: the checks shared by the specs
+    below, whose fields say what the claim is for."""
 
     # The patterns are written into the schema (so `kubectl apply` refuses a bad value) and
-    # checked by the validators below, whose messages say what is accepted.
+    # checked by these validators, whose messages say what is accepted.
+    @field_validator("claim_name", check_fields=False)
+    @classmethod
+    def _claim_name(cls, name: str) -> str:
+        if not re.fullmatch(DNS_SUBDOMAIN_PATTERN, name):
+            raise ValueError(
+                f"claimName {name!r} is not a PersistentVolumeClaim name: lower-case letters, "
+                "digits, '-' and '.', starting and ending with a letter or digit"
+            )
+        return name
+
+    @field_validator("mount_path", check_fields=False)
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"mountPath {path!r} must be an absolute path (start with /)")
+        return path
+
+
+class CheckpointSpec(_ClaimMount):
+    """Where trials save checkpoints, and how often."""
+
     claim_name: str = Field(
         max_length=MAX_DNS_SUBDOMAIN,
         description="PersistentVolumeClaim for the checkpoints, in the sweep's namespace. Each "
@@ -321,27 +347,35 @@ class CheckpointSpec(_Model):
         json_schema_extra={"pattern": "^/"},
     )
 
-    @field_validator("claim_name")
-    @classmethod
-    def _claim_name(cls, name: str) -> str:
-        if not re.fullmatch(DNS_SUBDOMAIN_PATTERN, name):
-            raise ValueError(
-                f"claimName {name!r} is not a PersistentVolumeClaim name: lower-case letters, "
-                "digits, '-' and '.', starting and ending with a letter or digit"
-            )
-        return name
 
-    @field_validator("mount_path")
-    @classmethod
-    def _absolute(cls, path: str) -> str:
-        if not path.startswith("/"):
-            raise ValueError(f"mountPath {path!r} must be an absolute path (start with /)")
-        return path
+class ModelCacheSpec(_ClaimMount):
+    """A PersistentVolumeClaim that holds the base model, downloaded once per sweep."""
+
+    claim_name: str = Field(
+        max_length=MAX_DNS_SUBDOMAIN,
+        description="PersistentVolumeClaim of the model cache, in the sweep's namespace. Before "
+        "any trial starts, the Job <sweep>-model downloads spec.trainer.model (a hub id) into "
+        "the directory <org>--<name> on it, unless a complete copy is there already; every "
+        "trial then mounts the claim read-only and loads the model from there. With trials on "
+        "several nodes the claim must be ReadWriteMany (the download writes it, trials read it).",
+        json_schema_extra={"pattern": DNS_SUBDOMAIN_PATTERN},
+    )
+    mount_path: str = Field(
+        "/models-cache",
+        description="Where the download Job and the trials see the claim (an absolute path). "
+        "Trials get model_name_or_path (and LORASWEEP_MODEL_PATH) <mountPath>/<org>--<name>.",
+        json_schema_extra={"pattern": "^/"},
+    )
 
 
 def _free_form(description: str) -> Any:
     """A Kubernetes sub-object kept as-is; the apiserver validates it when the Job is created."""
     return Field(None, description=description)
+
+
+def is_hub_id(model: str) -> bool:
+    """Whether `model` names a model on the hub (rather than a path inside the pod)."""
+    return bool(re.fullmatch(HUB_ID_PATTERN, model)) and "--" not in model and ".." not in model
 
 
 class TrainerSpec(_Model):
@@ -355,6 +389,14 @@ class TrainerSpec(_Model):
                     "(has(self.queueName) && self.queueName != '')",
                     "workloadPriorityClass needs queueName (it is Kueue's priority)",
                     ".workloadPriorityClass",
+                ),
+                _cel(
+                    "!has(self.modelCache) || has(self.model) && self.model.matches('"
+                    + HUB_ID_PATTERN
+                    + "') && !self.model.contains('--') && !self.model.contains('..')",
+                    "modelCache needs model to be a hub id (name or org/name); a local path "
+                    "is read where it is, without a cache",
+                    ".modelCache",
                 ),
             ]
         }
@@ -427,6 +469,13 @@ class TrainerSpec(_Model):
         "loses its pod resumes instead of starting over. The bundled trainer saves and "
         "resumes by itself; a custom program gets LORASWEEP_CHECKPOINT_DIR and "
         "LORASWEEP_CHECKPOINT_STEPS.",
+    )
+    model_cache: ModelCacheSpec | None = Field(
+        None,
+        description="Download model (a hub id) once per sweep onto this PersistentVolumeClaim, "
+        "instead of once per trial. The Job <sweep>-model runs python -m lora_trainer.fetch in "
+        "image, with env and envFrom (HF_ENDPOINT, HF_TOKEN), and no trial starts before it "
+        "succeeds; if it fails, the sweep fails with its message. Needs model to be a hub id.",
     )
     env: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -569,6 +618,36 @@ class TrainerSpec(_Model):
             raise ValueError(
                 f"spec.trainer.volumeMounts already mounts a volume at {path}; choose another "
                 "spec.trainer.checkpoints.mountPath"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _model_cache_fits(self) -> TrainerSpec:
+        cache = self.model_cache
+        if cache is None:
+            return self
+        if self.model is None:
+            raise ValueError(
+                "spec.trainer.modelCache needs spec.trainer.model, the hub id to download"
+            )
+        if not is_hub_id(self.model):
+            raise ValueError(
+                f"spec.trainer.modelCache needs spec.trainer.model to be a hub id (name or "
+                f"org/name), got {self.model!r}; a local path is read where it is: remove "
+                "modelCache"
+            )
+        if any(v.get("name") == MODEL_CACHE_VOLUME for v in self.volumes):
+            raise ValueError(
+                f"spec.trainer.volumes has a volume named {MODEL_CACHE_VOLUME}, the name of the "
+                "model cache volume; rename it"
+            )
+        taken = {m.get("mountPath") for m in self.volume_mounts}
+        if self.checkpoints is not None:
+            taken.add(self.checkpoints.mount_path)
+        if cache.mount_path in taken:
+            raise ValueError(
+                f"spec.trainer.volumeMounts or checkpoints already mount a volume at "
+                f"{cache.mount_path}; choose another spec.trainer.modelCache.mountPath"
             )
         return self
 

@@ -1,8 +1,8 @@
 """The `lorasweep` command.
 
 lorasweep render sweep.yaml [--template job.yaml.j2] [--limit N]
-    print the trial Jobs a sweep would create, and the headless Service of multi-node
-    trials, as YAML (a dry run, no cluster)
+    print the trial Jobs a sweep would create, the headless Service of multi-node trials and
+    the model download Job of spec.trainer.modelCache, as YAML (a dry run, no cluster)
 lorasweep crds
     print the HyperparameterSweep CRD
 """
@@ -21,7 +21,12 @@ from sweep_operator.api import API_VERSION, KIND
 from sweep_operator.crd import crd_yaml
 from sweep_operator.defaults import DefaultsError, trial_defaults
 from sweep_operator.naming import trial_name
-from sweep_operator.render import SweepRef, render_trial_job, render_trial_service
+from sweep_operator.render import (
+    SweepRef,
+    render_model_fetch_job,
+    render_trial_job,
+    render_trial_service,
+)
 from sweep_operator.semantic import SweepInvalid, validate_sweep
 from sweep_operator.space import target_trials, trial_parameters
 from sweep_operator.trials import NewTrial
@@ -57,8 +62,9 @@ def _sweeps(path: Path) -> Iterator[dict[str, Any]]:
 def render_sweep(
     sweep: dict[str, Any], *, template: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
-    """What the operator creates for a sweep manifest: the headless Service when its trials
-    span several nodes, then its trials' Jobs in index order (all of them unless `limit`)."""
+    """What the operator creates for a sweep manifest: the model download Job with
+    spec.trainer.modelCache, the headless Service when its trials span several nodes, then its
+    trials' Jobs in index order (all of them unless `limit`)."""
     metadata = sweep.get("metadata") or {}
     name = metadata.get("name")
     if not name:
@@ -77,9 +83,9 @@ def render_sweep(
         NewTrial(index=i, name=trial_name(name, i), parameters=trial_parameters(spec, i))
         for i in range(count)
     ]
-    service = render_trial_service(ref, spec)
+    first = [render_model_fetch_job(ref, spec), render_trial_service(ref, spec)]
     jobs = [render_trial_job(ref, spec, t, template=template) for t in trials]
-    return ([service] if service else []) + jobs
+    return [obj for obj in first if obj] + jobs
 
 
 def cmd_render(args: argparse.Namespace, out: TextIO) -> None:
@@ -104,7 +110,9 @@ def cmd_crds(args: argparse.Namespace, out: TextIO) -> None:
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lorasweep", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
-    render = commands.add_parser("render", help="print a sweep's trial Jobs and Service (dry run)")
+    render = commands.add_parser(
+        "render", help="print a sweep's trial Jobs, Service and model download Job (dry run)"
+    )
     render.add_argument("file", help="YAML file with one or more HyperparameterSweeps")
     render.add_argument("--template", help="Jinja2 template of the trial Job")
     render.add_argument("--limit", type=int, help="render only the first N trials")

@@ -27,10 +27,23 @@ from pydantic import ValidationError
 
 from sweep_operator.api import GROUP, PLURAL, VERSION, MlflowStatus, SweepSpec, SweepStatus
 from sweep_operator.defaults import trial_defaults
-from sweep_operator.naming import experiment_name, label_value
-from sweep_operator.observe import job_summary, observe_trial, pod_summary
+from sweep_operator.naming import experiment_name, label_value, model_fetch_name
+from sweep_operator.observe import (
+    fetch_job_summary,
+    fetch_pod_summary,
+    job_summary,
+    observe_fetch,
+    observe_trial,
+    pod_summary,
+)
 from sweep_operator.plan import Plan, failed_status, plan
-from sweep_operator.render import RenderError, SweepRef, render_trial_job, render_trial_service
+from sweep_operator.render import (
+    RenderError,
+    SweepRef,
+    render_model_fetch_job,
+    render_trial_job,
+    render_trial_service,
+)
 from sweep_operator.report import (
     best_config_yaml,
     optimization_plot_png,
@@ -41,9 +54,12 @@ from sweep_operator.semantic import SweepInvalid, validate_sweep
 from sweep_operator.tracking import TAG_NAMESPACE, TAG_SWEEP, TAG_TRIAL, Tracker
 from sweep_operator.trials import (
     ANNOTATION_STOPPED,
+    LABEL_MODEL_FETCH,
     LABEL_SWEEP,
     Curve,
+    FetchState,
     NewTrial,
+    ObservedFetch,
     ObservedTrial,
     TrialState,
 )
@@ -113,6 +129,20 @@ def trial_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     return {(namespace, labels[LABEL_SWEEP]): summary} if summary else None
 
 
+_FETCH_LABELS = {LABEL_SWEEP: kopf.PRESENT, LABEL_MODEL_FETCH: kopf.PRESENT}
+
+
+@kopf.index("batch", "v1", "jobs", labels=_FETCH_LABELS)
+def model_fetch_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+    return {(namespace, labels[LABEL_SWEEP]): fetch_job_summary(dict(body))}
+
+
+@kopf.index("", "v1", "pods", labels=_FETCH_LABELS)
+def model_fetch_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+    return {(namespace, labels[LABEL_SWEEP]): fetch_pod_summary(dict(body))}
+
+
+# The model download Job and its pods carry the sweep label too: their changes wake it.
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
 async def trial_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
@@ -127,6 +157,8 @@ def run_sweep(
     stopped: kopf.DaemonStopped,
     trial_jobs: kopf.Index,
     trial_pods: kopf.Index,
+    model_fetch_jobs: kopf.Index,
+    model_fetch_pods: kopf.Index,
     memo: kopf.Memo,
     logger: logging.Logger,
     **_: Any,
@@ -142,6 +174,9 @@ def run_sweep(
                 body,
                 list(trial_jobs.get(key, [])),
                 list(trial_pods.get(key, [])),
+                observe_fetch(
+                    list(model_fetch_jobs.get(key, [])), list(model_fetch_pods.get(key, []))
+                ),
             )
         except Exception:
             logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
@@ -185,8 +220,11 @@ class Reconciler:
         self.released: set[str] = set()  # stopped trials whose Kueue Workload is deactivated
         self.waiting_reported = False  # the Event that trials wait for quota, this time round
         self.cluster_queue: str | None = None  # of spec.trainer.queueName, once read
+        self.fetch_state: FetchState | None = None  # last seen, for Events
 
-    def reconcile(self, body: kopf.Body, jobs: list[dict], pods: list[dict]) -> None:
+    def reconcile(
+        self, body: kopf.Body, jobs: list[dict], pods: list[dict], fetch: ObservedFetch
+    ) -> None:
         now = datetime.now(UTC)
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
@@ -209,7 +247,13 @@ class Reconciler:
 
         observed = self._observe(spec, name, jobs, pods, tracker, mlflow_status)
         result = plan(
-            spec, observed, now, sweep_name=name, generation=generation, previous=previous
+            spec,
+            observed,
+            now,
+            sweep_name=name,
+            generation=generation,
+            previous=previous,
+            fetch=fetch,
         )
         self.deadline = result.deadline
         status = result.status.model_copy(update={"mlflow": mlflow_status})
@@ -236,6 +280,8 @@ class Reconciler:
         if tracker:
             self._mark_stopped_runs(tracker, observed)
         self._trial_events(body, observed, previous, status)
+        if spec.trainer.model_cache is not None:
+            self._fetch_events(body, spec, fetch)
         status = self._report(sweep, spec, observed, status, tracker)
         self._patch_status(body, status, previous)
         if tracker and mlflow_status and status.phase in ("Succeeded", "Failed"):
@@ -371,6 +417,8 @@ class Reconciler:
         mlflow_status: MlflowStatus | None,
     ) -> None:
         parent = mlflow_status.parent_run_id if mlflow_status else None
+        if result.fetch_model:
+            self._create_fetch_job(sweep, body, spec)
         if result.create:
             self._ensure_service(sweep, spec)
         jobs = [
@@ -409,6 +457,30 @@ class Reconciler:
             if error.status != 409:  # created before a restart
                 raise
         self.has_service = True
+
+    def _create_fetch_job(self, sweep: SweepRef, body: kopf.Body, spec: SweepSpec) -> None:
+        """The Job that downloads the model into spec.trainer.modelCache, before any trial."""
+        job = render_model_fetch_job(sweep, spec)
+        if job is None or not self._create_job(sweep.namespace, job):
+            return
+        cache = spec.trainer.model_cache
+        claim = cache.claim_name if cache else ""
+        detail = f"downloading model {spec.trainer.model} into PersistentVolumeClaim {claim}"
+        _post_events(body, [TrialEvent("FetchingModel", job["metadata"]["name"], detail)])
+
+    def _fetch_events(self, body: kopf.Body, spec: SweepSpec, fetch: ObservedFetch) -> None:
+        """Events when the model download ends (the one at its start comes with its Job)."""
+        before, self.fetch_state = self.fetch_state, fetch.state
+        if before is None or before == fetch.state:
+            return
+        name = model_fetch_name(body["metadata"]["name"])
+        if fetch.state == FetchState.SUCCEEDED:
+            event = TrialEvent("ModelFetched", name, f"model {spec.trainer.model} is on the claim")
+        elif fetch.state == FetchState.FAILED:
+            event = TrialEvent("ModelFetchFailed", name, fetch.message, "Warning")
+        else:
+            return
+        _post_events(body, [event])
 
     def _create_job(self, namespace: str, job: dict) -> bool:
         try:

@@ -1,4 +1,5 @@
-"""Deterministic names: trial Jobs, the trials' Service, label values, MLflow experiments.
+"""Deterministic names: trial Jobs, the trials' Service, the model download Job and its
+directory, label values, MLflow experiments.
 
 A trial's name is a pure function of (sweep name, index). After a restart the operator
 recomputes the same names, and the apiserver's name uniqueness makes a second create of the
@@ -18,6 +19,7 @@ MAX_LABEL_VALUE = 63
 HASH_CHARS = 8
 MAX_SERVICE_NAME = 63
 SERVICE_SUFFIX = "-trials"
+MODEL_FETCH_SUFFIX = "-model"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -54,6 +56,18 @@ def service_name(sweep: str) -> str:
     need not, so one that does not is prefixed with `s-`."""
     base = sweep if re.match("[a-z]", sweep) else f"s-{sweep}"
     return _shorten(base, MAX_SERVICE_NAME - len(SERVICE_SUFFIX)) + SERVICE_SUFFIX
+
+
+def model_fetch_name(sweep: str) -> str:
+    """The Job that downloads a sweep's model into spec.trainer.modelCache: `<sweep>-model`,
+    hashed when too long. It never clashes with a trial, whose name ends in digits."""
+    return _shorten(sweep, MAX_TRIAL_NAME - len(MODEL_FETCH_SUFFIX)) + MODEL_FETCH_SUFFIX
+
+
+def model_cache_dir(model: str) -> str:
+    """The directory of hub model `model` on the model cache claim: `org/name` -> `org--name`.
+    The hub forbids "--" in a name, so two models never share a directory."""
+    return model.replace("/", "--")
 
 
 def label_value(name: str) -> str:

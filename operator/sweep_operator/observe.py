@@ -18,6 +18,8 @@ from sweep_operator.trials import (
     ANNOTATION_STOPPED,
     LABEL_QUEUE_NAME,
     LABEL_TRIAL,
+    FetchState,
+    ObservedFetch,
     ObservedTrial,
     TrialState,
 )
@@ -36,11 +38,7 @@ def job_summary(job: dict[str, Any]) -> Summary | None:
     if ANNOTATION_INDEX not in annotations:
         return None
     status = job.get("status") or {}
-    conditions = {
-        c["type"]: c
-        for c in status.get("conditions") or []
-        if c.get("status") == "True" and c["type"] in ("Complete", "Failed")
-    }
+    conditions = _finished(status)
     return {
         "name": meta["name"],
         "uid": meta.get("uid", ""),
@@ -60,23 +58,69 @@ def job_summary(job: dict[str, Any]) -> Summary | None:
     }
 
 
-def pod_summary(pod: dict[str, Any]) -> Summary | None:
-    """A trial pod's phase and the termination message its container left."""
-    labels = pod.get("metadata", {}).get("labels") or {}
-    trial = labels.get(LABEL_TRIAL)
-    if not trial:
-        return None
+def _finished(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A Job's true Complete and Failed conditions, by type."""
+    return {
+        c["type"]: c
+        for c in status.get("conditions") or []
+        if c.get("status") == "True" and c["type"] in ("Complete", "Failed")
+    }
+
+
+def _pod_end(pod: dict[str, Any]) -> Summary:
     status = pod.get("status") or {}
     messages = [
         (cs.get("state") or {}).get("terminated", {}).get("message", "")
         for cs in status.get("containerStatuses") or []
     ]
     return {
-        "trial": trial,
         "name": pod["metadata"]["name"],
         "phase": status.get("phase", "Pending"),
         "message": next((m for m in messages if m), ""),
     }
+
+
+def pod_summary(pod: dict[str, Any]) -> Summary | None:
+    """A trial pod's phase and the termination message its container left."""
+    labels = pod.get("metadata", {}).get("labels") or {}
+    trial = labels.get(LABEL_TRIAL)
+    if not trial:
+        return None
+    return {"trial": trial, **_pod_end(pod)}
+
+
+def fetch_job_summary(job: dict[str, Any]) -> Summary:
+    """What the operator keeps of a sweep's model download Job."""
+    conditions = _finished(job.get("status") or {})
+    failed = conditions.get("Failed") or {}
+    return {
+        "name": job["metadata"]["name"],
+        "complete": "Complete" in conditions,
+        "failed": bool(failed),
+        "failure": failed.get("message") or failed.get("reason") or "",
+        "finished_at": (conditions.get("Complete") or failed).get("lastTransitionTime"),
+    }
+
+
+def fetch_pod_summary(pod: dict[str, Any]) -> Summary:
+    """A model download pod's phase and termination message (why it failed)."""
+    return _pod_end(pod)
+
+
+def observe_fetch(jobs: list[Summary], pods: list[Summary]) -> ObservedFetch:
+    """The model download from its Job (one per sweep) and its pods' termination messages."""
+    if not jobs:
+        return ObservedFetch(state=FetchState.MISSING)
+    job = jobs[0]
+    finished = _time(job["finished_at"])
+    if job["complete"]:
+        return ObservedFetch(state=FetchState.SUCCEEDED, finish_time=finished)
+    if not job["failed"]:
+        return ObservedFetch(state=FetchState.RUNNING)
+    said = [p["message"].strip() for p in pods if p["phase"] == "Failed" and p["message"].strip()]
+    # A failed pod's message says why; the Job's condition only that it gave up.
+    message = said[-1][-1000:] if said else job["failure"] or "the download Job failed"
+    return ObservedFetch(state=FetchState.FAILED, message=message, finish_time=finished)
 
 
 def parse_result(message: str) -> dict[str, float]:

@@ -10,6 +10,10 @@ The returned status describes the sweep as it will be once the plan is carried o
 to create count as pending (queued, for a sweep with a Kueue queue) and trials to delete as
 pruned. Queued trials are active: they hold a parallelism slot but no GPU.
 
+With spec.trainer.modelCache, no trial is created before the sweep's model download has
+succeeded: the plan asks for the download Job (`Plan.fetch_model`) while there is none, and a
+failed download fails the sweep.
+
 Stopping a trial (early stopping, the time budget, a failed sweep) puts its name in
 `Plan.delete` with a reason in `Plan.stop_reasons`. The stopped trial must stay observable as
 PRUNED afterwards (its index is then never planned again, and TPE learns from its curve).
@@ -33,7 +37,7 @@ from sweep_operator.api import (
     parse_duration,
 )
 from sweep_operator.early_stopping import stop_decisions
-from sweep_operator.naming import trial_name
+from sweep_operator.naming import model_fetch_name, trial_name
 from sweep_operator.objective import (
     minimizing,
     objective_curve,
@@ -42,7 +46,7 @@ from sweep_operator.objective import (
     pareto_front,
 )
 from sweep_operator.space import in_space, searched, target_trials, trial_parameters, with_derived
-from sweep_operator.trials import NewTrial, ObservedTrial, TrialState
+from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed")
 
@@ -56,6 +60,8 @@ class Plan:
     stop_reasons: dict[str, str] = field(default_factory=dict)
     # When the time budget runs out: the operator should reconcile again by then.
     deadline: datetime | None = None
+    # Create the Job that downloads the model into spec.trainer.modelCache.
+    fetch_model: bool = False
 
 
 def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial | None:
@@ -196,10 +202,12 @@ def plan(
     sweep_name: str,
     generation: int | None = None,
     previous: SweepStatus | None = None,
+    fetch: ObservedFetch | None = None,
 ) -> Plan:
     """Decide which trials to create or stop, and the sweep's status.
 
-    `previous` is the status currently stored on the sweep; it is read to keep condition
+    `fetch` is the model download of a sweep with spec.trainer.modelCache (none observed when
+    omitted). `previous` is the status currently stored on the sweep; it is read to keep condition
     transition times and the start time stable, so that an unchanged sweep plans to an
     unchanged status (and the operator can skip the patch), and the time budget counts from
     the stored start time.
@@ -228,9 +236,19 @@ def plan(
     phase: Phase
     changed = _space_changed(spec, trials)
     budget = spec.max_failed_trials
+    cache = spec.trainer.model_cache
+    fetch_state = (fetch.state if fetch else FetchState.MISSING) if cache else None
     if changed:
         phase, reason, message = "Failed", "SearchSpaceChanged", changed
         stops = {t.name: "the sweep failed: its search space changed" for t in active}
+    elif fetch and fetch_state == FetchState.FAILED:
+        phase, reason = "Failed", "ModelFetchFailed"
+        message = (
+            f"downloading model {spec.trainer.model} into spec.trainer.modelCache "
+            f"(Job {model_fetch_name(sweep_name)}) failed: {fetch.message}"
+        )
+        stops = {t.name: "the sweep failed: its model download failed" for t in active}
+        end = fetch.finish_time or previous_completion(previous) or now
     elif budget is not None and len(failed) > budget:
         phase, reason = "Failed", "TooManyFailedTrials"
         names = ", ".join(t.name for t in failed)
@@ -251,7 +269,9 @@ def plan(
     else:
         stops = _early_stops(spec, trials)
         going_on = [t for t in active if t.name not in stops]
-        slots = max(0, spec.parallelism - len(going_on))
+        # No trial before the model is on the claim (a trial would download it on its own).
+        fetching = cache is not None and fetch_state != FetchState.SUCCEEDED
+        slots = 0 if fetching else max(0, spec.parallelism - len(going_on))
         # TPE learns from the trials stopped just now as pruned ones, and sees the trials
         # created in this plan as running.
         history = [
@@ -288,6 +308,13 @@ def plan(
             else:
                 reason = "NoTrialSucceeded"
                 message = f"all {len(trials)} trials failed or were stopped"
+        elif fetching and cache is not None and not trials:
+            phase, reason = "Pending", "FetchingModel"
+            message = (
+                f"downloading model {spec.trainer.model} into PersistentVolumeClaim "
+                f"{cache.claim_name} (Job {model_fetch_name(sweep_name)}); trials start once "
+                "it is there"
+            )
         else:
             waiting = (TrialState.QUEUED, TrialState.PENDING)
             started = any(t.state not in waiting for t in trials)
@@ -347,7 +374,13 @@ def plan(
         status=status,
         stop_reasons={name: stops[name] for name in delete},
         deadline=None if terminal else deadline,
+        fetch_model=fetch_state == FetchState.MISSING and not terminal,
     )
+
+
+def previous_completion(previous: SweepStatus | None) -> datetime | None:
+    """The stored completion time of a sweep that had already failed (kept on replans)."""
+    return previous.completion_time if previous and previous.phase == "Failed" else None
 
 
 def failed_status(

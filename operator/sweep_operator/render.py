@@ -20,16 +20,24 @@ import yaml
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sweep_operator.api import API_VERSION, KIND, SweepSpec, TrainerSpec
-from sweep_operator.naming import experiment_name, label_value, service_name
+from sweep_operator.naming import (
+    experiment_name,
+    label_value,
+    model_cache_dir,
+    model_fetch_name,
+    service_name,
+)
 from sweep_operator.trials import (
     ANNOTATION_INDEX,
     ANNOTATION_PARAMETERS,
     CHECKPOINT_VOLUME,
     GPU_RESOURCE,
+    LABEL_MODEL_FETCH,
     LABEL_PRIORITY_CLASS,
     LABEL_QUEUE_NAME,
     LABEL_SWEEP,
     LABEL_TRIAL,
+    MODEL_CACHE_VOLUME,
     RESULT_PATH,
     NewTrial,
 )
@@ -51,6 +59,27 @@ EVAL_FILE_FIELD = "eval_file"
 RESERVED_ENV_PREFIX = "LORASWEEP_"
 SCRATCH_VOLUME = "lorasweep-tmp"
 SCRATCH_PATH = "/tmp"
+# The model download Job (lora_trainer.fetch). Its exit code 2 means the model cannot be had
+# (no such repository or revision, no access): a retry cannot help. Other failures (the
+# network, the hub) are retried, and a retry resumes the partial download.
+FETCH_COMMAND = ["python", "-m", "lora_trainer.fetch"]
+FETCH_FATAL_EXIT_CODES = [2]
+FETCH_BACKOFF_LIMIT = 3
+# The restricted Pod Security profile, as in the built-in trial template (10001 is the
+# trainer image's user; fsGroup makes the claim writable to it).
+_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+_CONTAINER_SECURITY = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 
 # libyaml's loader resolves scalars exactly like SafeLoader and is ~10x faster, which matters
 # when a sweep creates a thousand Jobs at once.
@@ -188,7 +217,7 @@ def container_command(
         return trainer.command, args
     settings: dict[str, Any] = {}
     if trainer.model is not None:
-        settings[MODEL_FIELD] = trainer.model
+        settings[MODEL_FIELD] = cached_model_path(trainer) or trainer.model
     if trainer.data is not None:
         settings[TRAIN_FILE_FIELD] = trainer.data.train
         if trainer.data.eval is not None:
@@ -199,6 +228,14 @@ def container_command(
     for name, value in settings.items():
         args += ["--set", f"{name}={yaml_scalar(value)}"]
     return _bundled_command(trainer, _master_addr(sweep, trial)), args
+
+
+def cached_model_path(trainer: TrainerSpec) -> str | None:
+    """Where the trials see the model downloaded into spec.trainer.modelCache, if any."""
+    cache = trainer.model_cache
+    if cache is None or trainer.model is None:
+        return None
+    return f"{cache.mount_path.rstrip('/')}/{model_cache_dir(trainer.model)}"
 
 
 def _bundled_command(trainer: TrainerSpec, master_addr: str) -> list[str]:
@@ -256,6 +293,7 @@ def trial_env(
         "LORASWEEP_MASTER_PORT": str(RENDEZVOUS_PORT) if multi_node else None,
         "LORASWEEP_CHECKPOINT_DIR": checkpoints.mount_path if checkpoints else None,
         "LORASWEEP_CHECKPOINT_STEPS": str(checkpoints.interval_steps) if checkpoints else None,
+        "LORASWEEP_MODEL_PATH": cached_model_path(trainer),
         "MLFLOW_TRACKING_URI": spec.mlflow.tracking_uri or tracking_uri,
         "MLFLOW_EXPERIMENT_NAME": experiment_name(
             sweep.namespace, sweep.name, spec.mlflow.experiment_name
@@ -335,9 +373,20 @@ def _volumes(
     trainer: TrainerSpec, trial: NewTrial
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The pod's volumes and the trainer's mounts: the user's, the trial's checkpoint
-    directory, and an emptyDir at /tmp unless something is mounted there already (the trainer
-    image keeps its caches under /tmp so that it runs on a read-only root filesystem)."""
+    directory, the model cache (read-only: the trials share it), and an emptyDir at /tmp unless
+    something is mounted there already (the trainer image keeps its caches under /tmp so that
+    it runs on a read-only root filesystem)."""
     volumes, mounts = list(trainer.volumes), list(trainer.volume_mounts)
+    if trainer.model_cache is not None:
+        claim = {"claimName": trainer.model_cache.claim_name, "readOnly": True}
+        volumes.append({"name": MODEL_CACHE_VOLUME, "persistentVolumeClaim": claim})
+        mounts.append(
+            {
+                "name": MODEL_CACHE_VOLUME,
+                "mountPath": trainer.model_cache.mount_path,
+                "readOnly": True,
+            }
+        )
     if trainer.checkpoints is not None:
         claim = {"claimName": trainer.checkpoints.claim_name}
         volumes.append({"name": CHECKPOINT_VOLUME, "persistentVolumeClaim": claim})
@@ -477,5 +526,94 @@ def render_trial_service(sweep: SweepRef, spec: SweepSpec) -> dict[str, Any] | N
             "publishNotReadyAddresses": True,
             "selector": dict(labels),
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def render_model_fetch_job(sweep: SweepRef, spec: SweepSpec) -> dict[str, Any] | None:
+    """The Job that downloads spec.trainer.model into spec.trainer.modelCache, None without a
+    model cache.
+
+    One per sweep, run before any trial (like Katib's storage initializer): the trainer image's
+    `lora_trainer.fetch`, with the trainer's env and envFrom (HF_ENDPOINT, HF_TOKEN) and pod
+    placement, but no GPU. It writes the claim; the trials only read it.
+    """
+    trainer = spec.trainer
+    destination = cached_model_path(trainer)
+    if trainer.model_cache is None or trainer.model is None or destination is None:
+        return None
+    labels = {LABEL_SWEEP: label_value(sweep.name), LABEL_MODEL_FETCH: "true"}
+    cache = {"name": MODEL_CACHE_VOLUME, "mountPath": trainer.model_cache.mount_path}
+    scratch = {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_PATH}
+    container: dict[str, Any] = {
+        "name": "fetch",
+        "image": trainer.image,
+        "command": [*FETCH_COMMAND, "--model", trainer.model, "--dest", destination],
+        "env": [v for v in trainer.env if not v["name"].startswith(RESERVED_ENV_PREFIX)],
+        "envFrom": trainer.env_from,
+        "volumeMounts": [cache, scratch],
+        "terminationMessagePath": RESULT_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": _CONTAINER_SECURITY,
+    }
+    if trainer.image_pull_policy:
+        container["imagePullPolicy"] = trainer.image_pull_policy
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "volumes": [
+            {
+                "name": MODEL_CACHE_VOLUME,
+                "persistentVolumeClaim": {"claimName": trainer.model_cache.claim_name},
+            },
+            {"name": SCRATCH_VOLUME, "emptyDir": {}},
+        ],
+        "securityContext": _POD_SECURITY,
+        "containers": [container],
+    }
+    if trainer.service_account_name:
+        pod["serviceAccountName"] = trainer.service_account_name
+    else:
+        pod["automountServiceAccountToken"] = False
+    for key, value in (
+        ("priorityClassName", trainer.priority_class_name),
+        ("nodeSelector", trainer.node_selector),
+        ("tolerations", trainer.tolerations),
+    ):
+        if value:
+            pod[key] = value
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": model_fetch_name(sweep.name),
+            "namespace": sweep.namespace,
+            "labels": labels,
+            "ownerReferences": [sweep.owner_reference()],
+        },
+        "spec": {
+            "backoffLimit": FETCH_BACKOFF_LIMIT,
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    },
+                    {
+                        "action": "FailJob",
+                        "onExitCodes": {
+                            "containerName": "fetch",
+                            "operator": "In",
+                            "values": FETCH_FATAL_EXIT_CODES,
+                        },
+                    },
+                ]
+            },
+            "template": {
+                "metadata": {
+                    "labels": {**trainer.pod_labels, **labels},
+                    "annotations": dict(trainer.pod_annotations),
+                },
+                "spec": pod,
+            },
         },
     }

@@ -33,6 +33,11 @@ RESULT_PATH = "/dev/termination-log"
 GPU_RESOURCE = "nvidia.com/gpu"
 # The pod volume of spec.trainer.checkpoints; a user volume may not take its name.
 CHECKPOINT_VOLUME = "lorasweep-checkpoints"
+# The pod volume of spec.trainer.modelCache; a user volume may not take its name.
+MODEL_CACHE_VOLUME = "lorasweep-model-cache"
+# On the Job (and its pod) that downloads a sweep's model into spec.trainer.modelCache; it also
+# carries LABEL_SWEEP, so that its changes wake the sweep, but no trial label or index.
+LABEL_MODEL_FETCH = "lorasweep.io/model-fetch"
 
 
 class TrialState(StrEnum):
@@ -76,3 +81,20 @@ class NewTrial(BaseModel):
     index: int = Field(ge=0)
     name: str
     parameters: dict[str, Any]
+
+
+class FetchState(StrEnum):
+    MISSING = "missing"  # no download Job yet
+    RUNNING = "running"  # the Job exists and has not finished
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # failed after the Job's retries
+
+
+class ObservedFetch(BaseModel):
+    """The download of spec.trainer.model into spec.trainer.modelCache, from its Job."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    state: FetchState
+    message: str = ""  # why it failed: the Job's reason and the pod's termination message
+    finish_time: datetime | None = None

@@ -215,6 +215,46 @@ def test_the_checkpoint_volume_name_and_mount_path_must_be_free():
     parse_spec(raw)
 
 
+def test_model_cache_defaults_and_a_hub_id():
+    raw = raw_spec()
+    raw["trainer"].update(model="Qwen/Qwen2.5-0.5B", modelCache={"claimName": "models"})
+    cache = parse_spec(raw).trainer.model_cache
+    assert (cache.claim_name, cache.mount_path) == ("models", "/models-cache")
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (
+            "/models/llama",
+            "spec.trainer: spec.trainer.modelCache needs spec.trainer.model to be a hub id "
+            "(name or org/name), got '/models/llama'; a local path is read where it is: "
+            "remove modelCache",
+        ),
+        ("org/../etc", "spec.trainer: spec.trainer.modelCache needs spec.trainer.model to be"),
+        ("a/b/c", "spec.trainer: spec.trainer.modelCache needs spec.trainer.model to be"),
+        (None, "spec.trainer: spec.trainer.modelCache needs spec.trainer.model, the hub id"),
+    ],
+)
+def test_a_model_cache_needs_a_hub_model(model, expected):
+    [message] = trainer_problems(model=model, modelCache={"claimName": "models"})
+    assert message.startswith(expected), message
+
+
+def test_the_model_cache_volume_name_and_mount_path_must_be_free():
+    cache = {"claimName": "models", "mountPath": "/checkpoints"}
+    checkpoints = {"claimName": "ckpt", "intervalSteps": 10}
+    assert trainer_problems(model="org/m", modelCache=cache, checkpoints=checkpoints) == [
+        "spec.trainer: spec.trainer.volumeMounts or checkpoints already mount a volume at "
+        "/checkpoints; choose another spec.trainer.modelCache.mountPath"
+    ]
+    volume = {"name": "lorasweep-model-cache", "emptyDir": {}}
+    [message] = trainer_problems(model="org/m", modelCache={"claimName": "m"}, volumes=[volume])
+    assert "volume named lorasweep-model-cache" in message
+    [message] = trainer_problems(model="org/m", modelCache={"claimName": "Models"})
+    assert message.startswith("spec.trainer.modelCache.claimName: claimName 'Models' is not")
+
+
 def test_registered_model_and_adapter_uri_are_camel_case():
     mlflow = MlflowSpec.model_validate({"registeredModel": "llama-lora"})
     assert mlflow.registered_model == "llama-lora"

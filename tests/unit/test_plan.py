@@ -7,8 +7,8 @@ from datetime import timedelta
 from sweep_operator.api import SweepSpec
 from sweep_operator.plan import Plan, failed_status, plan
 from sweep_operator.space import trial_parameters
-from sweep_operator.trials import ObservedTrial, TrialState
-from tests.unit.sweep_helpers import T0, make_spec, observed_trial
+from sweep_operator.trials import FetchState, ObservedFetch, ObservedTrial, TrialState
+from tests.unit.sweep_helpers import T0, make_spec, observed_trial, raw_spec
 
 S = TrialState
 
@@ -250,3 +250,48 @@ def test_failed_status_for_an_invalid_sweep():
         "InvalidSpec", s.message, T0 + timedelta(hours=1), previous=s, generation=2
     )
     assert again == s
+
+
+def cached_spec() -> SweepSpec:
+    raw = raw_spec()
+    raw["trainer"].update(model="org/model", modelCache={"claimName": "models"})
+    return make_spec(**raw)
+
+
+def test_no_trial_starts_before_the_model_is_on_the_cache_claim():
+    spec = cached_spec()
+    first = run(spec, [])
+    assert first.fetch_model and first.create == []
+    assert first.status.phase == "Pending"
+    assert condition(first, "Running").status == "False"
+    assert first.status.message.startswith("downloading model org/model into")
+    assert "(Job sw-model)" in first.status.message
+    fetching = run(spec, [], fetch=ObservedFetch(state=FetchState.RUNNING))
+    assert not fetching.fetch_model and fetching.create == []
+    assert fetching.status.message == first.status.message
+    done = run(spec, [], fetch=ObservedFetch(state=FetchState.SUCCEEDED))
+    assert not done.fetch_model
+    assert [t.name for t in done.create] == ["sw-0000", "sw-0001"]
+
+
+def test_a_failed_model_download_fails_the_sweep_without_a_trial():
+    spec = cached_spec()
+    failed = ObservedFetch(
+        state=FetchState.FAILED, message="model 'org/model' not found", finish_time=T0
+    )
+    p = run(spec, [], now=T0 + timedelta(minutes=5), fetch=failed)
+    assert p.create == [] and not p.fetch_model
+    assert p.status.phase == "Failed"
+    assert condition(p, "Failed").reason == "ModelFetchFailed"
+    assert p.status.message == (
+        "downloading model org/model into spec.trainer.modelCache (Job sw-model) failed: "
+        "model 'org/model' not found"
+    )
+    # Replanning later gives the same status: nothing to patch.
+    again = run(spec, [], now=T0 + timedelta(hours=1), fetch=failed, previous=p.status)
+    assert again.status == p.status
+
+
+def test_a_sweep_without_a_model_cache_never_waits_for_a_download():
+    p = run(make_spec(), [])
+    assert not p.fetch_model and len(p.create) == 2

@@ -14,6 +14,7 @@ from sweep_operator.render import (
     RenderError,
     SweepRef,
     builtin_template,
+    render_model_fetch_job,
     render_trial_job,
     render_trial_service,
     yaml_flow,
@@ -436,3 +437,65 @@ def test_a_custom_program_gets_its_checkpoint_directory_too():
     assert env_of(job)["LORASWEEP_CHECKPOINT_STEPS"] == "10"
     [mount] = [m for m in container(job)["volumeMounts"] if m["mountPath"] == "/work/ckpt"]
     assert mount["subPath"] == "rank-lr-0003"
+
+
+MODEL_CACHE = {"model": "meta-llama/Llama-3.1-8B", "modelCache": {"claimName": "models"}}
+
+
+def test_trials_read_the_model_from_the_cache_claim_read_only():
+    job = render(trainer_spec(**MODEL_CACHE))
+    assert "model_name_or_path=/models-cache/meta-llama--Llama-3.1-8B" in container(job)["args"]
+    assert env_of(job)["LORASWEEP_MODEL_PATH"] == "/models-cache/meta-llama--Llama-3.1-8B"
+    pod = job["spec"]["template"]["spec"]
+    assert {
+        "name": "lorasweep-model-cache",
+        "persistentVolumeClaim": {"claimName": "models", "readOnly": True},
+    } in pod["volumes"]
+    assert {
+        "name": "lorasweep-model-cache",
+        "mountPath": "/models-cache",
+        "readOnly": True,
+    } in container(job)["volumeMounts"]
+    assert render_model_fetch_job(SWEEP, make_spec()) is None
+    assert "LORASWEEP_MODEL_PATH" not in env_of(render())
+
+
+def test_the_model_download_job_writes_the_cache_once_without_a_gpu():
+    hub = [{"name": "HF_ENDPOINT", "value": "http://hub.local"}]
+    secret = [{"secretRef": {"name": "hf-token"}}]
+    spec = trainer_spec(
+        **MODEL_CACHE,
+        env=hub,
+        envFrom=secret,
+        nodeSelector={"pool": "gpu"},
+        resources={"limits": {"nvidia.com/gpu": 1, "memory": "64Gi"}},
+    )
+    job = render_model_fetch_job(SWEEP, spec)
+    meta = job["metadata"]
+    assert (meta["name"], meta["namespace"]) == ("rank-lr-model", "team-a")
+    assert meta["labels"] == {"lorasweep.io/sweep": "rank-lr", "lorasweep.io/model-fetch": "true"}
+    assert meta["ownerReferences"][0]["uid"] == "1234-uid"
+    assert "lorasweep.io/trial-index" not in (meta.get("annotations") or {})  # not a trial
+    pod = job["spec"]["template"]["spec"]
+    [fetch] = pod["containers"]
+    assert fetch["command"] == [
+        "python",
+        "-m",
+        "lora_trainer.fetch",
+        "--model",
+        "meta-llama/Llama-3.1-8B",
+        "--dest",
+        "/models-cache/meta-llama--Llama-3.1-8B",
+    ]
+    assert (fetch["image"], fetch["env"], fetch["envFrom"]) == ("trainer:test", hub, secret)
+    assert "resources" not in fetch  # the trainer's GPU stays free for trials
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert {"name": "lorasweep-model-cache", "mountPath": "/models-cache"} in fetch["volumeMounts"]
+    assert {"name": "lorasweep-model-cache", "persistentVolumeClaim": {"claimName": "models"}} in (
+        pod["volumes"]
+    )
+    assert pod["securityContext"]["runAsNonRoot"] and pod["restartPolicy"] == "Never"
+    # An unknown model fails at once; a network failure is retried (and resumes).
+    [_, fatal] = job["spec"]["podFailurePolicy"]["rules"]
+    assert fatal["onExitCodes"] == {"containerName": "fetch", "operator": "In", "values": [2]}
+    assert job["spec"]["backoffLimit"] == 3
