@@ -5,7 +5,8 @@ Every arm trains the same LoRA adapter on the same randomly initialised Llama-st
 Llama 3's 128,256-token output head by default), the same tokenized
 examples (long-tailed lengths, like real instruction data), batch size, steps and learning rate:
   naive           transformers' Trainer, its padding collator, random order
-  group_by_length the same with group_by_length=True (batches of similar lengths)
+  group_by_length the same with train_sampling_strategy="group_by_length" (batches of similar
+                  lengths)
   padding_free    the same with DataCollatorWithFlattening (one row, no padding)
   lorasweep       the trainer's own LoraTrainer: verified packing and the output head run
                   only where a label is
@@ -97,7 +98,8 @@ def run_arm(name: str, cfg: TrainConfig, examples: list[Example]) -> dict[str, f
     tokenizer = load_tokenizer(cfg)
     model = load_model(cfg)
     args = hf_arguments(cfg, has_eval=False)
-    args.group_by_length = name == "group_by_length"
+    if name == "group_by_length":
+        args.train_sampling_strategy = "group_by_length"
     common: dict[str, Any] = {
         "model": model,
         "args": args,

@@ -4,9 +4,10 @@ serving directories of this machine, so that downloads are tested without the in
     with LocalHub({"lorasweep/tiny": Path("model")}) as hub:
         os.environ["HF_ENDPOINT"] = hub.url   # then snapshot_download("lorasweep/tiny")
 
-Endpoints (huggingface_hub 0.36): `GET /api/models/<id>[/revision/<rev>]` (the commit and the
-file list), `HEAD` and `GET /<id>/resolve/<rev>/<file>` (a file's commit, etag and size, then
-its bytes). An unknown repository is a 401 with `X-Error-Code: RepoNotFound`, as on the hub
+Endpoints (huggingface_hub 2.4): `GET /api/models/<id>[/revision/<rev>]` (the commit and the
+file list), `GET /api/models/<id>/tree/<rev>` (every file with its size and git blob id, one
+page), `HEAD` and `GET /<id>/resolve/<rev>/<file>` (a file's commit, etag and size, then its
+bytes). An unknown repository is a 401 with `X-Error-Code: RepoNotFound`, as on the hub
 (which does not tell a missing repository from a private one). `downloads` counts the GETs of
 each file.
 """
@@ -25,6 +26,11 @@ from urllib.parse import unquote
 
 def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def _blob_id(content: bytes) -> str:
+    """The git blob id of a file's content: the hub's tree `oid` and a plain file's etag."""
+    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()
 
 
 def _commit(root: Path) -> str:
@@ -81,7 +87,18 @@ class LocalHub:
             found = self._repo(path.removeprefix("api/models/"))
             if found is None:
                 return self._not_found(request, body)
-            repo, root, _ = found
+            repo, root, rest = found
+            if rest.startswith("tree/"):
+                tree = [
+                    {
+                        "type": "file",
+                        "path": name,
+                        "size": (root / name).stat().st_size,
+                        "oid": _blob_id((root / name).read_bytes()),
+                    }
+                    for name in _files(root)
+                ]
+                return self._send(request, 200, json.dumps(tree).encode(), {}, body)
             info = {
                 "id": repo,
                 "modelId": repo,
@@ -101,7 +118,7 @@ class LocalHub:
         content = file.read_bytes()
         headers = {
             "X-Repo-Commit": _commit(root),
-            "ETag": f'"{hashlib.sha256(content).hexdigest()}"',
+            "ETag": f'"{_blob_id(content)}"',
         }
         if body:
             self.downloads[(repo, parts[2])] += 1

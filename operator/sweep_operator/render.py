@@ -488,7 +488,26 @@ def render_trial_job(
     if spec.trainer.queue_name:
         # Kueue starts it once admitted; created running, it would hold a GPU before that.
         job["spec"]["suspend"] = True
+    _quantities_as_strings(job["spec"]["template"]["spec"])
     return job
+
+
+def _quantities_as_strings(pod: dict[str, Any]) -> None:
+    """Write the containers' resource quantities as strings (`cpu: 2` becomes `"2"`).
+
+    The API server reads a quantity from a number or a string, but the kubernetes client (37)
+    checks a request against its models before sending it, and there a quantity is a string:
+    a number, from gpus or a user's `cpu: 2`, would fail every create."""
+    for key in ("initContainers", "containers"):
+        for container in pod.get(key) or []:
+            resources = container.get("resources") if isinstance(container, dict) else None
+            for kind in ("limits", "requests"):
+                quantities = (resources or {}).get(kind)
+                if isinstance(quantities, dict):
+                    resources[kind] = {
+                        name: value if isinstance(value, str) else str(value)
+                        for name, value in quantities.items()
+                    }
 
 
 def _queue_labels(trainer: TrainerSpec) -> dict[str, str]:

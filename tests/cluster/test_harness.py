@@ -30,7 +30,7 @@ def one_gpu_job(
     container: dict = {
         "name": "main",
         "image": "lorasweep-test",
-        "resources": {"limits": {"nvidia.com/gpu": 1}},
+        "resources": {"limits": {"nvidia.com/gpu": "1"}},
         "terminationMessagePolicy": termination_policy,
     }
     if command:
@@ -350,8 +350,9 @@ def test_a_disrupted_local_pod_ends_failed_so_its_job_replaces_it(
         core,
         namespace,
         since,
-        lambda pods: len(pods) == 2
-        and all(p.status.phase in ("Succeeded", "Failed") for p in pods),
+        lambda pods: (
+            len(pods) == 2 and all(p.status.phase in ("Succeeded", "Failed") for p in pods)
+        ),
     )
     assert [p.status.phase for p in pods] == ["Failed", "Succeeded"]
     evicted = pods[0]

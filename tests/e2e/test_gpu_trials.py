@@ -143,9 +143,13 @@ def test_disrupted_trial_resumes_from_its_checkpoint_in_the_same_run(
     first = pod.items[0].metadata.name
     disrupt(core, namespace, first, how)
     wait_for(
-        lambda: not any(
-            p.metadata.name == first
-            for p in core.list_namespaced_pod(namespace, label_selector="lorasweep.io/sweep").items
+        lambda: (
+            not any(
+                p.metadata.name == first
+                for p in core.list_namespaced_pod(
+                    namespace, label_selector="lorasweep.io/sweep"
+                ).items
+            )
         ),
         60,
         "the disrupted pod to go",

@@ -184,6 +184,16 @@ def test_defaults_follow_the_tuning_guides() -> None:
     assert cfg.bf16 is None  # settled per machine by check_hardware
 
 
+@pytest.mark.parametrize(("ratio", "steps"), [(0.0, 0), (0.05, 5), (0.5, 48), (1.0, 95)])
+def test_warmup_ratio_is_a_fraction_of_the_steps_up_to_all_of_them(
+    ratio: float, steps: int, tmp_path: Path
+) -> None:
+    from lora_trainer.train import hf_arguments
+
+    args = hf_arguments(configure(f"warmup_ratio={ratio}", f"output_dir={tmp_path}"), False)
+    assert args.get_warmup_steps(95) == steps
+
+
 def test_checkpoints_default_to_the_trials_volume_from_the_environment() -> None:
     environ = {"LORASWEEP_CHECKPOINT_DIR": "/checkpoints/t-1", "LORASWEEP_CHECKPOINT_STEPS": "50"}
     cfg = load_config(None, REQUIRED, environ)

@@ -41,7 +41,7 @@ ISOLATED = {
     "gpt2": True,
     "qwen2": True,
     "opt": False,
-    "falcon": False,
+    "falcon": True,
     "bloom": False,
 }
 

@@ -27,7 +27,7 @@ def test_render_the_example():
     assert len(set(params)) == 6
     [c] = jobs[0]["spec"]["template"]["spec"]["containers"]
     assert c["image"] == "registry.example.com/lorasweep-trainer:0.1.0"
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "--set" in c["args"] and "lora_rank=8" in c["args"]
 
 
@@ -99,7 +99,7 @@ def test_render_the_gpu_example():
         [c] = pod["containers"]
         assert c["command"][:3] == ["python", "-m", "lora_trainer.launch"]
         assert "--nproc-per-node=2" in c["command"]
-        assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
         assert "quantization_bit=4" in c["args"]
         [mount] = [m for m in c["volumeMounts"] if m["mountPath"] == "/checkpoints"]
         assert mount["subPath"] == job["metadata"]["name"]

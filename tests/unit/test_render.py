@@ -211,7 +211,7 @@ def test_pod_settings_from_the_spec():
     ]
     assert job["spec"]["backoffLimit"] == 2 and job["spec"]["activeDeadlineSeconds"] == 3600
     c = container(job)
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert c["volumeMounts"] == [
         {"name": "data", "mountPath": "/data"},
         {"name": "lorasweep-tmp", "mountPath": "/tmp"},
@@ -289,7 +289,7 @@ def test_one_gpu_trial_is_one_pod_of_the_bundled_trainer():
     assert "completionMode" not in job["spec"]
     assert "subdomain" not in job["spec"]["template"]["spec"]
     assert container(job)["command"] == ["python", "-m", "lora_trainer"]
-    assert container(job)["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert container(job)["resources"] == {"limits": {"nvidia.com/gpu": "1"}}
     assert not {"LORASWEEP_NNODES", "LORASWEEP_MASTER_ADDR"} & env_of(job).keys()
     assert render_trial_service(SWEEP, make_spec()) is None
 
@@ -306,8 +306,32 @@ def test_the_gpu_limit_comes_from_gpus_and_keeps_the_users_resources():
     c = container(render(trainer_spec(gpus=4, resources=resources)))
     assert c["resources"] == {
         "requests": {"cpu": "4", "memory": "32Gi"},
-        "limits": {"memory": "32Gi", "nvidia.com/gpu": 4},
+        "limits": {"memory": "32Gi", "nvidia.com/gpu": "4"},
     }
+
+
+def test_rendered_objects_pass_the_kubernetes_clients_checks():
+    """The client validates a body against its models before sending it: quantities are
+    strings there, though the API server would take numbers."""
+    from kubernetes.client import V1Job, V1Service
+
+    resources = {"requests": {"cpu": 2, "memory": "8Gi"}, "limits": {"cpu": 2.5}}
+    for spec in (
+        make_spec(),
+        trainer_spec(gpus=2, nodes=2, resources=resources),
+        trainer_spec(**MODEL_CACHE, resources=resources),
+    ):
+        V1Job.model_validate(render(spec))
+    limits = container(render(trainer_spec(gpus=2, resources=resources)))["resources"]["limits"]
+    assert limits == {"cpu": "2.5", "nvidia.com/gpu": "2"}
+    V1Job.model_validate(render_model_fetch_job(SWEEP, trainer_spec(**MODEL_CACHE)))
+    V1Service.model_validate(render_trial_service(SWEEP, trainer_spec(gpus=2, nodes=2)))
+    # A user's template writing a number.
+    line = "resources: {{ container.resources | yaml }}"
+    assert line in builtin_template()
+    job = render(template=builtin_template().replace(line, "resources: {limits: {cpu: 3}}"))
+    assert container(job)["resources"] == {"limits": {"cpu": "3"}}
+    V1Job.model_validate(job)
 
 
 def test_several_gpus_on_one_node_run_one_trainer_process_per_gpu():
@@ -323,7 +347,7 @@ def test_several_gpus_on_one_node_run_one_trainer_process_per_gpu():
         "lora_trainer",
     ]
     assert c["args"] == container(render())["args"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)
     env = env_of(job)
     assert (env["LORASWEEP_NNODES"], env["LORASWEEP_NPROC_PER_NODE"]) == ("1", "2")
@@ -349,7 +373,7 @@ def test_a_trial_on_several_nodes_is_an_indexed_job_that_meets_on_its_pod_0():
         "lora_trainer",
     ]
     assert c["args"] == container(render())["args"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2  # per pod, not per trial
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"  # per pod, not per trial
     env = env_of(job)
     assert env["LORASWEEP_NNODES"] == "2" and env["LORASWEEP_NPROC_PER_NODE"] == "2"
     assert env["LORASWEEP_MASTER_ADDR"] == "rank-lr-0003-0.rank-lr-trials"

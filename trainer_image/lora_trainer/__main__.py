@@ -167,6 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # MLflow's sqlite store reconfigures the root logger (to WARNING); ours keeps its level.
     log.setLevel(level)
+    # Progress bars (transformers 5 has one for loading the weights) are carriage-return noise
+    # in a pod's log; the step lines say how far training is.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     stop = StopFlag()
     stop.install()
     return run(args.config, args.overrides, os.environ, stop)

@@ -2,9 +2,10 @@
 one by one.
 
 Packed rows rely on the model reading the restarting position ids as sequence boundaries
-(transformers builds a block-diagonal mask from them for Llama-like models and GPT-2). Models
-that ignore position ids there (OPT, Falcon, Bloom, ...) let the examples of a row attend to
-each other, silently training on a different task; on those the trainer pads instead."""
+(transformers builds a block-diagonal mask from them for Llama-like models, GPT-2 and, since
+transformers 5, Falcon). Models that ignore position ids there (OPT, Bloom, ...) let the
+examples of a row attend to each other, silently training on a different task; on those the
+trainer pads instead."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import os
 import platform
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -402,11 +403,25 @@ class RunCallback(TrainerCallback):
         return control
 
 
-def hf_arguments(cfg: TrainConfig, has_eval: bool) -> HFTrainingArguments:
+@dataclass
+class TrainingArguments(HFTrainingArguments):
+    """transformers' arguments, with the warmup as a fraction of the steps.
+
+    transformers 5 dropped `warmup_ratio`: its `warmup_steps` reads a value below 1 as a
+    fraction and 1 or more as a count of steps, so `warmup_ratio: 1.0` (warm up throughout)
+    would become a single step."""
+
+    warmup_fraction: float = 0.0
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        return math.ceil(num_training_steps * self.warmup_fraction)
+
+
+def hf_arguments(cfg: TrainConfig, has_eval: bool) -> TrainingArguments:
     eval_strategy = "no"
     if has_eval:
         eval_strategy = "steps" if cfg.eval_steps else "epoch"
-    return HFTrainingArguments(
+    return TrainingArguments(
         output_dir=cfg.checkpoint_dir or str(Path(cfg.output_dir) / "checkpoints"),
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.num_train_epochs,
@@ -414,15 +429,15 @@ def hf_arguments(cfg: TrainConfig, has_eval: bool) -> HFTrainingArguments:
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_fraction=cfg.warmup_ratio,
         lr_scheduler_type=cfg.lr_scheduler_type,
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
         bf16=bool(cfg.bf16),  # settled by check_this_machine; None only where it was skipped
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
         seed=cfg.seed,
         data_seed=cfg.seed,
         eval_strategy=eval_strategy,
