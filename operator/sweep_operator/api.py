@@ -131,25 +131,27 @@ class Objective(_Model):
 class Algorithm(_Model):
     """How trial parameters are chosen from the search space."""
 
-    name: Literal["grid", "random", "tpe"] = Field(
+    name: Literal["grid", "random", "tpe", "bohb"] = Field(
         "grid",
         description="grid: every combination of the parameters' values (cartesian product, "
         "parameters in alphabetical order, the last one varying fastest). random: independent "
         "seeded samples; trial i depends only on (seed, i). tpe: Bayesian optimization with "
         "optuna's Tree-structured Parzen Estimator, learning from the finished trials; the first "
-        "startupTrials trials are random.",
+        "startupTrials trials are random. bohb: tpe that learns from the trials' values at the "
+        "highest rung of earlyStopping (asha or hyperband) that enough trials reached, so it is "
+        "guided long before trials finish.",
     )
     seed: int = Field(
         0,
         ge=0,
-        description="Seed of the random and tpe algorithms. The same seed (and, for tpe, the "
-        "same results) gives the same trials.",
+        description="Seed of the random, tpe and bohb algorithms. The same seed (and, for tpe "
+        "and bohb, the same results) gives the same trials.",
     )
     startup_trials: int = Field(
         10,
         ge=1,
-        description="tpe: how many trials are drawn at random before the model guides the "
-        "search (optuna's n_startup_trials).",
+        description="tpe and bohb: how many trials are drawn at random before the model guides "
+        "the search (optuna's n_startup_trials).",
     )
 
 
@@ -696,27 +698,45 @@ def parse_duration(text: str, field: str = "duration") -> timedelta:
 
 
 class EarlyStopping(_Model):
-    """Early stopping of trials from the objective's intermediate values."""
+    """Early stopping of trials from the objective's intermediate values.
 
-    algorithm: Literal["median", "asha"] = Field(
+    Whatever the algorithm, a running trial whose objective turns NaN or infinite is stopped
+    at once.
+    """
+
+    algorithm: Literal["median", "asha", "hyperband"] = Field(
         description="median: stop a trial whose best value so far is worse than the median of "
-        "the other trials' values at the same step. asha: asynchronous successive halving; at "
-        "each rung only the best 1/reductionFactor of the trials that reached it go on."
+        "the completed trials' best values up to the same step. asha: asynchronous successive "
+        "halving; a trial reaching a rung goes on only if it is in the best 1/reductionFactor "
+        "of the trials that reached the rung before it. hyperband: several ASHA brackets, "
+        "from aggressive (first rung minSteps) to none (first rung maxSteps), each trial "
+        "drawn into one of them by its index."
     )
     min_steps: int = Field(
         0,
         ge=0,
         description="median: no decision before this step. asha: the first rung "
-        "(the minimum resource), when rungs is not given.",
+        "(the minimum resource), when rungs is not given. hyperband: the most aggressive "
+        "bracket's first rung.",
+    )
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="hyperband (required there): the steps a trial trains in full (the maximum "
+        "resource); it sets how many brackets there are.",
     )
     min_trials: int = Field(
         3,
         ge=1,
-        description="A trial is only compared once at least this many other trials have "
-        "values at the same step (median) or rung (asha).",
+        description="median: a trial is only compared once at least this many completed "
+        "trials have values at its step. asha and hyperband: a trial reaching a rung goes on "
+        "unless at least this many trials reached the rung before it.",
     )
     reduction_factor: int = Field(
-        3, ge=2, description="asha: the fraction 1/reductionFactor of trials kept at each rung."
+        3,
+        ge=2,
+        description="asha and hyperband: the fraction 1/reductionFactor of trials kept at each "
+        "rung, and the growth of the rungs.",
     )
     rungs: list[int] | None = Field(
         None,
@@ -727,14 +747,28 @@ class EarlyStopping(_Model):
     )
 
     @model_validator(mode="after")
-    def _asha_rungs(self) -> EarlyStopping:
+    def _rungs(self) -> EarlyStopping:
         if self.rungs is not None:
             if self.algorithm != "asha":
                 raise ValueError("rungs is only used by algorithm asha")
             if any(r <= 0 for r in self.rungs) or self.rungs != sorted(set(self.rungs)):
                 raise ValueError(f"rungs must be increasing positive steps, got {self.rungs}")
-        elif self.algorithm == "asha" and self.min_steps < 1:
-            raise ValueError("algorithm asha needs minSteps >= 1 (the first rung) or rungs")
+        elif self.algorithm in ("asha", "hyperband") and self.min_steps < 1:
+            raise ValueError(
+                f"algorithm {self.algorithm} needs minSteps >= 1 (the first rung)"
+                + (" or rungs" if self.algorithm == "asha" else "")
+            )
+        if self.algorithm == "hyperband":
+            if self.max_steps is None:
+                raise ValueError(
+                    "algorithm hyperband needs maxSteps: the steps a trial trains in full"
+                )
+            if self.max_steps < self.min_steps:
+                raise ValueError(
+                    f"maxSteps {self.max_steps} must be at least minSteps {self.min_steps}"
+                )
+        elif self.max_steps is not None:
+            raise ValueError("maxSteps is only used by algorithm hyperband")
         return self
 
 
@@ -752,7 +786,7 @@ class SweepSpec(_Model):
                 _cel(
                     "!has(self.algorithm) || !has(self.algorithm.name) || "
                     "self.algorithm.name == 'grid' || has(self.maxTrials)",
-                    "algorithms random and tpe need maxTrials",
+                    "algorithms random, tpe and bohb need maxTrials",
                     ".maxTrials",
                 ),
                 _cel(
@@ -848,6 +882,13 @@ class SweepSpec(_Model):
         if self.algorithm.name != "grid" and self.max_trials is None:
             raise ValueError(
                 f"algorithm {self.algorithm.name} needs maxTrials (how many samples to draw)"
+            )
+        if self.algorithm.name == "bohb" and (
+            self.early_stopping is None or self.early_stopping.algorithm == "median"
+        ):
+            raise ValueError(
+                "algorithm bohb learns at the rungs of earlyStopping: set earlyStopping.algorithm "
+                "to hyperband or asha"
             )
         if all(p.is_derived for p in self.parameters.values()):
             raise ValueError("parameters need at least one searched parameter (not only expr)")

@@ -1,165 +1,281 @@
-"""Early stopping decisions from learning curves: median stopping and ASHA. Pure.
+"""Early stopping decisions from learning curves: median stopping, ASHA, Hyperband. Pure.
 
-Both rules are evaluated level-based, like the planner: from all curves as they are now, not
-from a log of earlier decisions. So a restart changes nothing, and with ASHA a trial that
-passed a rung while few trials had reached it can still be stopped at that rung once more
-trials arrive and beat it (the synchronous successive-halving outcome, reached
-asynchronously).
+Every rule is evaluated level-based, from the curves as they are now, never from a log of
+earlier decisions, so an operator restart changes nothing. The rules follow Optuna's and Ray
+Tune's:
 
-Curves are (step, value) lists sorted by step. `minimize=False` flips every comparison.
+- Any rule stops a running trial at once when its objective turns NaN or infinite: it has
+  diverged and will not recover.
+- median: a running trial's best value up to its latest step is compared with the median of
+  the completed trials' best values up to the same step (like with like), once at least
+  `min_trials` completed trials got that far. Running and stopped trials are no yardstick:
+  a first cohort would otherwise cut its own members on gaps the size of the eval noise.
+- asha: a trial is judged once per rung, when it reaches it: by its value there (not its
+  best so far, which hides a diverging curve) against the values of the trials that reached
+  the rung before it, by the time each value was logged. Later arrivals never reopen that
+  decision (asynchronous successive halving promotes a trial and moves on), and a trial past
+  a rung is only ever judged at its highest one.
+- hyperband: brackets of ASHA from the most aggressive (first rung min_steps) to one that
+  never stops a trial; a trial's bracket follows from its index, with Hyperband's share of
+  trials per bracket; each bracket ranks its own trials only. A trial the rules keep simply
+  trains on: no trial is paused, so none has to be resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from sweep_operator.api import EarlyStopping
-
-Curve = Sequence[tuple[int, float]]
-
-
-def _signed(curve: Curve, minimize: bool) -> list[tuple[int, float]]:
-    sign = 1.0 if minimize else -1.0
-    return [(step, sign * value) for step, value in curve if math.isfinite(value)]
+from sweep_operator.trials import Curve, Point, TrialState
 
 
-def _value_at(curve: Curve, step: int) -> float | None:
-    """The last value logged at or before `step` (curves are sorted), if the curve got there."""
-    if not curve or curve[-1][0] < step:
-        return None
-    before = [value for s, value in curve if s <= step]
-    return before[-1] if before else None
+@dataclass(frozen=True)
+class Progress:
+    """One trial as early stopping sees it: its objective's curve, in step order."""
+
+    index: int
+    state: TrialState
+    curve: Curve
 
 
-def _best_until(curve: Curve, step: int) -> float | None:
-    values = [value for s, value in curve if s <= step]
+def _signed(value: float, minimize: bool) -> float:
+    """The value made "smaller is better"; NaN and infinities rank worst."""
+    if not math.isfinite(value):
+        return math.inf
+    return value if minimize else -value
+
+
+def _fmt(signed: float, minimize: bool) -> str:
+    return f"{signed if minimize else -signed:.6g}"
+
+
+def _best_until(curve: Curve, step: int, minimize: bool) -> float | None:
+    values = [_signed(p.value, minimize) for p in curve if p.step <= step]
     return min(values) if values else None
 
 
-def _fmt(value: float, minimize: bool) -> str:
-    return f"{value if minimize else -value:.6g}"
+def arrival(curve: Curve, rung: int) -> Point | None:
+    """The point logged when the curve reached `rung`: the first at or past it."""
+    return next((p for p in curve if p.step >= rung), None)
+
+
+def diverged(progress: Progress) -> str | None:
+    """Why a trial has diverged (its objective is NaN or infinite), if it has."""
+    bad = next((p for p in progress.curve if not math.isfinite(p.value)), None)
+    if bad is None:
+        return None
+    return f"the objective is {bad.value} at step {bad.step}: the trial diverged"
 
 
 def median_decisions(
-    curves: Mapping[str, Curve],
-    running: Collection[str],
-    *,
-    minimize: bool,
-    min_steps: int,
-    min_trials: int,
+    trials: Mapping[str, Progress], *, minimize: bool, min_steps: int, min_trials: int
 ) -> dict[str, str]:
-    """Running trials to stop -> why.
-
-    A trial is stopped once its latest step is at least `min_steps` and its best value so far
-    is worse than the median of the other trials' values at that step (each other trial's
-    last value at or before it, among those whose curve reached it), given at least
-    `min_trials` such trials.
-    """
-    signed = {name: _signed(curve, minimize) for name, curve in curves.items()}
+    """Running trials to stop -> why, by the median rule (module docstring)."""
+    completed = [t.curve for t in trials.values() if t.state == TrialState.SUCCEEDED]
     stop = {}
-    for name in sorted(running):
-        curve = signed.get(name)
-        if not curve:
+    for name, trial in sorted(trials.items()):
+        if trial.state != TrialState.RUNNING or not trial.curve:
             continue
-        step = curve[-1][0]
+        step = trial.curve[-1].step
         if step < min_steps:
             continue
-        others = [
-            v
-            for other, c in signed.items()
-            if other != name and (v := _value_at(c, step)) is not None
+        peers = [
+            best
+            for curve in completed
+            if curve and curve[-1].step >= step
+            if (best := _best_until(curve, step, minimize)) is not None
         ]
-        if len(others) < min_trials:
+        if len(peers) < min_trials:
             continue
-        best = min(value for _, value in curve)
-        median = statistics.median(others)
-        if best > median:
+        best = _best_until(trial.curve, step, minimize)
+        median = statistics.median(peers)
+        if best is not None and best > median:
             stop[name] = (
                 f"median stopping at step {step}: best value so far {_fmt(best, minimize)} is "
-                f"worse than the median {_fmt(median, minimize)} of {len(others)} other trials"
+                f"worse than the median {_fmt(median, minimize)} of {len(peers)} completed "
+                "trials at that step"
             )
     return stop
 
 
-def rung_steps(
-    rungs: Sequence[int] | None, min_steps: int, factor: int, last: int
-) -> Iterator[int]:
-    """The rungs up to step `last`: the given list, or min_steps * factor**k."""
-    if rungs is not None:
-        yield from (r for r in rungs if r <= last)
-        return
+def rung_steps(min_steps: int, factor: int, below: int) -> list[int]:
+    """min_steps * factor**k for k = 0, 1, ... while below `below`."""
+    rungs = []
     rung = min_steps
-    while rung <= last:
-        yield rung
+    while rung < below:
+        rungs.append(rung)
         rung *= factor
+    return rungs
 
 
-def asha_decisions(
-    curves: Mapping[str, Curve],
-    running: Collection[str],
+def _asha_stop(
+    name: str,
+    group: Mapping[str, Progress],
+    rungs: Sequence[int],
     *,
     minimize: bool,
     reduction_factor: int,
-    min_steps: int,
-    rungs: Sequence[int] | None = None,
-    min_trials: int = 1,
-) -> dict[str, str]:
-    """Running trials to stop -> why, by successive halving.
+    min_trials: int,
+) -> str | None:
+    """Why trial `name` stops at its highest rung among the trials of `group`, if it does."""
+    curve = group[name].curve
+    reached = [r for r in rungs if arrival(curve, r) is not None]
+    if not reached:
+        return None
+    rung = reached[-1]
+    mine = arrival(curve, rung)
+    assert mine is not None
+    before = [
+        point
+        for other, trial in group.items()
+        if other != name
+        if (point := arrival(trial.curve, rung)) is not None and point.time <= mine.time
+    ]
+    if len(before) < min_trials:
+        return None
+    n = len(before) + 1
+    keep = max(1, n // reduction_factor)
+    ranked = sorted(_signed(p.value, minimize) for p in [*before, mine])
+    cutoff = ranked[keep - 1]  # the worst value that still goes on; ties go on together
+    value = _signed(mine.value, minimize)
+    if value <= cutoff:
+        return None
+    return (
+        f"ASHA rung at step {rung}: value {_fmt(value, minimize)} is not in the best {keep} of "
+        f"the {n} trials that reached it so far (cutoff {_fmt(cutoff, minimize)})"
+    )
 
-    At each rung a trial has reached, the trials whose curves reached it are ranked by their
-    best value up to the rung; only the best max(1, n // reduction_factor) of those n go on
-    (ties go on together). A running trial outside them is stopped, once at least
-    `min_trials` other trials reached that rung.
-    """
-    signed = {name: _signed(curve, minimize) for name, curve in curves.items()}
-    last = max((c[-1][0] for c in signed.values() if c), default=0)
+
+def asha_decisions(
+    trials: Mapping[str, Progress],
+    rungs: Sequence[int],
+    *,
+    minimize: bool,
+    reduction_factor: int,
+    min_trials: int,
+) -> dict[str, str]:
+    """Running trials to stop -> why, by asynchronous successive halving (module docstring)."""
     stop = {}
-    for rung in rung_steps(rungs, min_steps, reduction_factor, last):
-        at_rung = {
-            name: value
-            for name, curve in signed.items()
-            if curve and curve[-1][0] >= rung and (value := _best_until(curve, rung)) is not None
-        }
-        n = len(at_rung)
-        if n - 1 < min_trials:
+    for name, trial in sorted(trials.items()):
+        if trial.state != TrialState.RUNNING:
             continue
-        keep = max(1, n // reduction_factor)
-        ranked = sorted(at_rung.values())
-        cutoff = ranked[keep - 1]  # the worst value that still goes on
-        for name in sorted(running):
-            if name in stop or name not in at_rung or at_rung[name] <= cutoff:
-                continue
-            stop[name] = (
-                f"ASHA rung at step {rung}: value {_fmt(at_rung[name], minimize)} is not in the "
-                f"best {keep} of {n} trials (cutoff {_fmt(cutoff, minimize)})"
-            )
+        reason = _asha_stop(
+            name,
+            trials,
+            rungs,
+            minimize=minimize,
+            reduction_factor=reduction_factor,
+            min_trials=min_trials,
+        )
+        if reason:
+            stop[name] = reason
     return stop
 
 
-def stop_decisions(
-    settings: EarlyStopping,
-    curves: Mapping[str, Curve],
-    running: Collection[str],
+def brackets(min_steps: int, max_steps: int, factor: int) -> list[tuple[list[int], int]]:
+    """Hyperband's brackets: (rungs, share of trials), most aggressive first.
+
+    With s_max + 1 brackets, the one that halves s times gets about (s_max + 1) / (s + 1) *
+    factor**s trials, so that every bracket spends about the same budget (Li et al., 2018);
+    the last bracket has no rung and trains every trial in full.
+    """
+    all_rungs = rung_steps(min_steps, factor, max_steps)
+    s_max = len(all_rungs)
+    return [
+        (all_rungs[b:], math.ceil((s_max + 1) * factor ** (s_max - b) / (s_max - b + 1)))
+        for b in range(s_max + 1)
+    ]
+
+
+def bracket_of(index: int, shares: Sequence[int]) -> int:
+    """The bracket of trial `index`: a hash of the index spread over the brackets' shares, so
+    that it is the same after a restart and consecutive trials land in different brackets."""
+    digest = hashlib.sha256(f"hyperband:{index}".encode()).digest()
+    draw = int.from_bytes(digest[:8], "big") % sum(shares)
+    for bracket, share in enumerate(shares):
+        if draw < share:
+            return bracket
+        draw -= share
+    raise AssertionError("unreachable: draw < sum(shares)")
+
+
+def hyperband_decisions(
+    trials: Mapping[str, Progress],
     *,
     minimize: bool,
+    min_steps: int,
+    max_steps: int,
+    reduction_factor: int,
+    min_trials: int,
+) -> dict[str, str]:
+    """Running trials to stop -> why, by ASHA within each trial's Hyperband bracket."""
+    plan = brackets(min_steps, max_steps, reduction_factor)
+    shares = [share for _, share in plan]
+    groups: dict[int, dict[str, Progress]] = {}
+    for name, trial in trials.items():
+        groups.setdefault(bracket_of(trial.index, shares), {})[name] = trial
+    stop = {}
+    for bracket, group in sorted(groups.items()):
+        rungs = plan[bracket][0]
+        decisions = asha_decisions(
+            group,
+            rungs,
+            minimize=minimize,
+            reduction_factor=reduction_factor,
+            min_trials=min_trials,
+        )
+        for name, why in decisions.items():
+            stop[name] = f"Hyperband bracket {bracket}: {why}"
+    return stop
+
+
+def rungs_of(settings: EarlyStopping, last: int) -> list[int]:
+    """Every rung of the settings at or below step `last`; hyperband's include maxSteps (the
+    full budget), so the rungs are the budgets bohb can model."""
+    if settings.algorithm == "hyperband":
+        assert settings.max_steps is not None  # EarlyStopping validated it
+        top = rung_steps(settings.min_steps, settings.reduction_factor, settings.max_steps)
+        return [r for r in [*top, settings.max_steps] if r <= last]
+    if settings.rungs is not None:
+        return [r for r in settings.rungs if r <= last]
+    return rung_steps(settings.min_steps, settings.reduction_factor, last + 1)
+
+
+def stop_decisions(
+    settings: EarlyStopping, trials: Mapping[str, Progress], *, minimize: bool
 ) -> dict[str, str]:
     """Running trials to stop -> why, by the sweep's earlyStopping settings."""
+    stop = {
+        name: why
+        for name, trial in trials.items()
+        if trial.state == TrialState.RUNNING and (why := diverged(trial))
+    }
+    rest = {name: t for name, t in trials.items() if name not in stop}
     if settings.algorithm == "median":
-        return median_decisions(
-            curves,
-            running,
+        decided = median_decisions(
+            rest, minimize=minimize, min_steps=settings.min_steps, min_trials=settings.min_trials
+        )
+    elif settings.algorithm == "asha":
+        last = max((t.curve[-1].step for t in rest.values() if t.curve), default=0)
+        decided = asha_decisions(
+            rest,
+            rungs_of(settings, last),
             minimize=minimize,
-            min_steps=settings.min_steps,
+            reduction_factor=settings.reduction_factor,
             min_trials=settings.min_trials,
         )
-    return asha_decisions(
-        curves,
-        running,
-        minimize=minimize,
-        reduction_factor=settings.reduction_factor,
-        min_steps=settings.min_steps,
-        rungs=settings.rungs,
-        min_trials=settings.min_trials,
-    )
+    else:
+        assert settings.max_steps is not None  # EarlyStopping validated it
+        decided = hyperband_decisions(
+            rest,
+            minimize=minimize,
+            min_steps=settings.min_steps,
+            max_steps=settings.max_steps,
+            reduction_factor=settings.reduction_factor,
+            min_trials=settings.min_trials,
+        )
+    return stop | decided

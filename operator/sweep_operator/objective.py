@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 
 from sweep_operator.api import SweepSpec
-from sweep_operator.trials import Curve, ObservedTrial, TrialState
+from sweep_operator.trials import Curve, ObservedTrial, Point, TrialState
 
 
 def minimizing(spec: SweepSpec) -> bool:
@@ -64,25 +64,28 @@ def objective_value(spec: SweepSpec, trial: ObservedTrial) -> float | None:
 
 
 def objective_curve(spec: SweepSpec, trial: ObservedTrial) -> Curve:
-    """The objective's intermediate values (step, value), sorted by step.
+    """The objective's intermediate values, sorted by step, non-finite ones kept (a diverged
+    trial's NaN is what early stopping stops it for).
 
-    A weighted objective exists at the steps where every metric was logged; pareto mode
-    follows the primary metric.
+    A weighted objective exists at the steps where every metric was logged (at the time the
+    last of them was); pareto mode follows the primary metric.
     """
     if not spec.objective.metrics or spec.objective.mode == "pareto":
-        curve = trial.curves.get(spec.objective.metric, [])
-        return sorted((s, v) for s, v in curve if math.isfinite(v))
-    by_step: dict[int, dict[str, float]] = {}
+        return sorted(trial.curves.get(spec.objective.metric, []))
+    by_step: dict[int, dict[str, Point]] = {}
     for m in spec.objective.metrics:
-        for step, value in trial.curves.get(m.name, []):
-            by_step.setdefault(step, {})[m.name] = value
+        for point in trial.curves.get(m.name, []):
+            by_step.setdefault(point.step, {})[m.name] = point
     full = len(spec.objective.metrics)
-    combined = [
-        (step, _combine(spec, values))
-        for step, values in sorted(by_step.items())
-        if len(values) == full
+    return [
+        Point(
+            step=step,
+            value=_combine(spec, {name: p.value for name, p in points.items()}),
+            time=max(p.time for p in points.values()),
+        )
+        for step, points in sorted(by_step.items())
+        if len(points) == full
     ]
-    return [(s, v) for s, v in combined if math.isfinite(v)]
 
 
 def pareto_front(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> list[ObservedTrial]:

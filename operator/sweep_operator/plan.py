@@ -36,7 +36,7 @@ from sweep_operator.api import (
     TrialCounts,
     parse_duration,
 )
-from sweep_operator.early_stopping import stop_decisions
+from sweep_operator.early_stopping import Progress, stop_decisions
 from sweep_operator.naming import model_fetch_name, trial_name
 from sweep_operator.objective import (
     minimizing,
@@ -105,7 +105,7 @@ def pareto_status(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> list[Pa
 
 def _expected_parameters(spec: SweepSpec, trial: ObservedTrial) -> dict | str | None:
     """What trial.parameters must be, or why they cannot be right (None: out of range)."""
-    model_guided = spec.algorithm.name == "tpe" and trial.index >= spec.algorithm.startup_trials
+    model_guided = _model_guided(spec, trial.index)
     if not model_guided:
         try:
             return trial_parameters(spec, trial.index)
@@ -178,9 +178,14 @@ def _times(
     return (min(starts) if starts else now, max(finishes) if finishes else now)
 
 
+def _model_guided(spec: SweepSpec, index: int) -> bool:
+    """Whether trial `index` comes from the model (tpe, bohb) rather than from its index."""
+    return spec.algorithm.name in ("tpe", "bohb") and index >= spec.algorithm.startup_trials
+
+
 def _new_parameters(spec: SweepSpec, history: list[ObservedTrial], index: int) -> dict:
-    """Parameters of a trial to create; tpe past its startup trials asks the model."""
-    if spec.algorithm.name == "tpe" and index >= spec.algorithm.startup_trials:
+    """Parameters of a trial to create; tpe and bohb past their startup trials ask the model."""
+    if _model_guided(spec, index):
         return tpe.suggest(spec, history, index)
     return trial_parameters(spec, index)
 
@@ -189,9 +194,8 @@ def _early_stops(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> dict[str, 
     """Running trials that early stopping stops -> why."""
     if spec.early_stopping is None:
         return {}
-    curves = {t.name: objective_curve(spec, t) for t in trials}
-    running = [t.name for t in trials if t.state == TrialState.RUNNING]
-    return stop_decisions(spec.early_stopping, curves, running, minimize=minimizing(spec))
+    progress = {t.name: Progress(t.index, t.state, objective_curve(spec, t)) for t in trials}
+    return stop_decisions(spec.early_stopping, progress, minimize=minimizing(spec))
 
 
 def plan(

@@ -8,6 +8,10 @@ parameters, before or after an operator restart.
 
 Trials still running are added as RUNNING; with `constant_liar` TPE treats them as bad
 results, so trials asked for in parallel do not all land on the same point.
+
+Algorithm bohb is the same sampler fitted on other values: each trial's objective at one
+rung of the early-stopping schedule (`model_budget`), so that the many trials Hyperband stops
+early teach the model as much as the few it trains in full.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, create_trial
 
 from sweep_operator.api import ParameterSpec, SweepSpec
+from sweep_operator.early_stopping import arrival, rungs_of
 from sweep_operator.objective import objective_curve, objective_value, objective_values
 from sweep_operator.space import SIGNIFICANT_DIGITS, in_space, searched, with_derived
 from sweep_operator.trials import ObservedTrial, TrialState
@@ -56,15 +61,48 @@ def _directions(spec: SweepSpec) -> list[str]:
     return [spec.objective.goal]
 
 
+def model_budget(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> int | None:
+    """bohb: the rung TPE learns at: the highest one that at least (searched dimensions + 1)
+    trials reached, as in BOHB (Falkner et al., 2018). None: TPE learns from final values
+    (algorithm tpe, or no rung has enough trials yet)."""
+    if spec.algorithm.name != "bohb" or spec.early_stopping is None:
+        return None
+    curves = [objective_curve(spec, t) for t in trials]
+    last = max((c[-1].step for c in curves if c), default=0)
+    needed = len(searched(spec.parameters)) + 1
+    for rung in reversed(rungs_of(spec.early_stopping, last)):
+        if sum(arrival(c, rung) is not None for c in curves) >= needed:
+            return rung
+    return None
+
+
+def _at_budget(
+    spec: SweepSpec, trial: ObservedTrial, budget: int, params: dict[str, Any], dists: Any
+) -> FrozenTrial | None:
+    """The trial as what it scored at step `budget`; running below it, or nothing when it
+    stopped short of it."""
+    point = arrival(objective_curve(spec, trial), budget)
+    if point is not None and math.isfinite(point.value):
+        return create_trial(values=[point.value], params=params, distributions=dists)
+    if trial.state.active:
+        return create_trial(
+            state=optuna.trial.TrialState.RUNNING, params=params, distributions=dists
+        )
+    return None
+
+
 def _frozen(
     spec: SweepSpec,
     trial: ObservedTrial,
     dists: dict[str, BaseDistribution],
+    budget: int | None,
 ) -> FrozenTrial | None:
     """The trial as optuna history, None when it teaches TPE nothing (failed, unscored)."""
     if in_space(spec.parameters, trial.parameters) is not None:
         return None
     params = {name: trial.parameters[name] for name in dists}
+    if budget is not None:
+        return _at_budget(spec, trial, budget, params, dists)
     pareto = len(_directions(spec)) > 1
     if trial.state.active:
         return create_trial(
@@ -87,7 +125,7 @@ def _frozen(
             state=optuna.trial.TrialState.PRUNED,
             params=params,
             distributions=dists,
-            intermediate_values=dict(curve),
+            intermediate_values={p.step: p.value for p in curve if math.isfinite(p.value)},
         )
     return None
 
@@ -117,7 +155,8 @@ def _study(
 ) -> optuna.Study:
     dists = distributions(spec)
     study = optuna.create_study(directions=_directions(spec), sampler=sampler)
-    history = [_frozen(spec, t, dists) for t in sorted(trials, key=lambda t: t.index)]
+    budget = model_budget(spec, trials)
+    history = [_frozen(spec, t, dists, budget) for t in sorted(trials, key=lambda t: t.index)]
     study.add_trials([t for t in history if t is not None])
     return study
 

@@ -18,6 +18,8 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+from sweep_operator.trials import Curve, Point
+
 log = logging.getLogger(__name__)
 
 TAG_SWEEP = "lorasweep.sweep"
@@ -84,12 +86,10 @@ class Tracker:
             if not page_token:
                 return results
 
-    def intermediate_values(
-        self, run_ids: list[str], metric: str
-    ) -> dict[str, list[tuple[int, float]]]:
-        """Each run's (step, value) history of one metric: one request per 100 runs (the
-        server's limit), not one per run, however many trials are running."""
-        curves: dict[str, list[tuple[int, float]]] = {run_id: [] for run_id in run_ids}
+    def intermediate_values(self, run_ids: list[str], metric: str) -> dict[str, Curve]:
+        """Each run's history of one metric: one request per 100 runs (the server's limit),
+        not one per run, however many trials are running."""
+        curves: dict[str, Curve] = {run_id: [] for run_id in run_ids}
         for start in range(0, len(run_ids), HISTORY_BATCH):
             response = requests.get(
                 f"{self.uri}/ajax-api/2.0/mlflow/metrics/get-history-bulk-interval",
@@ -102,7 +102,13 @@ class Tracker:
             )
             response.raise_for_status()
             for point in response.json().get("metrics", []):
-                curves[point["run_id"]].append((int(point.get("step", 0)), float(point["value"])))
+                curves[point["run_id"]].append(
+                    Point(
+                        step=int(point.get("step", 0)),
+                        value=float(point["value"]),
+                        time=int(point.get("timestamp", 0)) / 1000,
+                    )
+                )
         return {run_id: sorted(points) for run_id, points in curves.items()}
 
     def mark_stopped(self, run_id: str, reason: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,8 +23,19 @@ ANNOTATION_STOPPED = "lorasweep.io/stopped"
 LABEL_QUEUE_NAME = "kueue.x-k8s.io/queue-name"
 LABEL_PRIORITY_CLASS = "kueue.x-k8s.io/priority-class"
 
-# A learning curve: (step, value) pairs of one metric.
-Curve = list[tuple[int, float]]
+
+class Point(NamedTuple):
+    """One logged value of a metric."""
+
+    step: int
+    value: float
+    # When it was logged (seconds since the epoch; 0 when unknown). ASHA orders the trials
+    # that reached a rung by it, so that a trial is judged only against those there before it.
+    time: float = 0.0
+
+
+# A learning curve: one metric's points in step order.
+Curve = list[Point]
 
 # Where a trial writes its result; the container's terminationMessagePath.
 RESULT_PATH = "/dev/termination-log"
@@ -68,8 +79,8 @@ class ObservedTrial(BaseModel):
     start_time: datetime | None = None
     finish_time: datetime | None = None
     message: str = ""  # e.g. why it failed
-    # Intermediate values per metric name, as (step, value) in step order: what the trial
-    # logged at each evaluation. Early stopping and TPE read the objective's curve from it.
+    # Intermediate values per metric name, in step order: what the trial logged at each
+    # evaluation. Early stopping and TPE read the objective's curve from it.
     curves: dict[str, Curve] = Field(default_factory=dict)
 
 

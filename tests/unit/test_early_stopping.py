@@ -1,134 +1,231 @@
-"""Median stopping and ASHA on hand-made curves, and how the planner applies them."""
+"""Median stopping, ASHA and Hyperband on hand-made curves, and how the planner applies them.
+
+Each scenario is one the rules got wrong before (see early_stopping's docstring).
+"""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from datetime import UTC, datetime
 
 import pytest
 from pydantic import ValidationError
 
 from sweep_operator.api import EarlyStopping
-from sweep_operator.early_stopping import asha_decisions, median_decisions, rung_steps
+from sweep_operator.early_stopping import (
+    Progress,
+    asha_decisions,
+    bracket_of,
+    brackets,
+    hyperband_decisions,
+    median_decisions,
+    rung_steps,
+    stop_decisions,
+)
 from sweep_operator.plan import plan
-from sweep_operator.trials import ObservedTrial, TrialState
+from sweep_operator.trials import ObservedTrial, Point, TrialState
 from tests.unit.sweep_helpers import make_spec, observed_trial
 
 S = TrialState
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
-def curve(*values: float, every: int = 10) -> list[tuple[int, float]]:
-    return [(every * (i + 1), v) for i, v in enumerate(values)]
+def curve(*values: float, every: int = 10, start: float = 0.0) -> list[Point]:
+    """Values logged every `every` steps, one time unit apart, from time `start`."""
+    return [Point(every * (i + 1), v, start + i) for i, v in enumerate(values)]
 
 
-def flipped(curves: dict) -> dict:
-    return {name: [(s, -v) for s, v in c] for name, c in curves.items()}
+def progress(state: TrialState, *values: float, index: int = 0, **kw) -> Progress:
+    return Progress(index=index, state=state, curve=curve(*values, **kw))
 
 
-MEDIAN_CURVES = {
-    "a": curve(1.0, 0.8, 0.6),
-    "b": curve(1.0, 0.9, 0.7),
-    "c": curve(1.1, 1.0, 0.9),
-    "slow": curve(1.2, 1.1, 1.0),  # worse than the median of a, b, c at step 30 (0.7)
-    "young": curve(1.5),  # only at step 10: its best 1.5 > median(1.0, 1.0, 1.1)
+def flipped(trials: dict[str, Progress]) -> dict[str, Progress]:
+    return {
+        name: Progress(t.index, t.state, [p._replace(value=-p.value) for p in t.curve])
+        for name, t in trials.items()
+    }
+
+
+MEDIAN = dict(min_steps=0, min_trials=3)
+COMPLETED = {
+    "a": progress(S.SUCCEEDED, 1.0, 0.8, 0.6),
+    "b": progress(S.SUCCEEDED, 1.0, 0.9, 0.7),
+    "c": progress(S.SUCCEEDED, 1.1, 1.0, 0.9),
 }
 
 
-def test_median_stops_a_trial_worse_than_the_others_median_at_its_step():
-    stop = median_decisions(
-        MEDIAN_CURVES, ["slow", "c", "young"], minimize=True, min_steps=0, min_trials=3
-    )
-    assert sorted(stop) == ["c", "slow", "young"]
-    assert stop["slow"] == (
-        "median stopping at step 30: best value so far 1 is worse than the median 0.7 of "
-        "3 other trials"
-    )
-    # c's best (0.9) against median(0.6, 0.7, 1.0) = 0.7: stopped too; a is the best so far.
-    assert "a" not in median_decisions(
-        MEDIAN_CURVES, ["a"], minimize=True, min_steps=0, min_trials=3
-    )
+def test_median_stops_a_trial_worse_than_the_completed_trials_median_at_its_step():
+    trials = {
+        **COMPLETED,
+        "slow": progress(S.RUNNING, 1.2, 1.1, 1.0),  # at step 30: 1.0 > median(0.6, 0.7, 0.9)
+        "fine": progress(S.RUNNING, 1.0, 0.8, 0.65),
+    }
+    stop = median_decisions(trials, minimize=True, **MEDIAN)
+    assert stop == {
+        "slow": "median stopping at step 30: best value so far 1 is worse than the median 0.7 "
+        "of 3 completed trials at that step"
+    }
+
+
+def test_median_spares_a_first_cohort_that_has_no_completed_trial_to_compare_with():
+    # Four trials started together differ by eval noise at step 200: no completed trial yet,
+    # so no verdict (the old rule compared them with each other and stopped two).
+    cohort = {
+        f"t{i}": progress(S.RUNNING, 2.0, 1.5 + noise, every=100, index=i)
+        for i, noise in enumerate([0.00, 0.01, 0.02, 0.03])
+    }
+    assert median_decisions(cohort, minimize=True, min_steps=200, min_trials=3) == {}
+    # Running and stopped peers are no yardstick either.
+    pruned = {f"p{i}": progress(S.PRUNED, 1.0, 1.0, every=100) for i in range(3)}
+    assert median_decisions(cohort | pruned, minimize=True, min_steps=200, min_trials=3) == {}
 
 
 def test_median_waits_for_min_steps_and_min_trials():
-    running = ["slow", "young"]
-    assert sorted(
-        median_decisions(MEDIAN_CURVES, running, minimize=True, min_steps=20, min_trials=3)
-    ) == ["slow"]
-    # At step 30 only four trials besides slow... young never reached it, so three others.
-    assert median_decisions(MEDIAN_CURVES, ["slow"], minimize=True, min_steps=0, min_trials=4) == {}
+    trials = {**COMPLETED, "slow": progress(S.RUNNING, 1.2, 1.1)}  # step 20, worse than all
+    assert median_decisions(trials, minimize=True, min_steps=30, min_trials=3) == {}
+    assert median_decisions(trials, minimize=True, min_steps=0, min_trials=4) == {}
+    assert list(median_decisions(trials, minimize=True, min_steps=20, min_trials=3)) == ["slow"]
 
 
-def test_median_uses_the_last_value_before_the_step_when_evals_do_not_align():
-    curves = {
-        "x": [(25, 0.7)],
-        "y": [(20, 0.4), (40, 0.3)],  # its value at step 25 is the one logged at 20
-        "z": [(10, 0.9), (30, 0.2)],  # at 25: 0.9, its later 0.2 not yet
-    }
-    stop = median_decisions(curves, ["x"], minimize=True, min_steps=0, min_trials=2)
-    assert "median 0.65 of 2" in stop["x"]  # median(0.4, 0.9)
+def test_median_compares_best_so_far_with_best_so_far():
+    # Completed trials whose evals bounced back up: their best up to step 20 counts (0.5),
+    # not the 1.2 logged at 20, so a running trial at 1.0 is worse than them.
+    bouncy = {f"c{i}": progress(S.SUCCEEDED, 0.5, 1.2, 0.4) for i in range(3)}
+    trials = bouncy | {"r": progress(S.RUNNING, 1.1, 1.0)}
+    assert "median 0.5 of 3" in median_decisions(trials, minimize=True, **MEDIAN)["r"]
+
+
+def test_median_only_counts_completed_trials_that_got_as_far():
+    short = {f"c{i}": progress(S.SUCCEEDED, 0.1, index=i) for i in range(3)}  # ended at 10
+    trials = short | {"r": progress(S.RUNNING, 1.0, 1.0)}
+    assert median_decisions(trials, minimize=True, **MEDIAN) == {}
 
 
 def test_maximize_mirrors_minimize():
-    mirrored = flipped(MEDIAN_CURVES)
-    running = ["a", "b", "c", "slow", "young"]
+    trials = {**COMPLETED, "slow": progress(S.RUNNING, 1.2, 1.1, 1.0)}
+    assert median_decisions(flipped(trials), minimize=False, **MEDIAN).keys() == {"slow"}
+    assert "so far -1 is" in median_decisions(flipped(trials), minimize=False, **MEDIAN)["slow"]
+    at_rung = {f"t{i}": progress(S.RUNNING, 1.0 + i / 10, index=i) for i in range(6)}
+    asha = dict(reduction_factor=3, min_trials=1)
     assert (
-        median_decisions(mirrored, running, minimize=False, min_steps=0, min_trials=3).keys()
-        == median_decisions(MEDIAN_CURVES, running, minimize=True, min_steps=0, min_trials=3).keys()
-    )
-    asha = dict(reduction_factor=3, min_steps=10, min_trials=1)
-    assert (
-        asha_decisions(mirrored, running, minimize=False, **asha).keys()
-        == asha_decisions(MEDIAN_CURVES, running, minimize=True, **asha).keys()
-    )
-    assert "value -1 is not in" not in str(
-        asha_decisions(mirrored, running, minimize=False, **asha)
+        asha_decisions(flipped(at_rung), [10], minimize=False, **asha).keys()
+        == asha_decisions(at_rung, [10], minimize=True, **asha).keys()
+        == {"t2", "t3", "t4", "t5"}
     )
 
 
-def test_rungs_are_geometric_or_given():
-    assert list(rung_steps(None, 10, 3, 100)) == [10, 30, 90]
-    assert list(rung_steps([5, 50, 500], 0, 3, 100)) == [5, 50]
-
-
-def test_asha_keeps_the_best_third_at_each_rung():
-    curves = {f"t{i}": curve(1.0 + i / 10) for i in range(6)}  # t0 best ... t5 worst, step 10
-    stop = asha_decisions(curves, list(curves), minimize=True, reduction_factor=3, min_steps=10)
-    assert sorted(stop) == ["t2", "t3", "t4", "t5"]  # 6 // 3 = 2 go on
-    assert (
-        stop["t2"]
-        == "ASHA rung at step 10: value 1.2 is not in the best 2 of 6 trials (cutoff 1.1)"
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("algorithm", ["median", "asha", "hyperband"])
+def test_a_diverged_trial_is_stopped_at_once_by_any_rule(algorithm, bad):
+    settings = EarlyStopping(
+        algorithm=algorithm, minSteps=1000, maxSteps=2000 if algorithm == "hyperband" else None
     )
-
-
-def test_asha_judges_the_value_at_the_rung_not_later_progress():
-    # At rung 10, b (2.0) is worse than a (1.0) and c (1.5): stopped although it improves.
-    curves = {"a": curve(1.0), "b": curve(2.0, 0.1), "c": curve(1.5)}
-    stop = asha_decisions(curves, ["b"], minimize=True, reduction_factor=3, min_steps=10)
-    assert list(stop) == ["b"]
-
-
-def test_asha_higher_rungs_compare_only_the_trials_that_reached_them():
-    curves = {
-        "a": curve(1.0, 0.9, 0.8, every=10),  # reaches rungs 10 and 20 (factor 2)
-        "b": curve(1.1, 0.7, every=10),
-        "c": curve(1.2, every=10),
-        "d": curve(1.3, every=10),
+    trials = {"ok": progress(S.RUNNING, 1.0, 0.9), "nan": progress(S.RUNNING, 1.0, bad)}
+    assert stop_decisions(settings, trials, minimize=True) == {
+        "nan": f"the objective is {bad} at step 20: the trial diverged"
     }
-    stop = asha_decisions(curves, ["a", "b"], minimize=True, reduction_factor=2, min_steps=10)
-    # Rung 10: a, b are the best 2 of 4. Rung 20: a (0.9) loses to b (0.7), 1 of 2 goes on.
-    assert list(stop) == ["a"]
-    assert "rung at step 20" in stop["a"]
 
 
-def test_asha_needs_min_trials_at_the_rung():
-    curves = {"a": curve(1.0), "b": curve(2.0)}
-    assert (
-        asha_decisions(curves, ["b"], minimize=True, reduction_factor=2, min_steps=10, min_trials=2)
-        == {}
+def test_rungs_grow_by_the_reduction_factor_below_a_bound():
+    assert rung_steps(10, 3, 100) == [10, 30, 90]
+    assert rung_steps(10, 3, 90) == [10, 30]
+
+
+def test_asha_keeps_the_best_third_of_those_at_the_rung():
+    trials = {f"t{i}": progress(S.RUNNING, 1.0 + i / 10, index=i) for i in range(6)}
+    stop = asha_decisions(trials, [10], minimize=True, reduction_factor=3, min_trials=1)
+    assert sorted(stop) == ["t2", "t3", "t4", "t5"]  # 6 // 3 = 2 go on
+    assert stop["t2"] == (
+        "ASHA rung at step 10: value 1.2 is not in the best 2 of the 6 trials that reached it "
+        "so far (cutoff 1.1)"
     )
-    assert list(asha_decisions(curves, ["b"], minimize=True, reduction_factor=2, min_steps=10)) == [
+
+
+def test_asha_ranks_the_value_at_the_rung_not_the_best_so_far():
+    # d diverges: its best so far (0.5) would hide that it is at 3.0 when it reaches rung 20.
+    trials = {
+        "a": progress(S.SUCCEEDED, 1.0, 1.0),
+        "b": progress(S.SUCCEEDED, 1.1, 1.1),
+        "d": progress(S.RUNNING, 0.5, 3.0),
+    }
+    stop = asha_decisions(trials, [10, 20], minimize=True, reduction_factor=3, min_trials=2)
+    assert "rung at step 20: value 3 " in stop["d"]
+
+
+def test_asha_never_revisits_a_lower_rung():
+    # veteran was the best at rung 10 and at rung 100 and is now at step 800. Trials that
+    # started later and beat its rung-10 value do not stop it for its rung-10 rank.
+    veteran = Progress(0, S.RUNNING, [Point(10, 1.0, 0), Point(100, 0.6, 1), Point(800, 0.4, 2)])
+    later = {f"l{i}": progress(S.RUNNING, 0.5, index=i + 1, start=5) for i in range(8)}
+    others = {
+        f"o{i}": Progress(9 + i, S.PRUNED, [Point(10, 1.2, 0), Point(100, 0.9, 1)])
+        for i in range(2)
+    }
+    trials = {"veteran": veteran, **later, **others}
+    stop = asha_decisions(trials, [10, 100], minimize=True, reduction_factor=3, min_trials=2)
+    assert "veteran" not in stop
+
+
+def test_asha_decides_once_when_a_trial_reaches_the_rung():
+    # early reaches rung 10 second best of four: the best 4 // 2 = 2 go on, so it does, and
+    # trials arriving later with better values do not take that back.
+    first = {
+        "x": progress(S.SUCCEEDED, 1.0, index=0, start=0),
+        "y": progress(S.SUCCEEDED, 1.5, index=1, start=0),
+        "w": progress(S.PRUNED, 1.6, index=2, start=0),
+        "early": progress(S.RUNNING, 1.2, index=3, start=1),
+    }
+    asha = dict(minimize=True, reduction_factor=2, min_trials=2)
+    assert asha_decisions(first, [10], **asha) == {}
+    later = {f"z{i}": progress(S.RUNNING, 0.1, index=4 + i, start=5) for i in range(6)}
+    assert "early" not in asha_decisions(first | later, [10], **asha)
+    # A trial arriving after all of them is judged against all of them.
+    late = {"late": progress(S.RUNNING, 1.2, index=10, start=6)}
+    stop = asha_decisions(first | later | late, [10], **asha)
+    assert "best 5 of the 11 trials" in stop["late"]
+
+
+def test_asha_lets_a_trial_on_until_min_trials_reached_the_rung_before_it():
+    trials = {"a": progress(S.SUCCEEDED, 1.0), "b": progress(S.RUNNING, 2.0, start=1)}
+    assert asha_decisions(trials, [10], minimize=True, reduction_factor=2, min_trials=2) == {}
+    assert list(asha_decisions(trials, [10], minimize=True, reduction_factor=2, min_trials=1)) == [
         "b"
     ]
+
+
+def test_hyperband_brackets_spend_about_the_same_budget_each():
+    plan_ = brackets(min_steps=10, max_steps=810, factor=3)
+    assert [rungs for rungs, _ in plan_] == [[10, 30, 90, 270], [30, 90, 270], [90, 270], [270], []]
+    assert [share for _, share in plan_] == [81, 34, 15, 8, 5]
+
+
+def test_hyperband_draws_trials_into_brackets_by_their_share():
+    shares = [81, 34, 15, 8, 5]
+    counts = Counter(bracket_of(i, shares) for i in range(14300))
+    for bracket, share in enumerate(shares):
+        assert counts[bracket] / 14300 == pytest.approx(share / 143, abs=0.01)
+    assert [bracket_of(i, shares) for i in range(20)] == [bracket_of(i, shares) for i in range(20)]
+
+
+def test_hyperband_ranks_a_trial_only_within_its_bracket():
+    shares = [share for _, share in brackets(10, 90, 3)]  # rungs 10, 30: three brackets
+    by_bracket: dict[int, list[int]] = {}
+    for index in range(200):
+        by_bracket.setdefault(bracket_of(index, shares), []).append(index)
+    aggressive, middle, full = (by_bracket[b][:4] for b in range(3))
+    trials = {}
+    for rank, index in enumerate(aggressive):  # values 1.0 .. 1.3 at step 10
+        trials[f"a{rank}"] = progress(S.RUNNING, 1.0 + rank / 10, index=index)
+    for rank, index in enumerate(middle):  # much worse, but no rung at step 10
+        trials[f"m{rank}"] = progress(S.RUNNING, 5.0 + rank, index=index)
+    for rank, index in enumerate(full):  # never stopped, whatever they do
+        trials[f"f{rank}"] = progress(S.RUNNING, 9.0, 9.0, 9.0, 9.0, index=index)
+    stop = hyperband_decisions(
+        trials, minimize=True, min_steps=10, max_steps=90, reduction_factor=3, min_trials=1
+    )
+    assert sorted(stop) == ["a1", "a2", "a3"]
+    assert stop["a1"].startswith("Hyperband bracket 0: ASHA rung at step 10")
 
 
 def test_early_stopping_settings_are_checked():
@@ -138,6 +235,12 @@ def test_early_stopping_settings_are_checked():
         EarlyStopping(algorithm="asha", rungs=[100, 50])
     with pytest.raises(ValidationError, match="rungs is only used by algorithm asha"):
         EarlyStopping(algorithm="median", rungs=[10])
+    with pytest.raises(ValidationError, match="hyperband needs maxSteps"):
+        EarlyStopping(algorithm="hyperband", minSteps=10)
+    with pytest.raises(ValidationError, match="maxSteps 5 must be at least minSteps 10"):
+        EarlyStopping(algorithm="hyperband", minSteps=10, maxSteps=5)
+    with pytest.raises(ValidationError, match="maxSteps is only used by algorithm hyperband"):
+        EarlyStopping(algorithm="asha", minSteps=10, maxSteps=100)
 
 
 def trial(spec, index: int, state: TrialState, values=(), value=None) -> ObservedTrial:

@@ -6,11 +6,14 @@ import math
 import random
 from datetime import UTC, datetime
 
+import pytest
+from pydantic import ValidationError
+
 from sweep_operator.naming import trial_name
 from sweep_operator.plan import plan
 from sweep_operator.space import in_space, trial_parameters
-from sweep_operator.tpe import build_study, suggest
-from sweep_operator.trials import ObservedTrial, TrialState
+from sweep_operator.tpe import build_study, model_budget, suggest
+from sweep_operator.trials import ObservedTrial, Point, TrialState
 from tests.unit.sweep_helpers import make_spec
 
 S = TrialState
@@ -164,3 +167,52 @@ def test_tpe_maximize_and_pareto_studies():
     assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
     assert study.trials[2].values == [3.0, 200.0]
     assert in_space(pareto.parameters, suggest(pareto, trials, 6)) is None
+
+
+def bohb_spec(**changes):
+    return make_spec(
+        algorithm={"name": "bohb", "seed": 3, "startupTrials": 5},
+        maxTrials=40,
+        parameters=SPACE,
+        earlyStopping={"algorithm": "hyperband", "minSteps": 10, "maxSteps": 90},
+        **changes,
+    )
+
+
+def stopped_at(index: int, parameters: dict, *values: float) -> ObservedTrial:
+    """A trial Hyperband stopped after logging `values` every 10 steps."""
+    curve = [Point(10 * (i + 1), v, float(i)) for i, v in enumerate(values)]
+    return done(index, parameters, state=S.PRUNED).model_copy(
+        update={"curves": {"eval_loss": curve}}
+    )
+
+
+def test_bohb_learns_at_the_highest_rung_enough_trials_reached():
+    spec = bohb_spec()  # 4 searched dimensions: a rung needs 5 trials; rungs 10, 30, 90
+    trials = [stopped_at(i, trial_parameters(spec, i), 2.0, 1.5, 1.2) for i in range(4)]
+    trials += [stopped_at(4 + i, trial_parameters(spec, 4 + i), 2.0) for i in range(3)]
+    assert model_budget(spec, trials) == 10  # 7 trials at step 10, only 4 at step 30
+    trials.append(stopped_at(7, trial_parameters(spec, 7), 2.0, 1.4, 1.1))
+    assert model_budget(spec, trials) == 30
+    assert model_budget(tpe_spec(), trials) is None  # tpe learns from final values only
+
+
+def test_bohb_is_guided_by_trials_that_never_finished():
+    # Stopped trials only, at step 20: the highest rung they reached is 10, and bohb models
+    # them as trials that scored their rung-10 value.
+    spec = bohb_spec()
+    trials = []
+    for i in range(30):
+        p = trial_parameters(spec, i)
+        trials.append(stopped_at(i, p, loss(p) + 1.0, loss(p) + 0.5))
+    study = build_study(spec, trials)
+    values = sorted(t.values[0] for t in study.trials)
+    assert len(values) == 30 and values[0] == min(loss(t.parameters) for t in trials) + 1.0
+    near_best = [suggest(spec, trials, 30 + i) for i in range(5)]
+    random_draws = [trial_parameters(spec, 30 + i) for i in range(5)]
+    assert sum(map(loss, near_best)) < sum(map(loss, random_draws))
+
+
+def test_bohb_needs_rungs_to_learn_at():
+    with pytest.raises(ValidationError, match=r"set earlyStopping\.algorithm to hyperband or asha"):
+        make_spec(algorithm={"name": "bohb"}, maxTrials=4, parameters=SPACE)
