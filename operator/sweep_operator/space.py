@@ -134,17 +134,29 @@ def target_trials(spec: SweepSpec) -> int:
     return spec.max_trials
 
 
+# Every plan checks each existing trial's parameters against its index, so the same points
+# are asked for on every reconcile; they depend on the space and the index only, and are kept
+# (up to a bound) for the life of the process.
+_POINTS: dict[tuple[str, int], dict[str, Any]] = {}
+_POINTS_KEPT = 100_000
+
+
 def trial_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
     """Parameters of trial `index` of the sweep, derived parameters included.
 
-    For tpe this is the random draw its startup trials use; later tpe trials depend on the
-    results so far and come from `sweep_operator.tpe`.
+    For tpe and bohb this is the random draw their startup trials use; later trials depend on
+    the results so far and come from `sweep_operator.tpe`.
     """
-    if spec.algorithm.name == "grid":
-        point = grid_point(spec.parameters, index)
-    else:
-        point = random_point(spec.parameters, spec.algorithm.seed, index)
-    return with_derived(spec, point)
+    key = (spec.model_dump_json(include={"algorithm", "parameters"}), index)
+    if key not in _POINTS:
+        if spec.algorithm.name == "grid":
+            point = grid_point(spec.parameters, index)
+        else:
+            point = random_point(spec.parameters, spec.algorithm.seed, index)
+        if len(_POINTS) >= _POINTS_KEPT:
+            _POINTS.clear()
+        _POINTS[key] = with_derived(spec, point)
+    return dict(_POINTS[key])
 
 
 def with_derived(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
