@@ -74,8 +74,8 @@ class Surface:
 
 
 @functools.cache
-def recorded_surface() -> Surface:
-    data = json.loads(gzip.decompress(RECORDING.read_bytes()))
+def recorded_surface(path: Path = RECORDING) -> Surface:
+    data = json.loads(gzip.decompress(path.read_bytes()))
     grid: dict[str, list[Any]] = data["meta"]["grid"]
     names = sorted(grid)
 
@@ -143,7 +143,7 @@ def synthetic_loss(p: dict[str, Any], step: int) -> float:
 
 
 @functools.cache
-def synthetic_surface() -> Surface:
+def synthetic_surface(path: Path = RECORDING) -> Surface:  # path: the signature of a Surface
     from sweep_operator.space import random_point
 
     spec = SweepSpec.model_validate(sweep_raw(SYNTHETIC_RANGES, "random", 0, 1, 1, None))
@@ -272,7 +272,7 @@ def simulate(surface: Surface, strategy: str, seed: int) -> Run:
     )
     trials: dict[str, SimTrial] = {}
     spent, tick, hit_at = 0, 0, None
-    reconcile_steps = 3 * surface.eval_every  # a few evals between two reconciles
+    reconcile_steps = surface.eval_every  # a reconcile per eval, as the operator is woken
     while True:
         now = T0 + timedelta(seconds=tick)
         result = plan(spec, [t.observed() for t in trials.values()], now, sweep_name="bench")
@@ -342,12 +342,11 @@ def summarize(surface: Surface, runs: dict[str, list[Run]]) -> dict[str, Any]:
     }
 
 
-def _one(case: str, strategy: str, seed: int) -> Run:
-    surface = SURFACES[case]()
-    return simulate(surface, strategy, seed)
+def _one(case: str, recording: Path, strategy: str, seed: int) -> Run:
+    return simulate(SURFACES[case](recording), strategy, seed)
 
 
-SURFACES: dict[str, Callable[[], Surface]] = {
+SURFACES: dict[str, Callable[[Path], Surface]] = {
     "recorded": recorded_surface,
     "synthetic": synthetic_surface,
 }
@@ -359,6 +358,7 @@ def main() -> int:
     parser.add_argument("--case", choices=sorted(SURFACES), action="append")
     parser.add_argument("--strategy", choices=STRATEGIES, action="append")
     parser.add_argument("--jobs", type=int, default=2, help="processes (default 2)")
+    parser.add_argument("--recording", type=Path, default=RECORDING, help="recorded curves")
     args = parser.parse_args()
     cases = args.case or sorted(SURFACES)
     strategies = args.strategy or STRATEGIES
@@ -366,9 +366,9 @@ def main() -> int:
     figures: dict[str, Any] = {"benchmark": "search_efficiency", "seeds": args.seeds}
     with ProcessPoolExecutor(args.jobs) as pool:
         for case in cases:
-            surface = SURFACES[case]()
+            surface = SURFACES[case](args.recording)
             work = {
-                s: [pool.submit(_one, case, s, seed) for seed in range(args.seeds)]
+                s: [pool.submit(_one, case, args.recording, s, seed) for seed in range(args.seeds)]
                 for s in strategies
             }
             runs = {s: [f.result() for f in futures] for s, futures in work.items()}
