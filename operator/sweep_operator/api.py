@@ -772,6 +772,52 @@ class EarlyStopping(_Model):
         return self
 
 
+class ModelShape(_Model):
+    """The base model's size, as its config.json states it: what the memory estimate reads."""
+
+    hidden_size: int = Field(ge=1, description="config.json hidden_size: the model's width.")
+    num_hidden_layers: int = Field(ge=1, description="config.json num_hidden_layers.")
+    intermediate_size: int = Field(
+        ge=1, description="config.json intermediate_size: the width of each MLP."
+    )
+    num_attention_heads: int = Field(ge=1, description="config.json num_attention_heads.")
+    num_key_value_heads: int | None = Field(
+        None,
+        ge=1,
+        description="config.json num_key_value_heads (grouped-query attention); "
+        "numAttentionHeads when unset.",
+    )
+    head_dim: int | None = Field(
+        None, ge=1, description="config.json head_dim; hiddenSize / numAttentionHeads when unset."
+    )
+    vocab_size: int = Field(ge=1, description="config.json vocab_size.")
+    tie_word_embeddings: bool = Field(
+        False,
+        description="config.json tie_word_embeddings: the output head shares the input "
+        "embedding's weights.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="The checkpoint's dtype (config.json dtype, or torch_dtype in older files): "
+        "what torch_dtype auto loads.",
+    )
+    parameters: int | None = Field(
+        None,
+        ge=1,
+        description="The base model's exact parameter count, as the bundled trainer logs it; "
+        "when unset, computed for a Llama-style decoder from the fields above.",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelShape:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hiddenSize {self.hidden_size} is not a multiple of numAttentionHeads "
+                f"{self.num_attention_heads}: give headDim (config.json head_dim)"
+            )
+        return self
+
+
 class SweepSpec(_Model):
     """Desired state of a HyperparameterSweep: objective, search space and trial workload."""
 
