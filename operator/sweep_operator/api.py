@@ -772,6 +772,98 @@ class EarlyStopping(_Model):
         return self
 
 
+class ModelShape(_Model):
+    """The base model's size, as its config.json states it: what the memory estimate reads."""
+
+    hidden_size: int = Field(ge=1, description="config.json hidden_size: the model's width.")
+    num_hidden_layers: int = Field(ge=1, description="config.json num_hidden_layers.")
+    intermediate_size: int = Field(
+        ge=1, description="config.json intermediate_size: the width of each MLP."
+    )
+    num_attention_heads: int = Field(ge=1, description="config.json num_attention_heads.")
+    num_key_value_heads: int | None = Field(
+        None,
+        ge=1,
+        description="config.json num_key_value_heads (grouped-query attention); "
+        "numAttentionHeads when unset.",
+    )
+    head_dim: int | None = Field(
+        None, ge=1, description="config.json head_dim; hiddenSize / numAttentionHeads when unset."
+    )
+    vocab_size: int = Field(ge=1, description="config.json vocab_size.")
+    tie_word_embeddings: bool = Field(
+        False,
+        description="config.json tie_word_embeddings: the output head shares the input "
+        "embedding's weights.",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="The checkpoint's dtype (config.json dtype, or torch_dtype in older files): "
+        "what torch_dtype auto loads.",
+    )
+    parameters: int | None = Field(
+        None,
+        ge=1,
+        description="The base model's exact parameter count, as the bundled trainer logs it; "
+        "when unset, computed for a Llama-style decoder from the fields above.",
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ModelShape:
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hiddenSize {self.hidden_size} is not a multiple of numAttentionHeads "
+                f"{self.num_attention_heads}: give headDim (config.json head_dim)"
+            )
+        return self
+
+
+class Constraints(_Model):
+    """Limits a trial's configuration must respect to be started at all."""
+
+    max_gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        alias="maxGpuMemoryGiB",
+        description="GPU memory of one GPU, in GiB. A configuration whose estimated peak memory "
+        "per GPU exceeds it is never started: grid search skips it, random and tpe draw "
+        "another. Needs model. See the README for the estimate.",
+    )
+    model: ModelShape | None = Field(
+        None,
+        description="The base model's shape, from its config.json: every trial of the bundled "
+        "trainer logs it, ready to copy (and `lorasweep model-shape config.json` prints it).",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _cel(
+                    "!has(self.maxGpuMemoryGiB) || has(self.model)",
+                    "maxGpuMemoryGiB needs model: the base model's shape (hiddenSize, "
+                    "numHiddenLayers, intermediateSize, numAttentionHeads, vocabSize, ...) from "
+                    "its config.json, as a trial's log prints it or `lorasweep model-shape "
+                    "config.json` does",
+                    ".model",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _estimable(self) -> Constraints:
+        if self.max_gpu_memory_gib is not None and self.model is None:
+            raise ValueError(
+                f"maxGpuMemoryGiB={self.max_gpu_memory_gib:g} needs spec.constraints.model, the "
+                "base model's shape from its config.json, to estimate a trial's memory: add "
+                "model: {hiddenSize, numHiddenLayers, intermediateSize, numAttentionHeads, "
+                "numKeyValueHeads, vocabSize, dtype, parameters}. Every trial of the bundled "
+                'trainer prints it in its log ("model shape for spec.constraints.model"), and '
+                "`lorasweep model-shape path/to/config.json` prints it from the file"
+            )
+        return self
+
+
 class SweepSpec(_Model):
     """Desired state of a HyperparameterSweep: objective, search space and trial workload."""
 
@@ -806,6 +898,13 @@ class SweepSpec(_Model):
                     "self.algorithm == oldSelf.algorithm",
                     "algorithm cannot change once a sweep exists; create a new sweep",
                     ".algorithm",
+                ),
+                # Which configurations start follows from them, as from the search space.
+                _cel(
+                    "has(self.constraints) == has(oldSelf.constraints) && "
+                    "(!has(self.constraints) || self.constraints == oldSelf.constraints)",
+                    "constraints cannot change once a sweep exists; create a new sweep",
+                    ".constraints",
                 ),
             ]
         }
@@ -845,6 +944,11 @@ class SweepSpec(_Model):
         description="Wall-clock budget of the sweep from its start, e.g. 6h, 90m or 1h30m "
         "(units d, h, m, s). Past it no trial starts, running ones are stopped and the sweep "
         "ends with reason BudgetExhausted and the best trial so far.",
+    )
+    constraints: Constraints | None = Field(
+        None,
+        description="Configurations that must not start: those whose estimated GPU memory "
+        "exceeds maxGpuMemoryGiB.",
     )
     trainer: TrainerSpec = Field(description="The workload every trial runs.")
     mlflow: MlflowSpec = Field(
@@ -933,6 +1037,12 @@ class TrialCounts(_Model):
     succeeded: int = Field(0, description="Trials that completed successfully.")
     failed: int = Field(0, description="Trials that failed after their retries.")
     pruned: int = Field(0, description="Trials stopped by the operator.")
+    infeasible: int = Field(
+        0,
+        description="Configurations found infeasible: trials that ran out of GPU memory (exit "
+        "code 4), and grid points never started because their estimated memory exceeds "
+        "spec.constraints.maxGpuMemoryGiB. Neither counts against maxFailedTrials.",
+    )
     unscored: int = Field(
         0, description="Succeeded trials that did not report the objective metric."
     )

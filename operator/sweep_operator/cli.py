@@ -5,6 +5,8 @@ lorasweep render sweep.yaml [--template job.yaml.j2] [--limit N]
     the model download Job of spec.trainer.modelCache, as YAML (a dry run, no cluster)
 lorasweep crds
     print the HyperparameterSweep CRD
+lorasweep model-shape config.json
+    print spec.constraints.model for a model, from its config.json (or its directory)
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any, TextIO
 
 import yaml
 
+from lora_trainer.shape import ShapeError, model_shape, read_config, shape_yaml
 from sweep_operator.api import API_VERSION, KIND
+from sweep_operator.constraints import ConstraintError, planned_parameters, trial_indices
 from sweep_operator.crd import crd_yaml
 from sweep_operator.defaults import DefaultsError, trial_defaults
 from sweep_operator.naming import trial_name
@@ -28,7 +32,6 @@ from sweep_operator.render import (
     render_trial_service,
 )
 from sweep_operator.semantic import SweepInvalid, validate_sweep
-from sweep_operator.space import target_trials, trial_parameters
 from sweep_operator.trials import NewTrial
 
 # What a dry run puts where the apiserver would put the sweep's uid.
@@ -78,11 +81,14 @@ def render_sweep(
         raise CliError(f"{KIND} {name} is invalid:\n  {problems}") from None
     except DefaultsError as error:
         raise CliError(str(error)) from None
-    count = target_trials(spec) if limit is None else min(limit, target_trials(spec))
-    trials = [
-        NewTrial(index=i, name=trial_name(name, i), parameters=trial_parameters(spec, i))
-        for i in range(count)
-    ]
+    indices = trial_indices(spec).indices
+    try:
+        trials = [
+            NewTrial(index=i, name=trial_name(name, i), parameters=planned_parameters(spec, i))
+            for i in indices[:limit]
+        ]
+    except ConstraintError as error:
+        raise CliError(f"{KIND} {name}: {error}") from None
     first = [render_model_fetch_job(ref, spec), render_trial_service(ref, spec)]
     jobs = [render_trial_job(ref, spec, t, template=template) for t in trials]
     return [obj for obj in first if obj] + jobs
@@ -107,6 +113,14 @@ def cmd_crds(args: argparse.Namespace, out: TextIO) -> None:
     out.write(crd_yaml())
 
 
+def cmd_model_shape(args: argparse.Namespace, out: TextIO) -> None:
+    try:
+        shape = model_shape(read_config(args.config))
+    except ShapeError as error:
+        raise CliError(str(error)) from None
+    out.write(f"model: {shape_yaml(shape)}\n")
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lorasweep", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
@@ -119,6 +133,13 @@ def parser() -> argparse.ArgumentParser:
     render.set_defaults(run=cmd_render)
     crds = commands.add_parser("crds", help="print the HyperparameterSweep CRD")
     crds.set_defaults(run=cmd_crds)
+    shape = commands.add_parser(
+        "model-shape",
+        help="print spec.constraints.model for a model from its config.json; the exact "
+        "parameter count (a trial logs it) is left to the estimate's Llama-style count",
+    )
+    shape.add_argument("config", help="the model's config.json, or the model's directory")
+    shape.set_defaults(run=cmd_model_shape)
     return top
 
 

@@ -693,6 +693,9 @@ class Reconciler:
                     events.append(
                         TrialEvent("TrialFailed", trial.name, trial.message or "failed", "Warning")
                     )
+                elif trial.state == TrialState.INFEASIBLE:
+                    detail = "ran out of GPU memory: " + (trial.message or "exit code 4")
+                    events.append(TrialEvent("TrialInfeasible", trial.name, detail, "Warning"))
                 elif trial.state == TrialState.PRUNED:
                     events.append(TrialEvent("TrialStopped", trial.name, trial.message))
                 elif trial.state == TrialState.QUEUED and trial.name in self.states:

@@ -16,6 +16,7 @@ from sweep_operator.trials import (
     ANNOTATION_INDEX,
     ANNOTATION_PARAMETERS,
     ANNOTATION_STOPPED,
+    EXIT_OUT_OF_MEMORY,
     LABEL_QUEUE_NAME,
     LABEL_TRIAL,
     FetchState,
@@ -69,14 +70,15 @@ def _finished(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _pod_end(pod: dict[str, Any]) -> Summary:
     status = pod.get("status") or {}
-    messages = [
-        (cs.get("state") or {}).get("terminated", {}).get("message", "")
+    ends = [
+        (cs.get("state") or {}).get("terminated") or {}
         for cs in status.get("containerStatuses") or []
     ]
     return {
         "name": pod["metadata"]["name"],
         "phase": status.get("phase", "Pending"),
-        "message": next((m for m in messages if m), ""),
+        "message": next((end["message"] for end in ends if end.get("message")), ""),
+        "exit_code": next((end["exitCode"] for end in ends if end.get("exitCode")), None),
     }
 
 
@@ -154,10 +156,14 @@ def observe_trial(
     # The pod watch can lag the Job watch by a moment; until the pod's success (and with it the
     # termination message) is seen too, the trial is still reporting.
     reporting = bool(pods) and not any(p["phase"] == "Succeeded" for p in pods)
+    # Likewise a failed trial's exit code, which tells running out of memory from failing.
+    ending = bool(pods) and not any(p["phase"] == "Failed" for p in pods)
     if job["complete"] and not reporting:
         state = TrialState.SUCCEEDED
-    elif job["complete"]:
+    elif job["complete"] or (job["failed"] and ending):
         state = TrialState.RUNNING
+    elif job["failed"] and any(p["exit_code"] == EXIT_OUT_OF_MEMORY for p in pods):
+        state = TrialState.INFEASIBLE
     elif job["failed"]:
         state = TrialState.FAILED
     elif job["deleting"] or job["stopped"] is not None:
@@ -176,7 +182,7 @@ def observe_trial(
     metrics = dict((tracked or {}).get("metrics", {}))
     metrics.update(reported)
     message = job["stopped"] or "" if state == TrialState.PRUNED else ""
-    if state == TrialState.FAILED:
+    if state in (TrialState.FAILED, TrialState.INFEASIBLE):
         failed_messages = [p["message"] for p in pods if p["phase"] == "Failed" and p["message"]]
         message = job["failure"] + (f": {failed_messages[-1][-500:]}" if failed_messages else "")
     return ObservedTrial(

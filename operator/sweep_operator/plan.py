@@ -14,6 +14,10 @@ With spec.trainer.modelCache, no trial is created before the sweep's model downl
 succeeded: the plan asks for the download Job (`Plan.fetch_model`) while there is none, and a
 failed download fails the sweep.
 
+With spec.constraints, configurations over the memory limit never become trials
+(`constraints`), and a trial that ran out of GPU memory is infeasible: counted apart, never
+against maxFailedTrials.
+
 Stopping a trial (early stopping, the time budget, a failed sweep) puts its name in
 `Plan.delete` with a reason in `Plan.stop_reasons`. The stopped trial must stay observable as
 PRUNED afterwards (its index is then never planned again, and TPE learns from its curve).
@@ -36,6 +40,7 @@ from sweep_operator.api import (
     TrialCounts,
     parse_duration,
 )
+from sweep_operator.constraints import ConstraintError, planned_parameters, trial_indices
 from sweep_operator.early_stopping import Progress, stop_decisions
 from sweep_operator.naming import model_fetch_name, trial_name
 from sweep_operator.objective import (
@@ -45,7 +50,7 @@ from sweep_operator.objective import (
     objective_values,
     pareto_front,
 )
-from sweep_operator.space import in_space, searched, target_trials, trial_parameters, with_derived
+from sweep_operator.space import in_space, searched, with_derived
 from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed")
@@ -108,9 +113,11 @@ def _expected_parameters(spec: SweepSpec, trial: ObservedTrial) -> dict | str | 
     model_guided = _model_guided(spec, trial.index)
     if not model_guided:
         try:
-            return trial_parameters(spec, trial.index)
+            return planned_parameters(spec, trial.index)
         except IndexError:
             return None
+        except ConstraintError as error:
+            return str(error)
     # TPE trials depend on the results at the time they were created, so only check that
     # they are a point of the space and that the derived parameters follow from it.
     problem = in_space(spec.parameters, trial.parameters)
@@ -187,7 +194,7 @@ def _new_parameters(spec: SweepSpec, history: list[ObservedTrial], index: int) -
     """Parameters of a trial to create; tpe and bohb past their startup trials ask the model."""
     if _model_guided(spec, index):
         return tpe.suggest(spec, history, index)
-    return trial_parameters(spec, index)
+    return planned_parameters(spec, index)
 
 
 def _early_stops(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> dict[str, str]:
@@ -217,7 +224,9 @@ def plan(
     the stored start time.
     """
     now = now.replace(microsecond=0)
-    target = target_trials(spec)
+    # With a memory limit a grid skips the points over it: they are never trials.
+    planned = trial_indices(spec)
+    target = len(planned.indices)
     by_index = {t.index: t for t in observed}
     trials = sorted(by_index.values(), key=lambda t: t.index)
     start, end = _times(trials, previous, now)
@@ -225,6 +234,8 @@ def plan(
     deadline = start + budget_time if budget_time else None
     active = [t for t in trials if t.state.active]
     failed = [t for t in trials if t.state == TrialState.FAILED]
+    infeasible = sum(t.state == TrialState.INFEASIBLE for t in trials) + planned.skipped
+    infeasible_text = f", {infeasible} infeasible" if infeasible else ""
     succeeded = [t for t in trials if t.state == TrialState.SUCCEEDED]
     unscored = [t for t in succeeded if objective_value(spec, t) is None]
     best = best_trial(spec, trials)
@@ -282,15 +293,17 @@ def plan(
             t.model_copy(update={"state": TrialState.PRUNED}) if t.name in stops else t
             for t in trials
         ]
-        missing = (i for i in range(target) if i not in by_index)
+        missing = (i for i in planned.indices if i not in by_index)
+        unplannable: ConstraintError | None = None
         for index in missing:
             if len(create) == slots:
                 break
-            new = NewTrial(
-                index=index,
-                name=trial_name(sweep_name, index),
-                parameters=_new_parameters(spec, history, index),
-            )
+            try:
+                parameters = _new_parameters(spec, history, index)
+            except ConstraintError as error:
+                unplannable = error
+                break
+            new = NewTrial(index=index, name=trial_name(sweep_name, index), parameters=parameters)
             create.append(new)
             history.append(
                 ObservedTrial(
@@ -300,10 +313,13 @@ def plan(
                     state=new_state,
                 )
             )
-        finished = not going_on and not create and all(i in by_index for i in range(target))
-        if finished and best is not None:
+        finished = not going_on and not create and all(i in by_index for i in planned.indices)
+        if unplannable is not None:
+            phase, reason, message, create = "Failed", unplannable.reason, str(unplannable), []
+            stops |= {t.name: f"the sweep failed: {reason}" for t in going_on}
+        elif finished and best is not None:
             phase, reason = "Succeeded", "AllTrialsDone"
-            message = f"{len(succeeded)}/{target} trials succeeded" + best_text
+            message = f"{len(succeeded)}/{target} trials succeeded{infeasible_text}" + best_text
         elif finished:
             phase = "Failed"
             if succeeded:
@@ -311,7 +327,7 @@ def plan(
                 message = f"no trial reported the objective metric {metric}"
             else:
                 reason = "NoTrialSucceeded"
-                message = f"all {len(trials)} trials failed or were stopped"
+                message = f"all {len(trials)} trials failed or were stopped{infeasible_text}"
         elif fetching and cache is not None and not trials:
             phase, reason = "Pending", "FetchingModel"
             message = (
@@ -333,6 +349,7 @@ def plan(
                 + (f"{queued} queued, " if spec.trainer.queue_name else "")
                 + f"{pending} pending, {len(failed)} failed"
                 + (f", {pruned} pruned" if pruned else "")
+                + infeasible_text
                 + best_text
             )
     if unscored:
@@ -353,6 +370,7 @@ def plan(
         succeeded=len(succeeded),
         failed=len(failed),
         pruned=count(TrialState.PRUNED) + len(stops),
+        infeasible=infeasible,
         unscored=len(unscored),
         target=target,
     )

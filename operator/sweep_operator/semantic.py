@@ -3,7 +3,8 @@
 The schema and CEL rules catch malformed sweeps at `kubectl apply`. What they cannot know is
 checked here: whether parameter names are fields of the bundled trainer (a typo must fail in
 seconds, not after an hour on a GPU), whether values fit the trainer's types, whether the grid
-is absurdly large, and whether the trial Job template renders.
+is absurdly large, whether spec.constraints leave a configuration to run, and whether the
+trial Job template renders.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sweep_operator.api import SweepSpec
+from sweep_operator.constraints import ConstraintError, first_trial, memory_limit
 from sweep_operator.naming import trial_name
 from sweep_operator.render import (
     EVAL_FILE_FIELD,
@@ -224,12 +226,22 @@ def check_spec(
                     "use algorithm random",
                 )
             )
+    index, parameters = 0, {}
+    if not problems:
+        # The first trial, which a memory limit may make another than index 0; when no
+        # configuration fits it, or the estimate cannot read a setting, every trial would fail.
+        try:
+            index, parameters = (
+                first_trial(spec)
+                if memory_limit(spec) is not None
+                else (0, trial_parameters(spec, 0))
+            )
+        except ConstraintError as error:
+            problems.append(Problem(error.field, error.detail))
     if not problems:
         # A dry run of the first trial: a template or args string that fails here would fail
         # for every trial.
-        trial = NewTrial(
-            index=0, name=trial_name(sweep.name, 0), parameters=trial_parameters(spec, 0)
-        )
+        trial = NewTrial(index=index, name=trial_name(sweep.name, index), parameters=parameters)
         try:
             render_trial_job(sweep, spec, trial, template=template)
         except RenderError as error:

@@ -90,15 +90,19 @@ def sample_parameter(name: str, spec: ParameterSpec, rng: random.Random) -> Scal
     return min(max(_round(value), low), high)
 
 
-def random_point(parameters: dict[str, ParameterSpec], seed: int, index: int) -> dict[str, Scalar]:
+def random_point(
+    parameters: dict[str, ParameterSpec], seed: int, index: int, attempt: int = 0
+) -> dict[str, Scalar]:
     """Parameters of random trial `index`.
 
     Each parameter gets its own generator seeded by (seed, index, name). String seeds are
     hashed with SHA-512 by `random.Random`, so this is stable across processes and Python
-    hash randomization, and adding a parameter leaves the others' draws unchanged.
+    hash randomization, and adding a parameter leaves the others' draws unchanged. A trial
+    whose draw is refused (spec.constraints) draws again with (seed, index, attempt, name).
     """
+    key = f"{seed}:{index}" if attempt == 0 else f"{seed}:{index}:{attempt}"
     return {
-        name: sample_parameter(name, parameters[name], random.Random(f"{seed}:{index}:{name}"))
+        name: sample_parameter(name, parameters[name], random.Random(f"{key}:{name}"))
         for name in sorted(searched(parameters))
     }
 

@@ -12,6 +12,11 @@ results, so trials asked for in parallel do not all land on the same point.
 Algorithm bohb is the same sampler fitted on other values: each trial's objective at one
 rung of the early-stopping schedule (`model_budget`), so that the many trials Hyperband stops
 early teach the model as much as the few it trains in full.
+
+Infeasible configurations teach TPE where not to go, through optuna's constraints (a trial
+with a positive constraint value is infeasible and ranked below every feasible one): trials
+that ran out of GPU memory, and points it proposes whose estimated memory exceeds
+spec.constraints.maxGpuMemoryGiB, which are refused and asked again.
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ from optuna.distributions import (
 from optuna.trial import FrozenTrial, create_trial
 
 from sweep_operator.api import ParameterSpec, SweepSpec
+from sweep_operator.constraints import (
+    MAX_DRAWS,
+    NoFeasibleConfiguration,
+    estimate_for,
+    memory_limit,
+    too_big,
+)
 from sweep_operator.early_stopping import arrival, rungs_of
 from sweep_operator.objective import objective_curve, objective_value, objective_values
 from sweep_operator.space import SIGNIFICANT_DIGITS, in_space, searched, with_derived
@@ -39,6 +51,11 @@ from sweep_operator.trials import ObservedTrial, TrialState
 
 # optuna logs every trial added to a study at INFO; the operator adds them on every reconcile.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# The optuna constraint of GPU memory: GiB over spec.constraints.maxGpuMemoryGiB for a refused
+# point, 1 for a trial that ran out of memory (by how much is unknown).
+MEMORY_CONSTRAINT = "gpu_memory"
+OUT_OF_MEMORY = 1.0
 
 
 def distribution(spec: ParameterSpec) -> BaseDistribution:
@@ -101,6 +118,13 @@ def _frozen(
     if in_space(spec.parameters, trial.parameters) is not None:
         return None
     params = {name: trial.parameters[name] for name in dists}
+    if trial.state == TrialState.INFEASIBLE:  # whatever the budget: it never fits
+        return create_trial(
+            state=optuna.trial.TrialState.PRUNED,
+            params=params,
+            distributions=dists,
+            constraints={MEMORY_CONSTRAINT: OUT_OF_MEMORY},
+        )
     if budget is not None:
         return _at_budget(spec, trial, budget, params, dists)
     pareto = len(_directions(spec)) > 1
@@ -173,12 +197,29 @@ def suggest(spec: SweepSpec, trials: Sequence[ObservedTrial], index: int) -> dic
     """Parameters of new trial `index` given every trial so far (derived parameters included).
 
     `trials` holds the finished trials (their results teach the model) and the active ones
-    (treated as running, so that parallel asks spread out).
+    (treated as running, so that parallel asks spread out). With a memory limit, a point
+    over it is told to the study as infeasible and the model asked again.
     """
     study = _study(spec, trials, _sampler(spec, index))
     dists = distributions(spec)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        asked = study.ask(dists)
-    point = {name: _round(asked.params[name], dists[name]) for name in dists}
-    return with_derived(spec, point)
+    limit = memory_limit(spec)
+    smallest: tuple[float, dict[str, Any]] | None = None
+    for _ in range(MAX_DRAWS):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            asked = study.ask(dists)
+        point = with_derived(
+            spec, {name: _round(asked.params[name], dists[name]) for name in dists}
+        )
+        if limit is None:
+            return point
+        gib = estimate_for(spec, point).gib
+        if gib <= limit:
+            return point
+        if smallest is None or gib < smallest[0]:
+            smallest = (gib, point)
+        asked.set_constraint(MEMORY_CONSTRAINT, gib - limit)
+        study.tell(asked, state=optuna.trial.TrialState.PRUNED)
+    raise NoFeasibleConfiguration(
+        too_big(spec, smallest, f"none of the {MAX_DRAWS} points TPE proposed for trial {index}")
+    )

@@ -56,6 +56,12 @@ def test_training_learns_and_leaves_a_complete_mlflow_record(
     assert tags["env.torch"].startswith("2.")
     assert tags["data.train_sha256"] == hashlib.sha256(toy_data["train"].read_bytes()).hexdigest()
     assert tags["data.train_examples"] == "240" and tags["data.eval_examples"] == "32"
+    # The model's shape, for a sweep's spec.constraints.model: tags, and a line to copy.
+    assert tags["lorasweep.model.hidden_size"] == "64"
+    assert tags["lorasweep.model.num_hidden_layers"] == "2"
+    base = int(tags["model.parameters"]) - int(tags["model.trainable_parameters"])
+    assert tags["lorasweep.model.parameters"] == str(base)
+    assert "model shape for spec.constraints.model: {hiddenSize: 64, " in done.stderr
     params = run_.data.params
     assert params["lora_rank"] == "8" and params["lora_alpha"] == "16"
     assert float(params["learning_rate"]) == pytest.approx(1e-2)

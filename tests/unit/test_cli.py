@@ -7,6 +7,7 @@ import json
 
 import yaml
 
+from sweep_operator.api import ModelShape
 from sweep_operator.cli import main
 from sweep_operator.crd import crd_yaml
 from tests.unit.sweep_helpers import EXAMPLE
@@ -107,3 +108,44 @@ def test_render_the_gpu_example():
         assert volume["persistentVolumeClaim"]["claimName"] == "lorasweep-checkpoints"
         rules = job["spec"]["podFailurePolicy"]["rules"]
         assert [r["action"] for r in rules] == ["Ignore", "FailJob"]
+    # Batch 4 is over spec.constraints.maxGpuMemoryGiB: its draws were drawn again.
+    params = [json.loads(j["metadata"]["annotations"]["lorasweep.io/parameters"]) for j in jobs]
+    assert {p["per_device_train_batch_size"] for p in params} == {1, 2}
+    assert all(
+        p["gradient_accumulation_steps"] * p["per_device_train_batch_size"] == 16 for p in params
+    )
+
+
+def test_model_shape_prints_what_spec_constraints_model_takes(tmp_path):
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 16,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, text = run("model-shape", str(tmp_path))
+    assert code == 0
+    shape = yaml.safe_load(text)["model"]
+    assert shape == {
+        "hiddenSize": 2048,
+        "numHiddenLayers": 16,
+        "intermediateSize": 8192,
+        "numAttentionHeads": 32,
+        "vocabSize": 128256,
+        "numKeyValueHeads": 8,
+        "tieWordEmbeddings": True,
+        "dtype": "bfloat16",
+    }
+    assert ModelShape.model_validate(shape).hidden_size == 2048
+
+
+def test_model_shape_of_a_config_without_the_sizes(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 512}))
+    assert run("model-shape", str(tmp_path / "config.json"))[0] == 1
+    assert "has no hidden_size, num_hidden_layers" in capsys.readouterr().err

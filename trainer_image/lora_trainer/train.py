@@ -19,6 +19,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PrinterCallback,
@@ -42,6 +43,7 @@ from lora_trainer.data import (
     prepare,
 )
 from lora_trainer.isolation import check_isolation
+from lora_trainer.shape import ShapeError, model_shape, shape_tags, shape_yaml
 from lora_trainer.stopping import StopFlag, Stopped
 from lora_trainer.tracking import Tracker
 
@@ -145,6 +147,22 @@ def load_model(cfg: TrainConfig) -> Any:
         return get_peft_model(model, lora)
     except ValueError as exc:
         raise ModelLoadError(f"lora_target={cfg.lora_target!r}: {exc}") from exc
+
+
+def report_model_shape(cfg: TrainConfig, parameters: int, tracker: Tracker) -> None:
+    """Log the base model's shape as a sweep's spec.constraints.model takes it (a line to copy)
+    and tag the run with it (lorasweep.model.*), from its config.json and its exact parameter
+    count."""
+    config = AutoConfig.from_pretrained(
+        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code
+    ).to_dict()
+    try:
+        shape = model_shape(config, parameters)
+    except ShapeError as exc:
+        log.info("no model shape for spec.constraints.model: %s", exc)
+        return
+    log.info("model shape for spec.constraints.model: %s", shape_yaml(shape))
+    tracker.set_tags(shape_tags(shape))
 
 
 def check_lora_targets(cfg: TrainConfig, model: Any) -> None:
@@ -531,6 +549,7 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
     model = load_model(cfg)
     trainable, total = model.get_nb_trainable_parameters()
     tracker.set_tags({"model.trainable_parameters": trainable, "model.parameters": total})
+    report_model_shape(cfg, total - trainable, tracker)
     stop_flag.check()
 
     if torch.cuda.is_available():
