@@ -24,6 +24,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sweep_operator.api import API_VERSION, KIND, SweepSpec, TrainerSpec
+from sweep_operator.host_access import host_access, refusal
 from sweep_operator.naming import (
     experiment_name,
     label_value,
@@ -541,7 +542,8 @@ def render_trial_job(
     command-line default), then the built-in template. Whatever the template says, the Job's
     name, namespace, ownerReference and the operator's labels and annotations are set here,
     because the operator relies on them to find its trials and to cascade deletion; so are,
-    with spec.trainer.queueName, Kueue's labels and `suspend: true`.
+    with spec.trainer.queueName, Kueue's labels and `suspend: true`. A Job whose pod would get
+    access to its node (host_access) is refused, whichever template asks for it.
     """
     if spec.trainer.job_template is not None:
         source, field = spec.trainer.job_template, "spec.trainer.jobTemplate"
@@ -556,6 +558,11 @@ def render_trial_job(
         job = _check_job(_load(text), field)
     except yaml.YAMLError as error:
         raise RenderError(field, f"the template did not render valid YAML: {error}") from error
+    found = host_access(job["spec"]["template"]["spec"], "spec.template.spec")
+    if found:
+        raise RenderError(
+            field, "; ".join(refusal(f"the trial Job's {where} {what}") for where, what in found)
+        )
 
     required = context["metadata"]
     metadata = job.setdefault("metadata", {}) or {}
