@@ -3,7 +3,9 @@ multi-node trials. Pure and deterministic.
 
 Templates run in Jinja2's immutable sandbox with StrictUndefined: a user template (or an
 `args` string) can read what it is given but cannot call into Python internals or mutate the
-context, and a misspelt variable is an error instead of an empty string.
+context, and a misspelt variable is an error instead of an empty string. What one rendering
+may build is bounded (ranges, repeated strings and lists, powers, the output), and every error
+a template causes is a RenderError naming the field and the template line.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from __future__ import annotations
 import functools
 import json
 import math
+import traceback
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, NoReturn
 
 import jinja2
 import yaml
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from sweep_operator.api import API_VERSION, KIND, SweepSpec, TrainerSpec
+from sweep_operator.host_access import host_access, refusal
 from sweep_operator.naming import (
     experiment_name,
     label_value,
@@ -166,11 +171,71 @@ def params_json(parameters: dict[str, Any]) -> str:
     return json.dumps(parameters, sort_keys=True, separators=(",", ":"))
 
 
-_ENV = ImmutableSandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True
-)
+# What one rendering may build. A trial Job is a few KiB and the apiserver refuses a request
+# over 3 MiB, so a template producing more is a mistake; these bounds refuse it before the
+# operator spends its memory and CPU on it.
+MAX_OUTPUT_CHARS = 1_000_000
+MAX_RANGE = 10_000
+MAX_POWER_BITS = 4_096
+
+
+class TemplateLimitError(jinja2.TemplateRuntimeError):
+    """A template asked for more than one rendering may build."""
+
+
+def _template_range(*args: int) -> range:
+    """range() for templates: Jinja's sandbox allows 100,000 items, with a message that names
+    its own constant; this says what the template asked for and what it may have."""
+    items = range(*args)
+    if len(items) > MAX_RANGE:
+        raise TemplateLimitError(
+            f"range({', '.join(map(str, args))}) has {len(items):,} items; "
+            f"a template may ask for at most {MAX_RANGE:,}"
+        )
+    return items
+
+
+def _too_big(what: str) -> NoReturn:
+    raise TemplateLimitError(
+        f"{what} is too big: a template may build at most {MAX_OUTPUT_CHARS:,} characters "
+        "(or list items)"
+    )
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, with `*` and `**` refused where their result would be huge
+    (`"x" * 10**10`, `10 ** 1000000000` exhaust memory or CPU in one expression)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if (
+                    isinstance(sequence, str | list | tuple)
+                    and isinstance(count, int)
+                    and len(sequence) * count > MAX_OUTPUT_CHARS
+                ):
+                    _too_big(f"a {type(sequence).__name__} repeated {count:,} times")
+        elif (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and abs(left) > 1
+            and right * left.bit_length() > MAX_POWER_BITS
+        ):
+            raise TemplateLimitError(
+                f"{left} ** {right} has about {right * left.bit_length():,} bits; a template "
+                f"may compute integers of at most {MAX_POWER_BITS:,} bits"
+            )
+        return super().call_binop(context, operator, left, right)
+
+
+_ENV = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _ENV.filters["yaml"] = yaml_flow
 _ENV.filters["tojson"] = params_json
+_ENV.globals["range"] = _template_range
+# lipsum(n) writes n paragraphs of filler text: nothing a Job needs, and unbounded.
+del _ENV.globals["lipsum"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -179,10 +244,33 @@ def _compile(source: str) -> jinja2.Template:
 
 
 def _render(source: str, field: str, context: dict[str, Any]) -> str:
+    """The rendered text; any error the template causes (a syntax error, an undefined name, a
+    division by zero, a limit) is a RenderError naming the field and, where known, the line."""
+    chunks, size = [], 0
     try:
-        return _compile(source).render(context)
-    except jinja2.TemplateError as error:
-        raise RenderError(field, f"{type(error).__name__}: {error}") from error
+        for chunk in _compile(source).generate(context):
+            size += len(chunk)
+            if size > MAX_OUTPUT_CHARS:
+                _too_big("the rendered text")
+            chunks.append(chunk)
+    except Exception as error:  # whatever the template did, it is the template's error
+        line = _template_line(error)
+        where = f" (line {line})" if line is not None else ""
+        raise RenderError(field, f"{type(error).__name__}: {error}{where}") from error
+    return "".join(chunks)
+
+
+def _template_line(error: Exception) -> int | None:
+    """The template line an error comes from: a syntax error's own, or the innermost template
+    frame of the traceback (Jinja rewrites it to point at the template's lines)."""
+    if isinstance(error, jinja2.TemplateSyntaxError):
+        return error.lineno
+    lines = [
+        frame.lineno
+        for frame in traceback.extract_tb(error.__traceback__)
+        if frame.filename == "<template>"
+    ]
+    return lines[-1] if lines else None
 
 
 @functools.cache
@@ -454,7 +542,8 @@ def render_trial_job(
     command-line default), then the built-in template. Whatever the template says, the Job's
     name, namespace, ownerReference and the operator's labels and annotations are set here,
     because the operator relies on them to find its trials and to cascade deletion; so are,
-    with spec.trainer.queueName, Kueue's labels and `suspend: true`.
+    with spec.trainer.queueName, Kueue's labels and `suspend: true`. A Job whose pod would get
+    access to its node (host_access) is refused, whichever template asks for it.
     """
     if spec.trainer.job_template is not None:
         source, field = spec.trainer.job_template, "spec.trainer.jobTemplate"
@@ -469,6 +558,11 @@ def render_trial_job(
         job = _check_job(_load(text), field)
     except yaml.YAMLError as error:
         raise RenderError(field, f"the template did not render valid YAML: {error}") from error
+    found = host_access(job["spec"]["template"]["spec"], "spec.template.spec")
+    if found:
+        raise RenderError(
+            field, "; ".join(refusal(f"the trial Job's {where} {what}") for where, what in found)
+        )
 
     required = context["metadata"]
     metadata = job.setdefault("metadata", {}) or {}

@@ -3,8 +3,8 @@
 The schema and CEL rules catch malformed sweeps at `kubectl apply`. What they cannot know is
 checked here: whether parameter names are fields of the bundled trainer (a typo must fail in
 seconds, not after an hour on a GPU), whether values fit the trainer's types, whether the grid
-is absurdly large, whether spec.constraints leave a configuration to run, and whether the
-trial Job template renders.
+is absurdly large, whether spec.constraints leave a configuration to run, whether the trial
+Job template renders, and whether a trial pod would get access to its node (host_access.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sweep_operator.api import SweepSpec
 from sweep_operator.constraints import ConstraintError, first_trial, memory_limit
+from sweep_operator.host_access import host_access, refusal
 from sweep_operator.naming import trial_name
 from sweep_operator.render import (
     EVAL_FILE_FIELD,
@@ -212,6 +213,9 @@ def check_spec(
                     "the operator",
                 )
             )
+    # The rendered Job is checked too (render_trial_job); here the volume gets its own field.
+    for where, what in host_access({"volumes": spec.trainer.volumes}, "spec.trainer"):
+        problems.append(Problem(where, refusal(what)))
     if spec.algorithm.name == "grid":
         size = grid_size(spec.parameters)
         if spec.max_trials is None and size > MAX_GRID_WITHOUT_MAX_TRIALS:

@@ -129,6 +129,7 @@ def test_kubeconform_is_strict(schemas: Path, tmp_path: Path):
         ({"trialDefaults": {"mlflowTrackingUri": "mlflow:5000"}}, "does not match pattern"),
         ({"trialDefaults": {"queueName": "Team_A"}}, "does not match pattern"),
         ({"image": {"pullPolicy": "Sometimes"}}, "value must be one of"),
+        ({"sweepAccessPolicy": {"enabled": "yes"}}, "got string, want boolean"),
     ],
 )
 def test_values_schema_refuses(values: dict[str, Any], error: str, tmp_path: Path):
@@ -229,6 +230,38 @@ def test_rbac_is_least_privilege(tmp_path: Path):
     peering = rules_by_kind(template({"replicas": 2}, tmp_path))
     assert "clusterkopfpeerings" in resources(peering["ClusterRole/"])
     assert "clusterkopfpeerings" not in resources(cluster_wide["ClusterRole/"])
+
+
+def test_the_sweep_access_policy_covers_where_the_operator_acts(tmp_path: Path):
+    """The apiserver, not the operator, decides who may have trials: the policy's binding is
+    everywhere with a ClusterRole, in the watched namespaces with Roles."""
+
+    def policy(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        docs = documents(template(values, tmp_path))
+        found = [d for d in docs if d["kind"].startswith("ValidatingAdmissionPolicy")]
+        if not found:
+            return None
+        [vap] = [d for d in found if d["kind"] == "ValidatingAdmissionPolicy"]
+        [binding] = [d for d in found if d["kind"] == "ValidatingAdmissionPolicyBinding"]
+        assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+        return vap["spec"], binding["spec"]
+
+    vap, binding = policy({}) or ({}, {})
+    assert vap["failurePolicy"] == "Fail"
+    [rule] = vap["matchConstraints"]["resourceRules"]
+    assert (rule["apiGroups"], rule["resources"]) == (["lorasweep.io"], ["hyperparametersweeps"])
+    assert rule["operations"] == ["CREATE", "UPDATE"]
+    [validation] = vap["validations"]
+    assert "resource('jobs')" in validation["expression"] and validation["reason"] == "Forbidden"
+    assert binding["validationActions"] == ["Deny"] and "matchResources" not in binding
+    _, binding = policy({"watchNamespaces": ["a", "b"]}) or ({}, {})
+    [selector] = binding["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert selector == {
+        "key": "kubernetes.io/metadata.name",
+        "operator": "In",
+        "values": ["a", "b"],
+    }
+    assert policy({"sweepAccessPolicy": {"enabled": False}}) is None
 
 
 def operator_container(stream: str) -> dict[str, Any]:

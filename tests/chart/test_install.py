@@ -3,6 +3,7 @@ run by the operator with nothing but the chart's ServiceAccount identity."""
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 from collections.abc import Iterator
@@ -277,3 +278,130 @@ def test_sweep_runs_with_only_the_chart_service_account(
             operator_process.stop()
         release_sweeps(kube_client, namespace)
         helm("uninstall", release, "--namespace", namespace, env=KUBE_ENV, check=False)
+
+
+def sweep_user(api: client.ApiClient, namespace: str, name: str, jobs: bool, path: Path):
+    """A ServiceAccount allowed to create and change HyperparameterSweeps in the namespace
+    (and, with `jobs`, to create Jobs there), and nothing else; an API client as it."""
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+    rules = [
+        {
+            "apiGroups": [GROUP],
+            "resources": [PLURAL],
+            "verbs": ["create", "get", "list", "watch", "patch", "update"],
+        }
+    ]
+    if jobs:
+        rules.append({"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create"]})
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": name}, "rules": rules})
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+    )
+    kubeconfig = service_account_kubeconfig(api, name, namespace, path)
+    return client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
+
+
+def test_only_a_user_who_may_create_jobs_gets_trials(
+    kube_client, sweep_crd, namespace: str, tmp_path
+):
+    """The chart's sweep access policy on the real apiserver: a user allowed to create sweeps
+    but not Jobs is refused at once (no sweep, so no pod), and may not change the spec of a
+    sweep someone else may run; a user who may create Jobs gets the sweep's trials."""
+    release = f"ls-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-lorasweep"
+    result = '{"metrics": {"eval_loss": 0.5}}'
+    install = [
+        "install",
+        release,
+        str(REPO / "charts" / "lorasweep"),
+        "--namespace",
+        namespace,
+        "--set",
+        f"watchNamespaces={{{namespace}}}",
+        "--set",
+        "trialDefaults.image=registry.example.com/lorasweep-trainer:0.1.0",
+        "--set-json",
+        'trialDefaults.nodeSelector={"lorasweep.io/node-mode":"sim"}',
+        *DEV_CLUSTER_VALUES,
+    ]
+    helm(*install, env=KUBE_ENV)
+    operator_process: OperatorProcess | None = None
+    try:
+        sweeper = sweep_user(kube_client, namespace, "sweeper", False, tmp_path / "s.kubeconfig")
+        trainer = sweep_user(kube_client, namespace, "trainer", True, tmp_path / "t.kubeconfig")
+        manifest = sweep_manifest("mine")
+        manifest["spec"]["trainer"] = {
+            "command": ["train"],
+            "podAnnotations": {"lorasweep.io/sim-result": result},
+        }
+
+        def refused_to_sweeper() -> ApiException | None:
+            # A dry run goes through admission: it tells when the new policy is in force.
+            try:
+                sweeper.create_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, manifest, dry_run="All"
+                )
+            except ApiException as error:
+                return error
+            return None
+
+        error = wait_for(refused_to_sweeper, 30, "the policy to be in force")
+        assert error.status == 403
+        message = json.loads(error.body)["message"]
+        assert (
+            f"user system:serviceaccount:{namespace}:sweeper may not create Jobs in namespace "
+            f"{namespace}: a HyperparameterSweep runs its trials as Jobs, so creating one or "
+            "changing its spec needs that permission"
+        ) in message, message
+
+        kubeconfig = service_account_kubeconfig(
+            kube_client, fullname, namespace, tmp_path / "sa.kubeconfig"
+        )
+        deployment = client.AppsV1Api(kube_client).read_namespaced_deployment(fullname, namespace)
+        [container] = deployment.spec.template.spec.containers
+        env = {e.name: e.value for e in container.env if e.value is not None}
+        operator_process = OperatorProcess(
+            namespace, tmp_path / "operator.log", env={**env, "KUBECONFIG": str(kubeconfig)}
+        )
+        operator_process.start()
+        trainer.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, manifest)
+        custom = client.CustomObjectsApi(kube_client)
+
+        def finished() -> dict | None:
+            sweep = custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "mine")
+            status = sweep.get("status") or {}
+            return status if status.get("phase") in ("Succeeded", "Failed") else None
+
+        status = wait_for(finished, 60, "the sweep to finish", interval=0.5)
+        assert status["phase"] == "Succeeded", status
+        assert status["trials"]["succeeded"] == 2
+
+        # The sweeper may label the sweep, not change what it runs.
+        labels = {"metadata": {"labels": {"team": "nlp"}}}
+        sweeper.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "mine", labels)
+        with pytest.raises(ApiException) as changed:
+            sweeper.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, "mine", {"spec": {"parallelism": 1}}
+            )
+        assert changed.value.status == 403
+        assert "may not create Jobs" in json.loads(changed.value.body)["message"]
+        jobs = client.BatchV1Api(kube_client).list_namespaced_job(namespace).items
+        assert len(jobs) == 2
+    finally:
+        if operator_process:
+            operator_process.stop()
+        release_sweeps(kube_client, namespace)
+        helm("uninstall", release, "--namespace", namespace, env=KUBE_ENV, check=False)
+    assert not [
+        p
+        for p in client.AdmissionregistrationV1Api(kube_client)
+        .list_validating_admission_policy()
+        .items
+        if p.metadata.name.startswith(fullname)
+    ]

@@ -6,8 +6,8 @@
 the `sim` GPU nodes), the pod runner (running pods of `local-gpu-0` as local processes), Kueue
 (its CRDs, its manager and webhooks, the ClusterQueue `gpus`) and an MLflow server, each on a
 free loopback port, then writes `.cluster/kubeconfig` and `.cluster/env`. Every process is
-recorded by pid in `.cluster/state.json`, which is what `down` stops; `up` on a healthy
-cluster does nothing.
+recorded by pid in `.cluster/state.json`, which is what `down` stops, with its process group
+and those of its descendants; `up` on a healthy cluster does nothing.
 """
 
 from __future__ import annotations
@@ -907,19 +907,101 @@ def _down(keep_logs: bool = False) -> None:
 
 
 def _stop(name: str, pid: int, grace: float = 10.0) -> None:
-    if not process_alive(pid):
+    """Stop a process started by _start with everything it started: its process group (MLflow's
+    server workers), which outlives a leader that has exited, and the groups of its
+    descendants (the pod runner's containers run in sessions of their own)."""
+    groups = _groups_under(pid)
+    _signal_groups(groups, signal.SIGTERM)
+    if _ended(groups, grace):
         return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and process_alive(pid):
+    log(f"{name} ignored SIGTERM; killing it")
+    _signal_groups(groups, signal.SIGKILL)
+    # SIGKILL is not instant either: the next process stopped (etcd after the apiserver) or
+    # the session's final check must not find this one still there.
+    if not _ended(groups, 10):
+        log(f"{name} still runs after SIGKILL (process groups {sorted(_live_groups(groups))})")
+
+
+def _ended(groups: set[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _live_groups(groups):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
-    if process_alive(pid):
-        log(f"{name} ignored SIGTERM; killing it")
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid: (parent pid, process group) of every running process; zombies are as good as
+    dead."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended while we looked
+            continue
+        # The command name, in parentheses, may hold spaces; the fields after it do not.
+        state, ppid, pgid = stat[stat.rindex(")") + 2 :].split()[:3]
+        if state != "Z":
+            table[int(entry.name)] = (int(ppid), int(pgid))
+    return table
+
+
+def _groups_under(pid: int) -> set[int]:
+    """The process group `pid` leads, and the groups of its running descendants."""
+    table = _process_table()
+    groups, parents = {pid}, {pid}
+    while True:
+        children = {p for p, (ppid, _) in table.items() if ppid in parents and p not in parents}
+        if not children:
+            return groups
+        groups |= {table[p][1] for p in children}
+        parents |= children
+
+
+def _live_groups(groups: set[int]) -> set[int]:
+    return {pgid for _, pgid in _process_table().values()} & groups
+
+
+def _signal_groups(groups: set[int], signum: int) -> None:
+    for pgid in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signum)
+
+
+def session_processes(mark: str, value: str) -> dict[int, str]:
+    """pid: command line of each running process whose environment has `mark`=`value`: what a
+    test session started (its children inherit the mark it set in its environment, and theirs
+    too, wherever they were reparented)."""
+    wanted = f"{mark}={value}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # ended while we looked, or not ours to read
+            continue
+        if state != "Z":
+            found[int(entry.name)] = command.strip()
+    return found
+
+
+def shared_processes() -> set[int]:
+    """The processes of the running cluster and their descendants, when test sessions other
+    than the ones that ended still use it: theirs to stop, not ours."""
+    cluster = Cluster.load()
+    users = STATE_DIR / "users"
+    if cluster is None or not any(process_alive(int(u.name)) for u in users.glob("*")):
+        return set()
+    table = _process_table()
+    groups = set().union(*(_groups_under(pid) for pid in cluster.pids.values()))
+    return {pid for pid, (_, pgid) in table.items() if pgid in groups}
 
 
 def apply_crds(cluster: Cluster) -> None:

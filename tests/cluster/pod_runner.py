@@ -106,7 +106,8 @@ class PodRunner:
         # Every pod this runner started, finished or not: a late watch event for one of them
         # must never start it again or mistake it for a pod lost in a restart.
         self.handled: set[str] = set()
-        self.lock = threading.Lock()
+        # Reentrant: the SIGTERM handler (stop_all) runs on the main thread, which may hold it.
+        self.lock = threading.RLock()
 
     # --- environment -----------------------------------------------------------------------
 

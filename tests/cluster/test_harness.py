@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -160,6 +162,105 @@ def test_cluster_up_again_reuses_the_running_cluster(cluster):
     again = devcluster.use(str(os.getpid()), start=True)
     assert again.api_url == cluster.api_url
     assert again.pids == cluster.pids
+
+
+# A cluster process and what it starts: a worker in its own process group (as MLflow's server
+# has) and one in a session of its own (as the pod runner's containers), both deaf to SIGTERM.
+# Prints their pids, then stays or, with `exit`, leaves them behind.
+FAMILY_MARK = "LORASWEEP_HARNESS_FAMILY"
+FAMILY = """
+import subprocess, sys, time
+deaf = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print(flush=True); time.sleep(600)"]
+worker = subprocess.Popen(deaf, stdout=subprocess.PIPE)
+own_session = subprocess.Popen(deaf, stdout=subprocess.PIPE, start_new_session=True)
+worker.stdout.readline(), own_session.stdout.readline()  # both ignore SIGTERM by now
+print(worker.pid, own_session.pid, flush=True)
+if sys.argv[1] != "exit":
+    time.sleep(600)
+"""
+
+
+def start_family(leader: str, mark: str) -> tuple[subprocess.Popen[str], int, int]:
+    """The FAMILY leader, started as devcluster starts a cluster process (a session of its own),
+    with `mark` in its environment as a test session sets it; and its two workers' pids."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", FAMILY, leader],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, FAMILY_MARK: mark},
+    )
+    assert process.stdout is not None
+    worker, own_session = map(int, process.stdout.readline().split())
+    return process, worker, own_session
+
+
+def test_stopping_a_cluster_process_stops_everything_it_started():
+    leader, worker, own_session = start_family("stay", uuid.uuid4().hex)
+    devcluster._stop("family", leader.pid, grace=1)
+    leader.wait(timeout=10)
+    assert not process_alive(worker) and not process_alive(own_session)
+
+
+def test_a_group_is_stopped_after_its_leader_ended_and_a_session_mark_finds_the_rest():
+    """A leader that exited leaves its group behind, which is still stopped; a process in a
+    session of its own is then out of reach of the tree, and only the session's mark, which
+    the final check of every test session looks for, still finds it."""
+    mark = uuid.uuid4().hex
+    leader, worker, own_session = start_family("exit", mark)
+    leader.wait(timeout=10)
+    try:
+        devcluster._stop("family", leader.pid, grace=1)
+        assert not process_alive(worker)
+        found = devcluster.session_processes(FAMILY_MARK, mark)
+        assert list(found) == [own_session] and "SIG_IGN" in found[own_session]
+    finally:
+        os.kill(own_session, signal.SIGKILL)
+    wait_for(lambda: not devcluster.session_processes(FAMILY_MARK, mark), 10, "it")
+
+
+LEAKY_TESTS = """
+import os, subprocess, sys
+
+def test_waits_for_its_process():
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+def test_leaves_a_process_behind():
+    sleeper = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    with open(os.environ["LEAKED_PID_FILE"], "w") as out:
+        out.write(str(sleeper.pid))
+"""
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_a_test_session_that_leaves_a_process_behind_fails(tmp_path, leak):
+    """The final check of tests/conftest.py, in a session of its own: a process a test started
+    and left running fails the run, is named, and is killed."""
+    tests = tmp_path / "test_leaky.py"
+    tests.write_text(LEAKY_TESTS)
+    selected = "leaves_a_process" if leak else "waits_for"
+    leaked = tmp_path / "leaked.pid"
+    run = subprocess.run(
+        [
+            *[sys.executable, "-m", "pytest", "-p", "tests.conftest", str(tests), "-k", selected],
+            # Its temporary folders inside ours: its clean-up of old ones must not touch ours.
+            f"--basetemp={tmp_path / 'base'}",
+        ],
+        cwd=devcluster.REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "LEAKED_PID_FILE": str(leaked)},
+    )
+    if not leak:
+        assert run.returncode == 0, run.stdout
+        assert "processes left behind" not in run.stdout and not leaked.exists()
+        return
+    pid = int(leaked.read_text())
+    assert run.returncode == pytest.ExitCode.TESTS_FAILED, run.stdout
+    assert "1 passed" in run.stdout and "processes left behind" in run.stdout
+    assert f"  {pid} sleep 600" in run.stdout
+    assert not process_alive(pid)
 
 
 def test_sim_job_completes_with_its_termination_message(batch, core, namespace):

@@ -144,3 +144,53 @@ def test_time_budget_stops_running_trials_at_the_deadline(operator, custom, batc
     assert status["trials"]["pruned"] == 2
     started = sweep["metadata"]["creationTimestamp"]
     assert status["completionTime"] >= started
+
+
+def test_bohb_with_hyperband_brackets(operator, custom, batch, namespace, mlflow_uri, tmp_path):
+    """bohb proposes from the values at a rung, Hyperband stops trials within their bracket,
+    and the sweep's best is the best of the trials that finished."""
+    spec = {
+        "objective": {"metric": "eval_loss", "goal": "minimize"},
+        "algorithm": {"name": "bohb", "seed": 3, "startupTrials": 3},
+        "parameters": {
+            "learning_rate": {"type": "log_uniform", "min": 1.0e-5, "max": 1.0e-1},
+            "lora_rank": {"type": "int", "min": 4, "max": 64},
+        },
+        "maxTrials": 8,
+        "parallelism": 2,
+        "earlyStopping": {
+            "algorithm": "hyperband",
+            "minSteps": 1,
+            "maxSteps": 12,
+            "reductionFactor": 3,
+            "minTrials": 1,
+        },
+        "trainer": {
+            "image": "lorasweep-e2e",
+            "command": [sys.executable, str(CURVE_PROGRAM)],
+            "args": [
+                "--lr={{ params.learning_rate }}",
+                "--rank={{ params.lora_rank }}",
+                f"--trace={tmp_path / 'trace'}",
+            ],
+            "nodeSelector": {"lorasweep.io/node-mode": "local"},
+            "resources": {"limits": {"nvidia.com/gpu": 1}},
+        },
+        "mlflow": {"trackingUri": mlflow_uri, "experimentName": f"e2e-bohb-{uuid.uuid4().hex[:8]}"},
+    }
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("bohb", spec)
+    )
+    status = wait_for_phase(custom, namespace, "bohb", ("Succeeded", "Failed"), 300)["status"]
+    assert status["phase"] == "Succeeded", status
+    jobs = {j.metadata.name: j for j in trial_jobs(batch, namespace, "bohb")}
+    assert len(jobs) == 8
+    reasons = {
+        name: (j.metadata.annotations or {})["lorasweep.io/stopped"]
+        for name, j in jobs.items()
+        if "lorasweep.io/stopped" in (j.metadata.annotations or {}) and not j.status.succeeded
+    }
+    assert reasons, "Hyperband stopped no trial"
+    assert all(r.startswith("Hyperband bracket ") for r in reasons.values()), reasons
+    finals = {n: final_loss(**_params(j)) for n, j in jobs.items() if n not in reasons}
+    assert status["bestTrial"]["name"] == min(finals, key=finals.get)

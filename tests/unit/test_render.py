@@ -283,6 +283,59 @@ def test_a_template_that_is_not_a_job_is_refused_clearly(template, problem):
     assert str(caught.value).startswith("template: ") and problem in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (
+            "{{ range(10**9) }}",
+            "TemplateLimitError: range(1000000000) has 1,000,000,000 items; a template may ask "
+            "for at most 10,000 (line 3)",
+        ),
+        ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero (line 3)"),
+        (
+            "{{ 'x' * 10**8 }}",
+            "TemplateLimitError: a str repeated 100,000,000 times is too big: a template may "
+            "build at most 1,000,000 characters (or list items) (line 3)",
+        ),
+        (
+            "{{ [0] * 10**8 }}",
+            "TemplateLimitError: a list repeated 100,000,000 times is too big: a template may "
+            "build at most 1,000,000 characters (or list items) (line 3)",
+        ),
+        (
+            "{{ 10 ** 1000000 }}",
+            "TemplateLimitError: 10 ** 1000000 has about 4,000,000 bits; a template may compute "
+            "integers of at most 4,096 bits (line 3)",
+        ),
+        (
+            "{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}",
+            "TemplateLimitError: the rendered text is too big: a template may build at most "
+            "1,000,000 characters (or list items)",
+        ),
+        ("{{ lipsum(10**9) }}", "UndefinedError: 'lipsum' is undefined (line 3)"),
+        ("{{ range(3) | yaml }}", "TypeError: cannot write range as YAML: range(0, 3) (line 3)"),
+        ("{{ params.lora_rank.x }}", "UndefinedError: 'int object' has no attribute 'x' (line 3)"),
+        ("{{ params", "TemplateSyntaxError: unexpected end of template"),
+    ],
+)
+def test_every_error_of_a_template_names_the_field_and_the_line(body, message):
+    """Whatever a user's template does wrong, or asks too much of, ends as a message naming
+    spec.trainer.jobTemplate, never as a bare Python exception or a stuck operator."""
+    raw = raw_spec()
+    raw["trainer"]["jobTemplate"] = f"apiVersion: batch/v1\nkind: Job\n{body}\n"
+    with pytest.raises(RenderError) as caught:
+        render(make_spec(**raw))
+    assert caught.value.field == "spec.trainer.jobTemplate"
+    assert str(caught.value).startswith(f"spec.trainer.jobTemplate: {message}")
+
+
+def test_ranges_powers_and_repeats_within_the_limits_still_work():
+    raw = raw_spec()
+    raw["trainer"]["command"] = ["train"]
+    raw["trainer"]["args"] = ["{{ range(10000) | length }}", "{{ 2 ** 64 }}", "{{ 'ab' * 3 }}"]
+    assert container(render(make_spec(**raw)))["args"] == ["10000", str(2**64), "ababab"]
+
+
 def test_one_gpu_trial_is_one_pod_of_the_bundled_trainer():
     job = render()
     assert (job["spec"]["completions"], job["spec"]["parallelism"]) == (1, 1)

@@ -133,6 +133,16 @@ def test_a_template_that_does_not_render_is_a_problem():
     )
 
 
+def test_a_template_asking_for_too_much_is_a_problem_naming_the_field():
+    raw = raw_spec()
+    raw["trainer"]["jobTemplate"] = "{% for i in range(10**9) %}{% endfor %}"
+    [found] = [str(p) for p in check_spec(make_spec(**raw), SWEEP)]
+    assert found == (
+        "spec.trainer.jobTemplate: TemplateLimitError: range(1000000000) has 1,000,000,000 "
+        "items; a template may ask for at most 10,000 (line 1)"
+    )
+
+
 def test_validate_sweep_raises_with_every_problem():
     raw = raw_spec(parameters={"lora_rnak": {"values": [8]}, "lerning_rate": {"values": [1e-4]}})
     with pytest.raises(SweepInvalid) as caught:
