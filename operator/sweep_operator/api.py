@@ -102,9 +102,10 @@ class Objective(_Model):
     )
     mode: Literal["weighted", "pareto"] = Field(
         "weighted",
-        description="How metrics combine. weighted: the objective is the sum of weight * value, "
-        "with the sign flipped for a metric whose goal differs from goal. pareto: the "
-        "Pareto-optimal trials are listed in status.paretoFront; bestTrial is best by metric.",
+        description="How metrics combine. weighted: each metric is min-max normalised to [0, 1] "
+        "over the scored trials, turned round (1 - x) when its goal differs from goal, and the "
+        "objective is the sum of weight * normalised value. pareto: the Pareto-optimal trials "
+        "are listed in status.paretoFront; bestTrial is best by metric.",
     )
 
     @model_validator(mode="after")

@@ -44,11 +44,12 @@ from sweep_operator.constraints import ConstraintError, planned_parameters, tria
 from sweep_operator.early_stopping import Progress, stop_decisions
 from sweep_operator.naming import model_fetch_name, trial_name
 from sweep_operator.objective import (
+    metric_values,
     minimizing,
-    objective_curve,
-    objective_value,
+    normalisation_note,
     objective_values,
     pareto_front,
+    scorer,
 )
 from sweep_operator.space import in_space, searched, with_derived
 from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
@@ -72,12 +73,14 @@ class Plan:
 def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial | None:
     """The succeeded trial with the best finite objective value; ties go to the lower index.
 
-    With a weighted objective the value is the weighted sum (objective.metrics).
+    With a weighted objective the value is the weighted sum of the normalised metrics
+    (objective.metrics, normalised over `observed`), and metrics holds every raw one.
     """
+    score = scorer(spec, observed)
     scored = [
         (value, t)
         for t in observed
-        if t.state == TrialState.SUCCEEDED and (value := objective_value(spec, t)) is not None
+        if t.state == TrialState.SUCCEEDED and (value := score.value(t)) is not None
     ]
     if not scored:
         return None
@@ -88,7 +91,7 @@ def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial 
         index=best.index,
         parameters=best.parameters,
         value=value,
-        metrics=best.metrics,
+        metrics=metric_values(spec, best) if score.weighted else best.metrics,
         mlflow_run_id=best.mlflow_run_id,
     )
 
@@ -201,7 +204,8 @@ def _early_stops(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> dict[str, 
     """Running trials that early stopping stops -> why."""
     if spec.early_stopping is None:
         return {}
-    progress = {t.name: Progress(t.index, t.state, objective_curve(spec, t)) for t in trials}
+    score = scorer(spec, trials)
+    progress = {t.name: Progress(t.index, t.state, score.curve(t)) for t in trials}
     return stop_decisions(spec.early_stopping, progress, minimize=minimizing(spec))
 
 
@@ -237,12 +241,15 @@ def plan(
     infeasible = sum(t.state == TrialState.INFEASIBLE for t in trials) + planned.skipped
     infeasible_text = f", {infeasible} infeasible" if infeasible else ""
     succeeded = [t for t in trials if t.state == TrialState.SUCCEEDED]
-    unscored = [t for t in succeeded if objective_value(spec, t) is None]
+    unscored = [t for t in succeeded if objective_values(spec, t) is None]
     best = best_trial(spec, trials)
     metric = spec.objective.metric
     best_text = f"; best {metric}={best.value:g} ({best.name})" if best else ""
     if best and spec.objective.metrics and spec.objective.mode == "weighted":
-        best_text = f"; best weighted objective={best.value:g} ({best.name})"
+        best_text = (
+            f"; best weighted objective={best.value:g} ({best.name}; "
+            f"{normalisation_note(spec, trials)})"
+        )
 
     create: list[NewTrial] = []
     stops: dict[str, str] = {}

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from sweep_operator.api import BestTrial, SweepSpec
-from sweep_operator.objective import minimizing, objective_value
+from sweep_operator.objective import minimizing, scorer
 from sweep_operator.space import searched
 from sweep_operator.trials import ObservedTrial, TrialState
 
@@ -57,8 +57,9 @@ def trials_summary_csv(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["index", "name", "state", *names, "objective", "duration_s"])
+    score = scorer(spec, trials)
     for t in trials:
-        value = objective_value(spec, t) if t.state == TrialState.SUCCEEDED else None
+        value = score.value(t) if t.state == TrialState.SUCCEEDED else None
         duration = _duration(t)
         writer.writerow(
             [
@@ -77,8 +78,9 @@ def best_so_far(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> list[tuple[
     """(index, objective, best objective up to this index) of the scored trials."""
     better = min if minimizing(spec) else max
     points: list[tuple[int, float, float]] = []
+    score = scorer(spec, trials)
     for t in sorted(trials, key=lambda t: t.index):
-        value = objective_value(spec, t) if t.state == TrialState.SUCCEEDED else None
+        value = score.value(t) if t.state == TrialState.SUCCEEDED else None
         if value is None:
             continue
         best = better(value, points[-1][2]) if points else value
@@ -121,12 +123,9 @@ def parameter_importance(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> di
 
     from sweep_operator.tpe import build_study
 
-    finished = [
-        t
-        for t in trials
-        if t.state == TrialState.SUCCEEDED and objective_value(spec, t) is not None
-    ]
-    values = {objective_value(spec, t) for t in finished}
+    score = scorer(spec, trials)
+    finished = [t for t in trials if t.state == TrialState.SUCCEEDED and score.value(t) is not None]
+    values = {score.value(t) for t in finished}
     if len(values) < 2 or spec.objective.mode == "pareto":
         return {}
     study = build_study(spec, finished)
