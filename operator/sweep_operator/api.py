@@ -1078,6 +1078,37 @@ class ParetoTrial(_Model):
     values: dict[str, float] = Field(description="The trial's value of each objective metric.")
 
 
+class ImportanceShare(_Model):
+    """One parameter's share of the objective's variance, in percent."""
+
+    name: str = Field(description="The parameter.")
+    percent: float = Field(description="Mean share over the bootstrap resamples, in percent.")
+    min: float = Field(description="Lowest share of one resample, in percent.")
+    max: float = Field(description="Highest share of one resample, in percent.")
+    signal: bool = Field(
+        False,
+        description="The lowest share is above the highest of the random reference: the data "
+        "show that the parameter matters. False: not told apart from noise.",
+    )
+
+
+class ParameterImportance(_Model):
+    """Parameter importance (fANOVA), computed in the background as trials finish."""
+
+    trials: int = Field(0, description="The scored trials it was computed from.")
+    parameters: list[ImportanceShare] = Field(
+        default_factory=list,
+        description="The most important parameters first (the top five; the report has all). "
+        "Empty below 15 scored trials.",
+    )
+    reference: ImportanceShare | None = Field(
+        None,
+        description="The share a parameter of random numbers gets, fitted alongside: what "
+        "noise alone explains.",
+    )
+    message: str = Field("", description="How it was computed, or why it is not yet.")
+
+
 class MlflowStatus(_Model):
     """The sweep's MLflow experiment and parent run."""
 
@@ -1105,9 +1136,10 @@ class SweepStatus(_Model):
         default_factory=list,
         description="objective.mode pareto: the trials no other trial beats on every metric.",
     )
-    parameter_importance: dict[str, float] = Field(
-        default_factory=dict,
-        description="How much each parameter explains the objective's variance (fANOVA).",
+    parameter_importance: ParameterImportance | None = Field(
+        None,
+        description="How much each parameter explains the objective's variance (fANOVA over "
+        "bootstrap resamples, in percent, with the spread).",
     )
     mlflow: MlflowStatus | None = Field(None, description="MLflow experiment and parent run.")
     start_time: datetime | None = Field(None, description="When the first trial started.")

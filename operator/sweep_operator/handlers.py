@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,9 +25,19 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from sweep_operator.api import GROUP, PLURAL, VERSION, MlflowStatus, SweepSpec, SweepStatus
+from sweep_operator.api import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    MlflowStatus,
+    ParameterImportance,
+    SweepSpec,
+    SweepStatus,
+)
 from sweep_operator.defaults import trial_defaults
+from sweep_operator.importance import parameter_importance
 from sweep_operator.naming import experiment_name, label_value, model_fetch_name
+from sweep_operator.objective import scorer
 from sweep_operator.observe import (
     fetch_job_summary,
     fetch_pod_summary,
@@ -46,8 +56,11 @@ from sweep_operator.render import (
 )
 from sweep_operator.report import (
     best_config_yaml,
+    correlations_csv,
+    importance_csv,
+    learning_curves_png,
     optimization_plot_png,
-    parameter_importance,
+    sensitivity_csv,
     trials_summary_csv,
 )
 from sweep_operator.semantic import SweepInvalid, validate_sweep
@@ -69,7 +82,7 @@ MIN_RECONCILE_INTERVAL = 1.0
 # Default tracking server for sweeps that name none (set by the Helm chart).
 DEFAULT_TRACKING_URI_ENV = "LORASWEEP_MLFLOW_TRACKING_URI"
 API_WORKERS = 16
-# The report (ConfigMap, MLflow artifacts, parameter importance) costs seconds to compute.
+# The report (ConfigMap, MLflow artifacts, plots) costs up to a second or two to make.
 REPORT_INTERVAL_SECONDS = 60.0
 IMPORTANCE_IN_STATUS = 5
 # Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
@@ -80,6 +93,9 @@ LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"
 
 _wakeups: dict[tuple[str, str], threading.Event] = defaultdict(threading.Event)
 _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
+# Parameter importance (several fANOVA fits, seconds at 1,000 trials) runs here, off the
+# reconcile: one computation at a time for all sweeps, at most one queued per sweep.
+_importance_pool = ThreadPoolExecutor(1, thread_name_prefix="lorasweep-importance")
 
 
 def _wake(namespace: str, sweep: str) -> None:
@@ -212,7 +228,9 @@ class Reconciler:
         self.curves: dict[str, dict[str, Curve]] = {}  # final curves of finished trials
         self.marked: set[str] = set()  # stopped trials whose MLflow run says why
         self.deadline: datetime | None = None  # when the time budget runs out
-        self.importance: dict[str, float] | None = None
+        self.importance: ParameterImportance | None = None  # the last one computed
+        self.importance_job: Future[ParameterImportance] | None = None
+        self.importance_basis: tuple | None = None  # the scored trials it was asked for
         self.reported: tuple[int, str] | None = None  # (finished trials, phase) last reported
         self.reported_at = 0.0
         self.has_service = False  # the headless Service of multi-node trials exists
@@ -716,10 +734,15 @@ class Reconciler:
         status: SweepStatus,
         tracker: Tracker | None,
     ) -> SweepStatus:
-        """best_config.yaml and trials_summary.csv in the ConfigMap `<sweep>-report`, those and
-        optimization_plot.png as artifacts of the parent run, parameter importance there and
-        in status. Refreshed as trials finish (at most every REPORT_INTERVAL_SECONDS), and
-        once more when the sweep ends."""
+        """best_config.yaml, trials_summary.csv, importance.csv, sensitivity.csv and
+        correlations.csv in the ConfigMap `<sweep>-report`, those and the plots as artifacts of
+        the parent run, parameter importance there and in status. Refreshed as trials finish
+        (at most every REPORT_INTERVAL_SECONDS), and once more when the sweep ends.
+
+        Importance is computed in the background from the trials of a report and published
+        with the next one; its status field keeps the last one computed (the stored one after
+        a restart, until the first computation ends)."""
+        self._collect_importance()
         finished = sum(not t.state.active for t in observed)
         terminal = status.phase in ("Succeeded", "Failed")
         due = terminal or time.monotonic() - self.reported_at >= REPORT_INTERVAL_SECONDS
@@ -731,10 +754,37 @@ class Reconciler:
             else:
                 self.reported = (finished, status.phase)
                 self.reported_at = time.monotonic()
+                self._start_importance(spec, observed)
         if self.importance is None:
             return status
-        top = dict(list(self.importance.items())[:IMPORTANCE_IN_STATUS])
-        return status.model_copy(update={"parameter_importance": top})
+        shown = self.importance.model_copy(
+            update={"parameters": self.importance.parameters[:IMPORTANCE_IN_STATUS]}
+        )
+        return status.model_copy(update={"parameter_importance": shown})
+
+    def _start_importance(self, spec: SweepSpec, observed: list[ObservedTrial]) -> None:
+        """Ask the background pool for the importance of these trials, unless it is computing
+        one already or was asked for the same scored trials before."""
+        score = scorer(spec, observed)
+        basis = tuple((t.name, score.value(t)) for t in observed if t.state == TrialState.SUCCEEDED)
+        if self.importance_job is not None or basis == self.importance_basis:
+            return
+        self.importance_basis = basis
+        self.importance_job = _importance_pool.submit(parameter_importance, spec, observed)
+
+    def _collect_importance(self) -> None:
+        """Take a finished importance computation; the report is published again with it."""
+        job = self.importance_job
+        if job is None or not job.done():
+            return
+        self.importance_job = None
+        try:
+            self.importance = job.result()
+        except Exception as error:
+            self.logger.warning("cannot compute parameter importance: %s", error)
+            self.importance_basis = None  # asked again with the next report
+            return
+        self.reported = None
 
     def _publish_report(
         self,
@@ -744,11 +794,12 @@ class Reconciler:
         status: SweepStatus,
         tracker: Tracker | None,
     ) -> None:
-        importance = parameter_importance(spec, observed)
-        self.importance = dict(sorted(importance.items(), key=lambda item: -item[1]))
         files: dict[str, str | bytes] = {
             "best_config.yaml": best_config_yaml(spec, status.best_trial, sweep_name=sweep.name),
             "trials_summary.csv": trials_summary_csv(spec, observed),
+            "importance.csv": importance_csv(self.importance),
+            "sensitivity.csv": sensitivity_csv(spec, observed),
+            "correlations.csv": correlations_csv(spec, observed),
         }
         configmap = {
             "metadata": {
@@ -770,8 +821,13 @@ class Reconciler:
             )
         parent = status.mlflow.parent_run_id if status.mlflow else None
         if tracker and parent:
+            if not spec.early_stopping:  # with it, the trials have their curves already
+                observed = self._with_curves(spec, sweep.name, observed, tracker, status.mlflow)
+            best = status.best_trial.name if status.best_trial else None
             files["optimization_plot.png"] = optimization_plot_png(spec, observed)
-            tracker.log_report(parent, files, self.importance)
+            files["learning_curves.png"] = learning_curves_png(spec, observed, best)
+            shares = self.importance.parameters if self.importance else []
+            tracker.log_report(parent, files, {share.name: share.percent for share in shares})
 
     def _close_parent(
         self, tracker: Tracker, mlflow_status: MlflowStatus, status: SweepStatus

@@ -390,7 +390,7 @@ def plan(
         progress=f"{counts.succeeded}/{target}",
         best_trial=best,
         pareto_front=pareto_status(spec, trials),
-        parameter_importance=previous.parameter_importance if previous else {},
+        parameter_importance=previous.parameter_importance if previous else None,
         mlflow=previous.mlflow if previous else None,
         start_time=start if trials or create else None,
         completion_time=end if terminal else None,
