@@ -37,7 +37,7 @@ from sweep_operator.api import (
 from sweep_operator.defaults import trial_defaults
 from sweep_operator.importance import parameter_importance
 from sweep_operator.naming import experiment_name, label_value, model_fetch_name
-from sweep_operator.objective import scorer
+from sweep_operator.objective import objective_values, scorer
 from sweep_operator.observe import (
     fetch_job_summary,
     fetch_pod_summary,
@@ -45,6 +45,7 @@ from sweep_operator.observe import (
     observe_fetch,
     observe_trial,
     pod_summary,
+    sweep_summary,
 )
 from sweep_operator.plan import Plan, failed_status, plan
 from sweep_operator.render import (
@@ -76,6 +77,7 @@ from sweep_operator.trials import (
     ObservedTrial,
     TrialState,
 )
+from sweep_operator.warm_start import ENDED, NOT_FOUND, Source, WarmStart, warm_start
 
 RESYNC_SECONDS = 10.0
 MIN_RECONCILE_INTERVAL = 1.0
@@ -158,6 +160,22 @@ def model_fetch_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
     return {(namespace, labels[LABEL_SWEEP]): fetch_pod_summary(dict(body))}
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def sweep_summaries(namespace: str, name: str, body: kopf.Body, **_: Any):
+    """Every sweep's phase and MLflow experiment: what a warm start reads of earlier sweeps."""
+    return {(namespace, name): sweep_summary(dict(body))}
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """The kopf indexes of every sweep, its trial Jobs and their pods, for what a sweep reads
+    of other sweeps (its warm start)."""
+
+    sweeps: kopf.Index
+    jobs: kopf.Index
+    pods: kopf.Index
+
+
 # The model download Job and its pods carry the sweep label too: their changes wake it.
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
@@ -175,6 +193,7 @@ def run_sweep(
     trial_pods: kopf.Index,
     model_fetch_jobs: kopf.Index,
     model_fetch_pods: kopf.Index,
+    sweep_summaries: kopf.Index,
     memo: kopf.Memo,
     logger: logging.Logger,
     **_: Any,
@@ -183,6 +202,7 @@ def run_sweep(
     key = (namespace, label_value(name))
     wakeup = _wakeups[key]
     reconciler = Reconciler(memo.api, logger)
+    indexes = Indexes(sweeps=sweep_summaries, jobs=trial_jobs, pods=trial_pods)
     while not stopped:
         wakeup.clear()
         try:
@@ -193,6 +213,7 @@ def run_sweep(
                 observe_fetch(
                     list(model_fetch_jobs.get(key, [])), list(model_fetch_pods.get(key, []))
                 ),
+                indexes,
             )
         except Exception:
             logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
@@ -239,9 +260,17 @@ class Reconciler:
         self.waiting_reported = False  # the Event that trials wait for quota, this time round
         self.cluster_queue: str | None = None  # of spec.trainer.queueName, once read
         self.fetch_state: FetchState | None = None  # last seen, for Events
+        # MLflow results of warm-start sweeps' trials, by sweep: read once (they have ended).
+        self.warm_results: dict[str, dict[str, dict[str, Any]]] = {}
+        self.warm_summary = ""  # last posted in a WarmStart Event
 
     def reconcile(
-        self, body: kopf.Body, jobs: list[dict], pods: list[dict], fetch: ObservedFetch
+        self,
+        body: kopf.Body,
+        jobs: list[dict],
+        pods: list[dict],
+        fetch: ObservedFetch,
+        indexes: Indexes,
     ) -> None:
         now = datetime.now(UTC)
         meta = body["metadata"]
@@ -264,6 +293,7 @@ class Reconciler:
             mlflow_status = self._parent_run(tracker, spec, name, namespace, meta["uid"])
 
         observed = self._observe(spec, name, jobs, pods, tracker, mlflow_status)
+        warm = self._warm_start(spec, sweep, indexes)
         result = plan(
             spec,
             observed,
@@ -272,6 +302,7 @@ class Reconciler:
             generation=generation,
             previous=previous,
             fetch=fetch,
+            warm=warm,
         )
         self.deadline = result.deadline
         status = result.status.model_copy(update={"mlflow": mlflow_status})
@@ -300,6 +331,8 @@ class Reconciler:
         self._trial_events(body, observed, previous, status)
         if spec.trainer.model_cache is not None:
             self._fetch_events(body, spec, fetch)
+        if warm is not None:
+            self._warm_events(body, warm, status, previous)
         status = self._report(sweep, spec, observed, status, tracker)
         self._patch_status(body, status, previous)
         if tracker and mlflow_status and status.phase in ("Succeeded", "Failed"):
@@ -422,6 +455,71 @@ class Reconciler:
                 self.curves[trial.name] = curves
             updated.append(trial.model_copy(update={"curves": curves}))
         return updated
+
+    def _warm_start(self, spec: SweepSpec, sweep: SweepRef, indexes: Indexes) -> WarmStart | None:
+        """The warm-start history of spec.algorithm.warmStart, from the indexes (and MLflow for
+        results no pod holds any more); None without a warm start."""
+        if spec.algorithm.warm_start is None:
+            return None
+        sources = [
+            self._warm_source(spec, sweep.namespace, name, indexes)
+            for name in spec.algorithm.warm_start.sweeps
+        ]
+        others = [n for ns, n in indexes.sweeps if ns == sweep.namespace and n != sweep.name]
+        return warm_start(spec, sources, others)
+
+    def _warm_source(self, spec: SweepSpec, namespace: str, name: str, indexes: Indexes) -> Source:
+        """One earlier sweep's trials, observed as the sweep's own are, scored by this sweep's
+        objective."""
+        summaries = list(indexes.sweeps.get((namespace, name), []))
+        if not summaries:
+            return Source(name=name, phase=None)
+        summary = summaries[0]
+        key = (namespace, label_value(name))
+        jobs = list(indexes.jobs.get(key, []))
+        pods_by_trial: dict[str, list[dict]] = defaultdict(list)
+        for pod in indexes.pods.get(key, []):
+            pods_by_trial[pod["trial"]].append(pod)
+        metric = spec.objective.metric
+
+        def observe(results: dict[str, dict[str, Any]]) -> list[ObservedTrial]:
+            return [
+                observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
+                for job in jobs
+            ]
+
+        trials = observe(self.warm_results.get(name, {}))
+        # A result that is in no pod (deleted pods) may be in MLflow: asked once, after the
+        # sweep ended, when its results are final.
+        unscored = any(
+            t.state == TrialState.SUCCEEDED and objective_values(spec, t) is None for t in trials
+        )
+        uri = summary["tracking_uri"] or os.environ.get(DEFAULT_TRACKING_URI_ENV)
+        experiment = summary["experiment_id"]
+        ended = summary["phase"] in ENDED
+        if ended and unscored and name not in self.warm_results and uri and experiment:
+            try:
+                self.warm_results[name] = Tracker(uri).trial_results(experiment, name)
+            except Exception as error:
+                return Source(
+                    name=name,
+                    phase=summary["phase"],
+                    unreadable=f"cannot read its trials' results from MLflow yet: {error}",
+                )
+            trials = observe(self.warm_results[name])
+        return Source(name=name, phase=summary["phase"], trials=trials)
+
+    def _warm_events(
+        self, body: kopf.Body, warm: WarmStart, status: SweepStatus, previous: SweepStatus | None
+    ) -> None:
+        """A WarmStart Event saying which earlier trials TPE starts from (again when that
+        changes), and a warning when the sweep fails for a missing sweep."""
+        reason = next((c.reason for c in status.conditions if c.status == "True"), None)
+        if reason == NOT_FOUND and not (previous and previous.phase == "Failed"):
+            kopf.warn(body, reason=NOT_FOUND, message=status.message[:1000])
+        if warm.summary and warm.summary != self.warm_summary:
+            kopf.event(body, type="Normal", reason="WarmStart", message=warm.summary[:1000])
+            self.warm_summary = warm.summary
 
     # --- act -------------------------------------------------------------------------------
 

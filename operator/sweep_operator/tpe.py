@@ -177,15 +177,19 @@ def _sampler(spec: SweepSpec, index: int) -> optuna.samplers.TPESampler:
 
 
 def _study(
-    spec: SweepSpec, trials: Sequence[ObservedTrial], sampler: optuna.samplers.BaseSampler
+    spec: SweepSpec,
+    trials: Sequence[ObservedTrial],
+    sampler: optuna.samplers.BaseSampler,
+    prior: Sequence[ObservedTrial] = (),
 ) -> optuna.Study:
+    """The study of the sweep's trials (by index), after `prior`: earlier sweeps' trials of a
+    warm start, in their given order, scored with the sweep's own (one objective scale)."""
     dists = distributions(spec)
     study = optuna.create_study(directions=_directions(spec), sampler=sampler)
     budget = model_budget(spec, trials)
-    score = scorer(spec, trials)
-    history = [
-        _frozen(spec, t, dists, budget, score) for t in sorted(trials, key=lambda t: t.index)
-    ]
+    score = scorer(spec, [*prior, *trials])
+    ordered = [*prior, *sorted(trials, key=lambda t: t.index)]
+    history = [_frozen(spec, t, dists, budget, score) for t in ordered]
     study.add_trials([t for t in history if t is not None])
     return study
 
@@ -198,14 +202,20 @@ def _round(value: Any, dist: BaseDistribution) -> Any:
     return value
 
 
-def suggest(spec: SweepSpec, trials: Sequence[ObservedTrial], index: int) -> dict[str, Any]:
+def suggest(
+    spec: SweepSpec,
+    trials: Sequence[ObservedTrial],
+    index: int,
+    prior: Sequence[ObservedTrial] = (),
+) -> dict[str, Any]:
     """Parameters of new trial `index` given every trial so far (derived parameters included).
 
     `trials` holds the finished trials (their results teach the model) and the active ones
-    (treated as running, so that parallel asks spread out). With a memory limit, a point
-    over it is told to the study as infeasible and the model asked again.
+    (treated as running, so that parallel asks spread out); `prior` the warm-start trials of
+    earlier sweeps, learnt from first. With a memory limit, a point over it is told to the
+    study as infeasible and the model asked again.
     """
-    study = _study(spec, trials, _sampler(spec, index))
+    study = _study(spec, trials, _sampler(spec, index), prior)
     dists = distributions(spec)
     limit = memory_limit(spec)
     smallest: tuple[float, dict[str, Any]] | None = None
