@@ -82,13 +82,18 @@ def warm_start(
         succeeded = sorted(
             (t for t in source.trials if t.state == TrialState.SUCCEEDED), key=lambda t: t.index
         )
-        outside = [t for t in succeeded if in_space(spec.parameters, t.parameters) is not None]
-        unscored = [t for t in succeeded if t not in outside and objective_values(spec, t) is None]
-        kept = [t for t in succeeded if t not in outside and t not in unscored]
+        kept, outside, unscored = [], 0, 0
+        for t in succeeded:
+            if in_space(spec.parameters, t.parameters) is not None:
+                outside += 1
+            elif objective_values(spec, t) is None:
+                unscored += 1
+            else:
+                kept.append(t)
         used += kept
-        reasons = [f"{len(outside)} outside this sweep's space"] if outside else []
+        reasons = [f"{outside} outside this sweep's space"] if outside else []
         if unscored:
-            reasons.append(f"{len(unscored)} without {spec.objective.metric}")
+            reasons.append(f"{unscored} without {spec.objective.metric}")
         parts.append(
             f"{len(kept)} of the {len(succeeded)} succeeded trials of {source.name}"
             + (f" ({', '.join(reasons)} left out)" if reasons else "")
