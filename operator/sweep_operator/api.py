@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -39,6 +39,7 @@ MAX_LABEL_VALUE = 63
 # A PersistentVolumeClaim's name is a DNS-1123 subdomain.
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 MAX_DNS_SUBDOMAIN = 253
+MAX_WARM_START_SWEEPS = 16
 # A Hugging Face hub model id, `name` or `org/name`: what spec.trainer.modelCache downloads.
 # The hub also forbids "--" and ".." in a name, which makes <org>--<name> a unique directory.
 _HUB_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?"
@@ -102,9 +103,10 @@ class Objective(_Model):
     )
     mode: Literal["weighted", "pareto"] = Field(
         "weighted",
-        description="How metrics combine. weighted: the objective is the sum of weight * value, "
-        "with the sign flipped for a metric whose goal differs from goal. pareto: the "
-        "Pareto-optimal trials are listed in status.paretoFront; bestTrial is best by metric.",
+        description="How metrics combine. weighted: each metric is min-max normalised to [0, 1] "
+        "over the scored trials, turned round (1 - x) when its goal differs from goal, and the "
+        "objective is the sum of weight * normalised value. pareto: the Pareto-optimal trials "
+        "are listed in status.paretoFront; bestTrial is best by metric.",
     )
 
     @model_validator(mode="after")
@@ -126,6 +128,41 @@ class Objective(_Model):
                 f"{self.goal}; they must agree"
             )
         return self
+
+
+class WarmStart(_Model):
+    """Earlier sweeps whose finished trials seed TPE."""
+
+    # The pattern is written into the schema (kubectl apply refuses a bad name) and checked by
+    # the validator below, whose message says what is accepted.
+    sweeps: list[
+        Annotated[
+            str,
+            Field(
+                max_length=MAX_DNS_SUBDOMAIN, json_schema_extra={"pattern": DNS_SUBDOMAIN_PATTERN}
+            ),
+        ]
+    ] = Field(
+        min_length=1,
+        max_length=MAX_WARM_START_SWEEPS,
+        description="Names of HyperparameterSweeps in this namespace. Their succeeded trials "
+        "that lie in this sweep's space and report its objective are TPE's history from the "
+        "start, and the random startup trials are fewer by as many. The sweep waits until they "
+        "have ended, and fails if one does not exist.",
+    )
+
+    @field_validator("sweeps")
+    @classmethod
+    def _names(cls, sweeps: list[str]) -> list[str]:
+        for name in sweeps:
+            if not re.fullmatch(DNS_SUBDOMAIN_PATTERN, name):
+                raise ValueError(
+                    f"{name!r} is not a HyperparameterSweep name: lower-case letters, digits, "
+                    "'-' and '.', starting and ending with a letter or digit"
+                )
+            if sweeps.count(name) > 1:
+                raise ValueError(f"sweeps lists {name} twice; each sweep must appear once")
+        return sweeps
 
 
 class Algorithm(_Model):
@@ -152,6 +189,11 @@ class Algorithm(_Model):
         ge=1,
         description="tpe and bohb: how many trials are drawn at random before the model guides "
         "the search (optuna's n_startup_trials).",
+    )
+    warm_start: WarmStart | None = Field(
+        None,
+        description="tpe: start from the finished trials of earlier sweeps, e.g. the coarse "
+        "sweep that `lorasweep refine` narrowed this one from.",
     )
 
 
@@ -882,6 +924,12 @@ class SweepSpec(_Model):
                     ".maxTrials",
                 ),
                 _cel(
+                    "!has(self.algorithm) || !has(self.algorithm.warmStart) || "
+                    "has(self.algorithm.name) && self.algorithm.name == 'tpe'",
+                    "algorithm.warmStart needs algorithm tpe",
+                    ".algorithm.warmStart",
+                ),
+                _cel(
                     "has(self.algorithm) && has(self.algorithm.name) && "
                     "self.algorithm.name != 'grid' || self.parameters.all(k, "
                     "!has(self.parameters[k].type) || self.parameters[k].type == 'categorical')",
@@ -983,6 +1031,11 @@ class SweepSpec(_Model):
 
     @model_validator(mode="after")
     def _algorithm_fits_space(self) -> SweepSpec:
+        if self.algorithm.warm_start is not None and self.algorithm.name != "tpe":
+            raise ValueError(
+                f"algorithm.warmStart needs algorithm tpe (got {self.algorithm.name}): only TPE "
+                "learns from earlier trials"
+            )
         if self.algorithm.name != "grid" and self.max_trials is None:
             raise ValueError(
                 f"algorithm {self.algorithm.name} needs maxTrials (how many samples to draw)"
@@ -1077,6 +1130,37 @@ class ParetoTrial(_Model):
     values: dict[str, float] = Field(description="The trial's value of each objective metric.")
 
 
+class ImportanceShare(_Model):
+    """One parameter's share of the objective's variance, in percent."""
+
+    name: str = Field(description="The parameter.")
+    percent: float = Field(description="Mean share over the bootstrap resamples, in percent.")
+    min: float = Field(description="Lowest share of one resample, in percent.")
+    max: float = Field(description="Highest share of one resample, in percent.")
+    signal: bool = Field(
+        False,
+        description="The lowest share is above the highest of the random reference: the data "
+        "show that the parameter matters. False: not told apart from noise.",
+    )
+
+
+class ParameterImportance(_Model):
+    """Parameter importance (fANOVA), computed in the background as trials finish."""
+
+    trials: int = Field(0, description="The scored trials it was computed from.")
+    parameters: list[ImportanceShare] = Field(
+        default_factory=list,
+        description="The most important parameters first (the top five; the report has all). "
+        "Empty below 15 scored trials.",
+    )
+    reference: ImportanceShare | None = Field(
+        None,
+        description="The share a parameter of random numbers gets, fitted alongside: what "
+        "noise alone explains.",
+    )
+    message: str = Field("", description="How it was computed, or why it is not yet.")
+
+
 class MlflowStatus(_Model):
     """The sweep's MLflow experiment and parent run."""
 
@@ -1104,9 +1188,10 @@ class SweepStatus(_Model):
         default_factory=list,
         description="objective.mode pareto: the trials no other trial beats on every metric.",
     )
-    parameter_importance: dict[str, float] = Field(
-        default_factory=dict,
-        description="How much each parameter explains the objective's variance (fANOVA).",
+    parameter_importance: ParameterImportance | None = Field(
+        None,
+        description="How much each parameter explains the objective's variance (fANOVA over "
+        "bootstrap resamples, in percent, with the spread).",
     )
     mlflow: MlflowStatus | None = Field(None, description="MLflow experiment and parent run.")
     start_time: datetime | None = Field(None, description="When the first trial started.")

@@ -3,6 +3,9 @@
 lorasweep render sweep.yaml [--template job.yaml.j2] [--limit N]
     print the trial Jobs a sweep would create, the headless Service of multi-node trials and
     the model download Job of spec.trainer.modelCache, as YAML (a dry run, no cluster)
+lorasweep refine SWEEP [-n NAMESPACE] [--top K] [--margin M] [--name NAME] [--max-trials N]
+    print a narrower sweep around the best trials of SWEEP (read from the cluster of the current
+    kubeconfig), warm-started from it; `lorasweep refine coarse | kubectl apply -f -`
 lorasweep crds
     print the HyperparameterSweep CRD
 lorasweep model-shape config.json
@@ -12,6 +15,7 @@ lorasweep model-shape config.json
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -20,19 +24,22 @@ from typing import Any, TextIO
 import yaml
 
 from lora_trainer.shape import ShapeError, model_shape, read_config, shape_yaml
-from sweep_operator.api import API_VERSION, KIND
+from sweep_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from sweep_operator.constraints import ConstraintError, planned_parameters, trial_indices
 from sweep_operator.crd import crd_yaml
 from sweep_operator.defaults import DefaultsError, trial_defaults
-from sweep_operator.naming import trial_name
+from sweep_operator.naming import label_value, trial_name
+from sweep_operator.objective import objective_values
+from sweep_operator.observe import job_summary, observe_trial, pod_summary
+from sweep_operator.refine import REFINE_MARGIN, REFINE_TOP, RefineError, refined_sweep
 from sweep_operator.render import (
     SweepRef,
     render_model_fetch_job,
     render_trial_job,
     render_trial_service,
 )
-from sweep_operator.semantic import SweepInvalid, validate_sweep
-from sweep_operator.trials import NewTrial
+from sweep_operator.semantic import SweepInvalid, parse_spec, validate_sweep
+from sweep_operator.trials import LABEL_SWEEP, NewTrial, ObservedTrial, TrialState
 
 # What a dry run puts where the apiserver would put the sweep's uid.
 DRY_RUN_UID = "00000000-0000-0000-0000-000000000000"
@@ -121,6 +128,110 @@ def cmd_model_shape(args: argparse.Namespace, out: TextIO) -> None:
     out.write(f"model: {shape_yaml(shape)}\n")
 
 
+def _current_namespace() -> str:
+    from kubernetes import config
+
+    try:
+        _, context = config.list_kube_config_contexts()
+    except (config.ConfigException, OSError) as error:
+        raise CliError(f"no kubeconfig to read the sweep from: {error}") from None
+    return context.get("context", {}).get("namespace") or "default"
+
+
+def read_sweep(namespace: str, name: str) -> tuple[dict[str, Any], list[ObservedTrial]]:
+    """A sweep and its trials from the cluster, observed as the operator observes them: the
+    Jobs and their pods' termination messages, and MLflow for a result no pod holds."""
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        config.load_kube_config()
+    except (config.ConfigException, OSError) as error:
+        raise CliError(f"no kubeconfig to read the sweep from: {error}") from None
+    api = client.ApiClient()
+    try:
+        sweep = client.CustomObjectsApi(api).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+        selector = f"{LABEL_SWEEP}={label_value(name)}"
+        jobs = client.BatchV1Api(api).list_namespaced_job(namespace, label_selector=selector)
+        pods = client.CoreV1Api(api).list_namespaced_pod(namespace, label_selector=selector)
+    except ApiException as error:
+        if error.status == 404:
+            raise CliError(f"there is no {KIND} {name} in namespace {namespace}") from None
+        raise CliError(f"cannot read {KIND} {name}: {error.reason}") from None
+    summaries = [job_summary(api.sanitize_for_serialization(j)) for j in jobs.items]
+    by_trial: dict[str, list[dict[str, Any]]] = {}
+    for pod in pods.items:
+        summary = pod_summary(api.sanitize_for_serialization(pod))
+        if summary:
+            by_trial.setdefault(summary["trial"], []).append(summary)
+    try:
+        spec = parse_spec(sweep.get("spec") or {})
+    except SweepInvalid as error:
+        raise CliError(f"{KIND} {name} is invalid: {error}") from None
+
+    def observe(results: dict[str, dict[str, Any]]) -> list[ObservedTrial]:
+        return [
+            observe_trial(
+                job, by_trial.get(job["name"], []), spec.objective.metric, results.get(job["name"])
+            )
+            for job in summaries
+            if job
+        ]
+
+    trials = observe({})
+    experiment = ((sweep.get("status") or {}).get("mlflow") or {}).get("experimentId")
+    uri = (spec.mlflow.tracking_uri if spec.mlflow else None) or os.environ.get(
+        "MLFLOW_TRACKING_URI"
+    )
+    unscored = any(
+        t.state == TrialState.SUCCEEDED and objective_values(spec, t) is None for t in trials
+    )
+    if unscored and experiment and uri:
+        from sweep_operator.tracking import Tracker
+
+        try:
+            trials = observe(Tracker(uri).trial_results(experiment, name))
+        except Exception as error:
+            print(f"lorasweep: results only from the pods; MLflow: {error}", file=sys.stderr)
+    return sweep, trials
+
+
+def cmd_refine(args: argparse.Namespace, out: TextIO) -> None:
+    namespace = args.namespace or _current_namespace()
+    sweep, trials = read_sweep(namespace, args.sweep)
+    spec = parse_spec(sweep["spec"])
+    try:
+        manifest, notes = refined_sweep(
+            sweep,
+            spec,
+            trials,
+            name=args.name,
+            top=args.top,
+            margin=args.margin,
+            max_trials=args.max_trials,
+        )
+    except RefineError as error:
+        raise CliError(str(error)) from None
+    out.write("".join(f"# {line}\n" for line in notes))
+    out.write(yaml.safe_dump(manifest, sort_keys=False, width=100))
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _margin(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="lorasweep", description=__doc__.split("\n\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
@@ -131,6 +242,25 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--template", help="Jinja2 template of the trial Job")
     render.add_argument("--limit", type=int, help="render only the first N trials")
     render.set_defaults(run=cmd_render)
+    refine = commands.add_parser(
+        "refine", help="print a narrower sweep around the best trials of a sweep, warm-started"
+    )
+    refine.add_argument("sweep", help="the HyperparameterSweep to refine")
+    refine.add_argument("-n", "--namespace", help="its namespace (default: the context's)")
+    refine.add_argument(
+        "--top", type=_positive_int, default=REFINE_TOP, help="best trials to narrow around"
+    )
+    refine.add_argument(
+        "--margin",
+        type=_margin,
+        default=REFINE_MARGIN,
+        help="widen each range by this share of the top trials' spread on each side",
+    )
+    refine.add_argument("--name", help="the new sweep's name (default: SWEEP-refined)")
+    refine.add_argument(
+        "--max-trials", type=_positive_int, help="its maxTrials (default: those of SWEEP)"
+    )
+    refine.set_defaults(run=cmd_refine)
     crds = commands.add_parser("crds", help="print the HyperparameterSweep CRD")
     crds.set_defaults(run=cmd_crds)
     shape = commands.add_parser(

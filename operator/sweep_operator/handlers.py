@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -25,9 +25,19 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from sweep_operator.api import GROUP, PLURAL, VERSION, MlflowStatus, SweepSpec, SweepStatus
+from sweep_operator.api import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    MlflowStatus,
+    ParameterImportance,
+    SweepSpec,
+    SweepStatus,
+)
 from sweep_operator.defaults import trial_defaults
+from sweep_operator.importance import parameter_importance
 from sweep_operator.naming import experiment_name, label_value, model_fetch_name
+from sweep_operator.objective import objective_values, scorer
 from sweep_operator.observe import (
     fetch_job_summary,
     fetch_pod_summary,
@@ -35,6 +45,7 @@ from sweep_operator.observe import (
     observe_fetch,
     observe_trial,
     pod_summary,
+    sweep_summary,
 )
 from sweep_operator.plan import Plan, failed_status, plan
 from sweep_operator.render import (
@@ -46,8 +57,11 @@ from sweep_operator.render import (
 )
 from sweep_operator.report import (
     best_config_yaml,
+    correlations_csv,
+    importance_csv,
+    learning_curves_png,
     optimization_plot_png,
-    parameter_importance,
+    sensitivity_csv,
     trials_summary_csv,
 )
 from sweep_operator.semantic import SweepInvalid, validate_sweep
@@ -63,13 +77,14 @@ from sweep_operator.trials import (
     ObservedTrial,
     TrialState,
 )
+from sweep_operator.warm_start import ENDED, NOT_FOUND, Source, WarmStart, warm_start
 
 RESYNC_SECONDS = 10.0
 MIN_RECONCILE_INTERVAL = 1.0
 # Default tracking server for sweeps that name none (set by the Helm chart).
 DEFAULT_TRACKING_URI_ENV = "LORASWEEP_MLFLOW_TRACKING_URI"
 API_WORKERS = 16
-# The report (ConfigMap, MLflow artifacts, parameter importance) costs seconds to compute.
+# The report (ConfigMap, MLflow artifacts, plots) costs up to a second or two to make.
 REPORT_INTERVAL_SECONDS = 60.0
 IMPORTANCE_IN_STATUS = 5
 # Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
@@ -80,6 +95,9 @@ LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"
 
 _wakeups: dict[tuple[str, str], threading.Event] = defaultdict(threading.Event)
 _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
+# Parameter importance (several fANOVA fits, seconds at 1,000 trials) runs here, off the
+# reconcile: one computation at a time for all sweeps, at most one queued per sweep.
+_importance_pool = ThreadPoolExecutor(1, thread_name_prefix="lorasweep-importance")
 
 
 def _wake(namespace: str, sweep: str) -> None:
@@ -142,6 +160,22 @@ def model_fetch_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
     return {(namespace, labels[LABEL_SWEEP]): fetch_pod_summary(dict(body))}
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def sweep_summaries(namespace: str, name: str, body: kopf.Body, **_: Any):
+    """Every sweep's phase and MLflow experiment: what a warm start reads of earlier sweeps."""
+    return {(namespace, name): sweep_summary(dict(body))}
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """The kopf indexes of every sweep, its trial Jobs and their pods, for what a sweep reads
+    of other sweeps (its warm start)."""
+
+    sweeps: kopf.Index
+    jobs: kopf.Index
+    pods: kopf.Index
+
+
 # The model download Job and its pods carry the sweep label too: their changes wake it.
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
@@ -159,6 +193,7 @@ def run_sweep(
     trial_pods: kopf.Index,
     model_fetch_jobs: kopf.Index,
     model_fetch_pods: kopf.Index,
+    sweep_summaries: kopf.Index,
     memo: kopf.Memo,
     logger: logging.Logger,
     **_: Any,
@@ -167,6 +202,7 @@ def run_sweep(
     key = (namespace, label_value(name))
     wakeup = _wakeups[key]
     reconciler = Reconciler(memo.api, logger)
+    indexes = Indexes(sweeps=sweep_summaries, jobs=trial_jobs, pods=trial_pods)
     while not stopped:
         wakeup.clear()
         try:
@@ -177,6 +213,7 @@ def run_sweep(
                 observe_fetch(
                     list(model_fetch_jobs.get(key, [])), list(model_fetch_pods.get(key, []))
                 ),
+                indexes,
             )
         except Exception:
             logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
@@ -212,7 +249,9 @@ class Reconciler:
         self.curves: dict[str, dict[str, Curve]] = {}  # final curves of finished trials
         self.marked: set[str] = set()  # stopped trials whose MLflow run says why
         self.deadline: datetime | None = None  # when the time budget runs out
-        self.importance: dict[str, float] | None = None
+        self.importance: ParameterImportance | None = None  # the last one computed
+        self.importance_job: Future[ParameterImportance] | None = None
+        self.importance_basis: tuple | None = None  # the scored trials it was asked for
         self.reported: tuple[int, str] | None = None  # (finished trials, phase) last reported
         self.reported_at = 0.0
         self.has_service = False  # the headless Service of multi-node trials exists
@@ -221,9 +260,17 @@ class Reconciler:
         self.waiting_reported = False  # the Event that trials wait for quota, this time round
         self.cluster_queue: str | None = None  # of spec.trainer.queueName, once read
         self.fetch_state: FetchState | None = None  # last seen, for Events
+        # MLflow results of warm-start sweeps' trials, by sweep: read once (they have ended).
+        self.warm_results: dict[str, dict[str, dict[str, Any]]] = {}
+        self.warm_summary = ""  # last posted in a WarmStart Event
 
     def reconcile(
-        self, body: kopf.Body, jobs: list[dict], pods: list[dict], fetch: ObservedFetch
+        self,
+        body: kopf.Body,
+        jobs: list[dict],
+        pods: list[dict],
+        fetch: ObservedFetch,
+        indexes: Indexes,
     ) -> None:
         now = datetime.now(UTC)
         meta = body["metadata"]
@@ -246,6 +293,7 @@ class Reconciler:
             mlflow_status = self._parent_run(tracker, spec, name, namespace, meta["uid"])
 
         observed = self._observe(spec, name, jobs, pods, tracker, mlflow_status)
+        warm = self._warm_start(spec, sweep, indexes)
         result = plan(
             spec,
             observed,
@@ -254,6 +302,7 @@ class Reconciler:
             generation=generation,
             previous=previous,
             fetch=fetch,
+            warm=warm,
         )
         self.deadline = result.deadline
         status = result.status.model_copy(update={"mlflow": mlflow_status})
@@ -282,6 +331,8 @@ class Reconciler:
         self._trial_events(body, observed, previous, status)
         if spec.trainer.model_cache is not None:
             self._fetch_events(body, spec, fetch)
+        if warm is not None:
+            self._warm_events(body, warm, status, previous)
         status = self._report(sweep, spec, observed, status, tracker)
         self._patch_status(body, status, previous)
         if tracker and mlflow_status and status.phase in ("Succeeded", "Failed"):
@@ -404,6 +455,71 @@ class Reconciler:
                 self.curves[trial.name] = curves
             updated.append(trial.model_copy(update={"curves": curves}))
         return updated
+
+    def _warm_start(self, spec: SweepSpec, sweep: SweepRef, indexes: Indexes) -> WarmStart | None:
+        """The warm-start history of spec.algorithm.warmStart, from the indexes (and MLflow for
+        results no pod holds any more); None without a warm start."""
+        if spec.algorithm.warm_start is None:
+            return None
+        sources = [
+            self._warm_source(spec, sweep.namespace, name, indexes)
+            for name in spec.algorithm.warm_start.sweeps
+        ]
+        others = [n for ns, n in indexes.sweeps if ns == sweep.namespace and n != sweep.name]
+        return warm_start(spec, sources, others)
+
+    def _warm_source(self, spec: SweepSpec, namespace: str, name: str, indexes: Indexes) -> Source:
+        """One earlier sweep's trials, observed as the sweep's own are, scored by this sweep's
+        objective."""
+        summaries = list(indexes.sweeps.get((namespace, name), []))
+        if not summaries:
+            return Source(name=name, phase=None)
+        summary = summaries[0]
+        key = (namespace, label_value(name))
+        jobs = list(indexes.jobs.get(key, []))
+        pods_by_trial: dict[str, list[dict]] = defaultdict(list)
+        for pod in indexes.pods.get(key, []):
+            pods_by_trial[pod["trial"]].append(pod)
+        metric = spec.objective.metric
+
+        def observe(results: dict[str, dict[str, Any]]) -> list[ObservedTrial]:
+            return [
+                observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
+                for job in jobs
+            ]
+
+        trials = observe(self.warm_results.get(name, {}))
+        # A result that is in no pod (deleted pods) may be in MLflow: asked once, after the
+        # sweep ended, when its results are final.
+        unscored = any(
+            t.state == TrialState.SUCCEEDED and objective_values(spec, t) is None for t in trials
+        )
+        uri = summary["tracking_uri"] or os.environ.get(DEFAULT_TRACKING_URI_ENV)
+        experiment = summary["experiment_id"]
+        ended = summary["phase"] in ENDED
+        if ended and unscored and name not in self.warm_results and uri and experiment:
+            try:
+                self.warm_results[name] = Tracker(uri).trial_results(experiment, name)
+            except Exception as error:
+                return Source(
+                    name=name,
+                    phase=summary["phase"],
+                    unreadable=f"cannot read its trials' results from MLflow yet: {error}",
+                )
+            trials = observe(self.warm_results[name])
+        return Source(name=name, phase=summary["phase"], trials=trials)
+
+    def _warm_events(
+        self, body: kopf.Body, warm: WarmStart, status: SweepStatus, previous: SweepStatus | None
+    ) -> None:
+        """A WarmStart Event saying which earlier trials TPE starts from (again when that
+        changes), and a warning when the sweep fails for a missing sweep."""
+        reason = next((c.reason for c in status.conditions if c.status == "True"), None)
+        if reason == NOT_FOUND and not (previous and previous.phase == "Failed"):
+            kopf.warn(body, reason=NOT_FOUND, message=status.message[:1000])
+        if warm.summary and warm.summary != self.warm_summary:
+            kopf.event(body, type="Normal", reason="WarmStart", message=warm.summary[:1000])
+            self.warm_summary = warm.summary
 
     # --- act -------------------------------------------------------------------------------
 
@@ -716,10 +832,15 @@ class Reconciler:
         status: SweepStatus,
         tracker: Tracker | None,
     ) -> SweepStatus:
-        """best_config.yaml and trials_summary.csv in the ConfigMap `<sweep>-report`, those and
-        optimization_plot.png as artifacts of the parent run, parameter importance there and
-        in status. Refreshed as trials finish (at most every REPORT_INTERVAL_SECONDS), and
-        once more when the sweep ends."""
+        """best_config.yaml, trials_summary.csv, importance.csv, sensitivity.csv and
+        correlations.csv in the ConfigMap `<sweep>-report`, those and the plots as artifacts of
+        the parent run, parameter importance there and in status. Refreshed as trials finish
+        (at most every REPORT_INTERVAL_SECONDS), and once more when the sweep ends.
+
+        Importance is computed in the background from the trials of a report and published
+        with the next one; its status field keeps the last one computed (the stored one after
+        a restart, until the first computation ends)."""
+        self._collect_importance()
         finished = sum(not t.state.active for t in observed)
         terminal = status.phase in ("Succeeded", "Failed")
         due = terminal or time.monotonic() - self.reported_at >= REPORT_INTERVAL_SECONDS
@@ -731,10 +852,37 @@ class Reconciler:
             else:
                 self.reported = (finished, status.phase)
                 self.reported_at = time.monotonic()
+                self._start_importance(spec, observed)
         if self.importance is None:
             return status
-        top = dict(list(self.importance.items())[:IMPORTANCE_IN_STATUS])
-        return status.model_copy(update={"parameter_importance": top})
+        shown = self.importance.model_copy(
+            update={"parameters": self.importance.parameters[:IMPORTANCE_IN_STATUS]}
+        )
+        return status.model_copy(update={"parameter_importance": shown})
+
+    def _start_importance(self, spec: SweepSpec, observed: list[ObservedTrial]) -> None:
+        """Ask the background pool for the importance of these trials, unless it is computing
+        one already or was asked for the same scored trials before."""
+        score = scorer(spec, observed)
+        basis = tuple((t.name, score.value(t)) for t in observed if t.state == TrialState.SUCCEEDED)
+        if self.importance_job is not None or basis == self.importance_basis:
+            return
+        self.importance_basis = basis
+        self.importance_job = _importance_pool.submit(parameter_importance, spec, observed)
+
+    def _collect_importance(self) -> None:
+        """Take a finished importance computation; the report is published again with it."""
+        job = self.importance_job
+        if job is None or not job.done():
+            return
+        self.importance_job = None
+        try:
+            self.importance = job.result()
+        except Exception as error:
+            self.logger.warning("cannot compute parameter importance: %s", error)
+            self.importance_basis = None  # asked again with the next report
+            return
+        self.reported = None
 
     def _publish_report(
         self,
@@ -744,11 +892,12 @@ class Reconciler:
         status: SweepStatus,
         tracker: Tracker | None,
     ) -> None:
-        importance = parameter_importance(spec, observed)
-        self.importance = dict(sorted(importance.items(), key=lambda item: -item[1]))
         files: dict[str, str | bytes] = {
             "best_config.yaml": best_config_yaml(spec, status.best_trial, sweep_name=sweep.name),
             "trials_summary.csv": trials_summary_csv(spec, observed),
+            "importance.csv": importance_csv(self.importance),
+            "sensitivity.csv": sensitivity_csv(spec, observed),
+            "correlations.csv": correlations_csv(spec, observed),
         }
         configmap = {
             "metadata": {
@@ -770,8 +919,13 @@ class Reconciler:
             )
         parent = status.mlflow.parent_run_id if status.mlflow else None
         if tracker and parent:
+            if not spec.early_stopping:  # with it, the trials have their curves already
+                observed = self._with_curves(spec, sweep.name, observed, tracker, status.mlflow)
+            best = status.best_trial.name if status.best_trial else None
             files["optimization_plot.png"] = optimization_plot_png(spec, observed)
-            tracker.log_report(parent, files, self.importance)
+            files["learning_curves.png"] = learning_curves_png(spec, observed, best)
+            shares = self.importance.parameters if self.importance else []
+            tracker.log_report(parent, files, {share.name: share.percent for share in shares})
 
     def _close_parent(
         self, tracker: Tracker, mlflow_status: MlflowStatus, status: SweepStatus

@@ -1,14 +1,24 @@
 """The objective of a trial: one metric, a weighted sum of several, or a Pareto front.
 
-Everything here returns values "in the direction of objective.goal": a weighted sum flips
-the sign of a metric whose goal differs, so that one comparison (smaller is better when the
-goal is minimize) works for single- and multi-metric sweeps alike.
+Everything here returns values "in the direction of objective.goal": a weighted objective turns
+round a metric whose goal differs, so that one comparison (smaller is better when the goal is
+minimize) works for single- and multi-metric sweeps alike.
+
+A weighted objective normalises each metric before weighting, because raw values are on
+unrelated scales (a loss spanning 0.4 and an accuracy spanning 0.05 would make the weights
+meaningless). The rule: each metric is scaled to [0, 1] by min-max over the scored trials (the
+succeeded trials that report every objective metric), turned round (1 - x) when its goal
+differs from objective.goal, then multiplied by its weight; the objective is the sum. A metric
+on which every scored trial agrees contributes 0. The scale depends only on the observed
+trials, so it is the same after a restart; it widens as trials finish, and a ranking changes
+only when a range does. `Scorer` holds the ranges of one set of trials.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from sweep_operator.api import SweepSpec
 from sweep_operator.trials import Curve, ObservedTrial, Point, TrialState
@@ -40,52 +50,93 @@ def objective_values(spec: SweepSpec, trial: ObservedTrial) -> dict[str, float] 
     return {name: float(v) for name, v in values.items() if v is not None}
 
 
-def _combine(spec: SweepSpec, values: dict[str, float]) -> float:
-    """Weighted sum of the metrics, each signed towards objective.goal."""
-    if not spec.objective.metrics:
-        return values[spec.objective.metric]
-    return sum(
-        m.weight * values[m.name] * (1.0 if m.goal == spec.objective.goal else -1.0)
+def _scored(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> list[dict[str, float]]:
+    values = (objective_values(spec, t) for t in trials if t.state == TrialState.SUCCEEDED)
+    return [v for v in values if v is not None]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """The objective of trials, scaled by the ranges of one set of scored trials."""
+
+    spec: SweepSpec
+    # Weighted mode: each metric's (lowest, highest) final value over the scored trials.
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def weighted(self) -> bool:
+        return bool(self.spec.objective.metrics) and self.spec.objective.mode == "weighted"
+
+    def _combine(self, values: dict[str, float]) -> float:
+        """The weighted sum of the normalised metrics (see the module's rule)."""
+        diverged = [v for v in values.values() if not math.isfinite(v)]
+        if diverged:
+            return diverged[0]  # a NaN or infinite metric is no number to scale
+        total = 0.0
+        for m in self.spec.objective.metrics:
+            low, high = self.ranges.get(m.name, (0.0, 0.0))
+            if high <= low:
+                continue  # no spread yet: the metric cannot tell trials apart
+            scaled = (values[m.name] - low) / (high - low)
+            total += m.weight * (scaled if m.goal == self.spec.objective.goal else 1.0 - scaled)
+        return total
+
+    def value(self, trial: ObservedTrial) -> float | None:
+        """The trial's scalar objective, None when unscored.
+
+        In pareto mode this is the primary metric: it ranks bestTrial and feeds early stopping.
+        """
+        values = objective_values(self.spec, trial)
+        if values is None:
+            return None
+        if not self.weighted:
+            return values[self.spec.objective.metric]
+        return self._combine(values)
+
+    def curve(self, trial: ObservedTrial) -> Curve:
+        """The objective's intermediate values, sorted by step, non-finite ones kept (a diverged
+        trial's NaN is what early stopping stops it for).
+
+        A weighted objective exists at the steps where every metric was logged (at the time the
+        last of them was), scaled by the ranges of the final values; pareto mode follows the
+        primary metric.
+        """
+        if not self.weighted:
+            return sorted(trial.curves.get(self.spec.objective.metric, []))
+        by_step: dict[int, dict[str, Point]] = {}
+        for m in self.spec.objective.metrics:
+            for point in trial.curves.get(m.name, []):
+                by_step.setdefault(point.step, {})[m.name] = point
+        full = len(self.spec.objective.metrics)
+        return [
+            Point(
+                step=step,
+                value=self._combine({name: p.value for name, p in points.items()}),
+                time=max(p.time for p in points.values()),
+            )
+            for step, points in sorted(by_step.items())
+            if len(points) == full
+        ]
+
+
+def scorer(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> Scorer:
+    """The objective as normalised over `trials` (only a weighted objective depends on them)."""
+    scored = _scored(spec, trials)
+    if not spec.objective.metrics or spec.objective.mode != "weighted" or not scored:
+        return Scorer(spec)
+    ranges = {
+        m.name: (min(v[m.name] for v in scored), max(v[m.name] for v in scored))
         for m in spec.objective.metrics
+    }
+    return Scorer(spec, ranges)
+
+
+def normalisation_note(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> str:
+    """What a weighted objective's value means, for the sweep's status message."""
+    return (
+        f"weighted objective of {', '.join(m.name for m in spec.objective.metrics)}, each "
+        f"min-max normalised over the {len(_scored(spec, trials))} scored trials"
     )
-
-
-def objective_value(spec: SweepSpec, trial: ObservedTrial) -> float | None:
-    """The trial's scalar objective, None when unscored.
-
-    In pareto mode this is the primary metric: it ranks bestTrial and feeds early stopping.
-    """
-    values = objective_values(spec, trial)
-    if values is None:
-        return None
-    if spec.objective.mode == "pareto":
-        return values[spec.objective.metric]
-    return _combine(spec, values)
-
-
-def objective_curve(spec: SweepSpec, trial: ObservedTrial) -> Curve:
-    """The objective's intermediate values, sorted by step, non-finite ones kept (a diverged
-    trial's NaN is what early stopping stops it for).
-
-    A weighted objective exists at the steps where every metric was logged (at the time the
-    last of them was); pareto mode follows the primary metric.
-    """
-    if not spec.objective.metrics or spec.objective.mode == "pareto":
-        return sorted(trial.curves.get(spec.objective.metric, []))
-    by_step: dict[int, dict[str, Point]] = {}
-    for m in spec.objective.metrics:
-        for point in trial.curves.get(m.name, []):
-            by_step.setdefault(point.step, {})[m.name] = point
-    full = len(spec.objective.metrics)
-    return [
-        Point(
-            step=step,
-            value=_combine(spec, {name: p.value for name, p in points.items()}),
-            time=max(p.time for p in points.values()),
-        )
-        for step, points in sorted(by_step.items())
-        if len(points) == full
-    ]
 
 
 def pareto_front(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> list[ObservedTrial]:

@@ -91,6 +91,18 @@ def pod_summary(pod: dict[str, Any]) -> Summary | None:
     return {"trial": trial, **_pod_end(pod)}
 
 
+def sweep_summary(sweep: dict[str, Any]) -> Summary:
+    """What the operator keeps of every sweep for the warm start of later ones: its phase (""
+    before its first status), MLflow experiment and tracking URI."""
+    status = sweep.get("status") or {}
+    spec_mlflow = (sweep.get("spec") or {}).get("mlflow") or {}
+    return {
+        "phase": status.get("phase") or "",
+        "experiment_id": (status.get("mlflow") or {}).get("experimentId"),
+        "tracking_uri": spec_mlflow.get("trackingUri"),
+    }
+
+
 def fetch_job_summary(job: dict[str, Any]) -> Summary:
     """What the operator keeps of a sweep's model download Job."""
     conditions = _finished(job.get("status") or {})

@@ -44,14 +44,16 @@ from sweep_operator.constraints import ConstraintError, planned_parameters, tria
 from sweep_operator.early_stopping import Progress, stop_decisions
 from sweep_operator.naming import model_fetch_name, trial_name
 from sweep_operator.objective import (
+    metric_values,
     minimizing,
-    objective_curve,
-    objective_value,
+    normalisation_note,
     objective_values,
     pareto_front,
+    scorer,
 )
 from sweep_operator.space import in_space, searched, with_derived
 from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
+from sweep_operator.warm_start import NOT_FOUND, WAITING, WarmStart, refusal, startup_trials
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed")
 
@@ -72,12 +74,14 @@ class Plan:
 def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial | None:
     """The succeeded trial with the best finite objective value; ties go to the lower index.
 
-    With a weighted objective the value is the weighted sum (objective.metrics).
+    With a weighted objective the value is the weighted sum of the normalised metrics
+    (objective.metrics, normalised over `observed`), and metrics holds every raw one.
     """
+    score = scorer(spec, observed)
     scored = [
         (value, t)
         for t in observed
-        if t.state == TrialState.SUCCEEDED and (value := objective_value(spec, t)) is not None
+        if t.state == TrialState.SUCCEEDED and (value := score.value(t)) is not None
     ]
     if not scored:
         return None
@@ -88,7 +92,7 @@ def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial 
         index=best.index,
         parameters=best.parameters,
         value=value,
-        metrics=best.metrics,
+        metrics=metric_values(spec, best) if score.weighted else best.metrics,
         mlflow_run_id=best.mlflow_run_id,
     )
 
@@ -110,7 +114,9 @@ def pareto_status(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> list[Pa
 
 def _expected_parameters(spec: SweepSpec, trial: ObservedTrial) -> dict | str | None:
     """What trial.parameters must be, or why they cannot be right (None: out of range)."""
-    model_guided = _model_guided(spec, trial.index)
+    # A warm-started sweep has fewer random trials, fewer by the size of its warm-start
+    # history, which a deleted earlier sweep changes: any of its trials may be TPE's.
+    model_guided = _model_guided(spec, trial.index) or spec.algorithm.warm_start is not None
     if not model_guided:
         try:
             return planned_parameters(spec, trial.index)
@@ -185,15 +191,19 @@ def _times(
     return (min(starts) if starts else now, max(finishes) if finishes else now)
 
 
-def _model_guided(spec: SweepSpec, index: int) -> bool:
-    """Whether trial `index` comes from the model (tpe, bohb) rather than from its index."""
-    return spec.algorithm.name in ("tpe", "bohb") and index >= spec.algorithm.startup_trials
+def _model_guided(spec: SweepSpec, index: int, warm_trials: int = 0) -> bool:
+    """Whether trial `index` comes from the model (tpe, bohb) rather than from its index; a
+    warm start (`warm_trials` trials) leaves fewer startup trials."""
+    return spec.algorithm.name in ("tpe", "bohb") and index >= startup_trials(spec, warm_trials)
 
 
-def _new_parameters(spec: SweepSpec, history: list[ObservedTrial], index: int) -> dict:
-    """Parameters of a trial to create; tpe and bohb past their startup trials ask the model."""
-    if _model_guided(spec, index):
-        return tpe.suggest(spec, history, index)
+def _new_parameters(
+    spec: SweepSpec, history: list[ObservedTrial], index: int, warm: WarmStart
+) -> dict:
+    """Parameters of a trial to create; tpe and bohb past their startup trials ask the model,
+    which learns from the warm-start trials first."""
+    if _model_guided(spec, index, len(warm.trials)):
+        return tpe.suggest(spec, history, index, prior=warm.trials)
     return planned_parameters(spec, index)
 
 
@@ -201,7 +211,8 @@ def _early_stops(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> dict[str, 
     """Running trials that early stopping stops -> why."""
     if spec.early_stopping is None:
         return {}
-    progress = {t.name: Progress(t.index, t.state, objective_curve(spec, t)) for t in trials}
+    score = scorer(spec, trials)
+    progress = {t.name: Progress(t.index, t.state, score.curve(t)) for t in trials}
     return stop_decisions(spec.early_stopping, progress, minimize=minimizing(spec))
 
 
@@ -214,11 +225,13 @@ def plan(
     generation: int | None = None,
     previous: SweepStatus | None = None,
     fetch: ObservedFetch | None = None,
+    warm: WarmStart | None = None,
 ) -> Plan:
     """Decide which trials to create or stop, and the sweep's status.
 
     `fetch` is the model download of a sweep with spec.trainer.modelCache (none observed when
-    omitted). `previous` is the status currently stored on the sweep; it is read to keep condition
+    omitted); `warm` the warm-start history of spec.algorithm.warmStart (warm_start.py).
+    `previous` is the status currently stored on the sweep; it is read to keep condition
     transition times and the start time stable, so that an unchanged sweep plans to an
     unchanged status (and the operator can skip the patch), and the time budget counts from
     the stored start time.
@@ -237,12 +250,15 @@ def plan(
     infeasible = sum(t.state == TrialState.INFEASIBLE for t in trials) + planned.skipped
     infeasible_text = f", {infeasible} infeasible" if infeasible else ""
     succeeded = [t for t in trials if t.state == TrialState.SUCCEEDED]
-    unscored = [t for t in succeeded if objective_value(spec, t) is None]
+    unscored = [t for t in succeeded if objective_values(spec, t) is None]
     best = best_trial(spec, trials)
     metric = spec.objective.metric
     best_text = f"; best {metric}={best.value:g} ({best.name})" if best else ""
     if best and spec.objective.metrics and spec.objective.mode == "weighted":
-        best_text = f"; best weighted objective={best.value:g} ({best.name})"
+        best_text = (
+            f"; best weighted objective={best.value:g} ({best.name}; "
+            f"{normalisation_note(spec, trials)})"
+        )
 
     create: list[NewTrial] = []
     stops: dict[str, str] = {}
@@ -253,9 +269,13 @@ def plan(
     budget = spec.max_failed_trials
     cache = spec.trainer.model_cache
     fetch_state = (fetch.state if fetch else FetchState.MISSING) if cache else None
+    warm = warm or WarmStart()
     if changed:
         phase, reason, message = "Failed", "SearchSpaceChanged", changed
         stops = {t.name: "the sweep failed: its search space changed" for t in active}
+    elif refused := refusal(warm, trials, previous):
+        phase, reason, message = "Failed", NOT_FOUND, refused
+        end = previous_completion(previous) or now
     elif fetch and fetch_state == FetchState.FAILED:
         phase, reason = "Failed", "ModelFetchFailed"
         message = (
@@ -286,7 +306,7 @@ def plan(
         going_on = [t for t in active if t.name not in stops]
         # No trial before the model is on the claim (a trial would download it on its own).
         fetching = cache is not None and fetch_state != FetchState.SUCCEEDED
-        slots = 0 if fetching else max(0, spec.parallelism - len(going_on))
+        slots = 0 if fetching or warm.waiting else max(0, spec.parallelism - len(going_on))
         # TPE learns from the trials stopped just now as pruned ones, and sees the trials
         # created in this plan as running.
         history = [
@@ -299,7 +319,7 @@ def plan(
             if len(create) == slots:
                 break
             try:
-                parameters = _new_parameters(spec, history, index)
+                parameters = _new_parameters(spec, history, index, warm)
             except ConstraintError as error:
                 unplannable = error
                 break
@@ -328,6 +348,8 @@ def plan(
             else:
                 reason = "NoTrialSucceeded"
                 message = f"all {len(trials)} trials failed or were stopped{infeasible_text}"
+        elif warm.waiting and not trials:
+            phase, reason, message = "Pending", WAITING, warm.waiting
         elif fetching and cache is not None and not trials:
             phase, reason = "Pending", "FetchingModel"
             message = (
@@ -383,7 +405,7 @@ def plan(
         progress=f"{counts.succeeded}/{target}",
         best_trial=best,
         pareto_front=pareto_status(spec, trials),
-        parameter_importance=previous.parameter_importance if previous else {},
+        parameter_importance=previous.parameter_importance if previous else None,
         mlflow=previous.mlflow if previous else None,
         start_time=start if trials or create else None,
         completion_time=end if terminal else None,

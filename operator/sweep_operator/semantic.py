@@ -216,6 +216,15 @@ def check_spec(
     # The rendered Job is checked too (render_trial_job); here the volume gets its own field.
     for where, what in host_access({"volumes": spec.trainer.volumes}, "spec.trainer"):
         problems.append(Problem(where, refusal(what)))
+    warm = spec.algorithm.warm_start
+    for i, name in enumerate(warm.sweeps if warm else []):
+        if name == sweep.name:
+            problems.append(
+                Problem(
+                    f"spec.algorithm.warmStart.sweeps[{i}]",
+                    f"{name} is this sweep; warm start reads the trials of earlier sweeps",
+                )
+            )
     if spec.algorithm.name == "grid":
         size = grid_size(spec.parameters)
         if spec.max_trials is None and size > MAX_GRID_WITHOUT_MAX_TRIALS:

@@ -45,7 +45,7 @@ from sweep_operator.constraints import (
     too_big,
 )
 from sweep_operator.early_stopping import arrival, rungs_of
-from sweep_operator.objective import objective_curve, objective_value, objective_values
+from sweep_operator.objective import Scorer, objective_values, scorer
 from sweep_operator.space import SIGNIFICANT_DIGITS, in_space, searched, with_derived
 from sweep_operator.trials import ObservedTrial, TrialState
 
@@ -84,7 +84,8 @@ def model_budget(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> int | None
     (algorithm tpe, or no rung has enough trials yet)."""
     if spec.algorithm.name != "bohb" or spec.early_stopping is None:
         return None
-    curves = [objective_curve(spec, t) for t in trials]
+    score = scorer(spec, trials)
+    curves = [score.curve(t) for t in trials]
     last = max((c[-1].step for c in curves if c), default=0)
     needed = len(searched(spec.parameters)) + 1
     for rung in reversed(rungs_of(spec.early_stopping, last)):
@@ -94,11 +95,11 @@ def model_budget(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> int | None
 
 
 def _at_budget(
-    spec: SweepSpec, trial: ObservedTrial, budget: int, params: dict[str, Any], dists: Any
+    trial: ObservedTrial, budget: int, params: dict[str, Any], dists: Any, score: Scorer
 ) -> FrozenTrial | None:
     """The trial as what it scored at step `budget`; running below it, or nothing when it
     stopped short of it."""
-    point = arrival(objective_curve(spec, trial), budget)
+    point = arrival(score.curve(trial), budget)
     if point is not None and math.isfinite(point.value):
         return create_trial(values=[point.value], params=params, distributions=dists)
     if trial.state.active:
@@ -113,6 +114,7 @@ def _frozen(
     trial: ObservedTrial,
     dists: dict[str, BaseDistribution],
     budget: int | None,
+    score: Scorer,
 ) -> FrozenTrial | None:
     """The trial as optuna history, None when it teaches TPE nothing (failed, unscored)."""
     if in_space(spec.parameters, trial.parameters) is not None:
@@ -126,7 +128,7 @@ def _frozen(
             constraints={MEMORY_CONSTRAINT: OUT_OF_MEMORY},
         )
     if budget is not None:
-        return _at_budget(spec, trial, budget, params, dists)
+        return _at_budget(trial, budget, params, dists, score)
     pareto = len(_directions(spec)) > 1
     if trial.state.active:
         return create_trial(
@@ -137,14 +139,14 @@ def _frozen(
             values = objective_values(spec, trial)
             scores = list(values.values()) if values else None
         else:
-            value = objective_value(spec, trial)
+            value = score.value(trial)
             scores = None if value is None else [value]
         if scores is None:
             return None
         return create_trial(values=scores, params=params, distributions=dists)
     if trial.state == TrialState.PRUNED and not pareto:
         # TPE ranks pruned trials by how far they got and their last intermediate value.
-        curve = objective_curve(spec, trial)
+        curve = score.curve(trial)
         return create_trial(
             state=optuna.trial.TrialState.PRUNED,
             params=params,
@@ -175,12 +177,19 @@ def _sampler(spec: SweepSpec, index: int) -> optuna.samplers.TPESampler:
 
 
 def _study(
-    spec: SweepSpec, trials: Sequence[ObservedTrial], sampler: optuna.samplers.BaseSampler
+    spec: SweepSpec,
+    trials: Sequence[ObservedTrial],
+    sampler: optuna.samplers.BaseSampler,
+    prior: Sequence[ObservedTrial] = (),
 ) -> optuna.Study:
+    """The study of the sweep's trials (by index), after `prior`: earlier sweeps' trials of a
+    warm start, in their given order, scored with the sweep's own (one objective scale)."""
     dists = distributions(spec)
     study = optuna.create_study(directions=_directions(spec), sampler=sampler)
     budget = model_budget(spec, trials)
-    history = [_frozen(spec, t, dists, budget) for t in sorted(trials, key=lambda t: t.index)]
+    score = scorer(spec, [*prior, *trials])
+    ordered = [*prior, *sorted(trials, key=lambda t: t.index)]
+    history = [_frozen(spec, t, dists, budget, score) for t in ordered]
     study.add_trials([t for t in history if t is not None])
     return study
 
@@ -193,14 +202,20 @@ def _round(value: Any, dist: BaseDistribution) -> Any:
     return value
 
 
-def suggest(spec: SweepSpec, trials: Sequence[ObservedTrial], index: int) -> dict[str, Any]:
+def suggest(
+    spec: SweepSpec,
+    trials: Sequence[ObservedTrial],
+    index: int,
+    prior: Sequence[ObservedTrial] = (),
+) -> dict[str, Any]:
     """Parameters of new trial `index` given every trial so far (derived parameters included).
 
     `trials` holds the finished trials (their results teach the model) and the active ones
-    (treated as running, so that parallel asks spread out). With a memory limit, a point
-    over it is told to the study as infeasible and the model asked again.
+    (treated as running, so that parallel asks spread out); `prior` the warm-start trials of
+    earlier sweeps, learnt from first. With a memory limit, a point over it is told to the
+    study as infeasible and the model asked again.
     """
-    study = _study(spec, trials, _sampler(spec, index))
+    study = _study(spec, trials, _sampler(spec, index), prior)
     dists = distributions(spec)
     limit = memory_limit(spec)
     smallest: tuple[float, dict[str, Any]] | None = None

@@ -123,7 +123,7 @@ class Tracker:
         self, run_id: str, files: dict[str, str | bytes], importance: dict[str, float]
     ) -> None:
         """The sweep's report files as artifacts of its parent run (overwritten on refresh),
-        and parameter importance as metrics (params could not be updated)."""
+        and parameter importance in percent as metrics (params could not be updated)."""
         # MlflowClient.log_artifact resolves a proxied (mlflow-artifacts:) store against the
         # process-wide tracking URI, not the client's; a sweep may name its own server.
         artifacts = get_artifact_repository(

@@ -118,7 +118,14 @@ def test_tpe_with_median_stopping(
     )
     artifacts = {a.path for a in listed}
     assert {"best_config.yaml", "trials_summary.csv", "optimization_plot.png"} <= artifacts
-    assert set(status["parameterImportance"]) <= {"learning_rate", "lora_rank"}
+
+    # Fewer than 15 scored trials: importance says so rather than naming a winner.
+    def importance_of_all():
+        importance = get_sweep(custom, namespace, "tpe")["status"].get("parameterImportance")
+        return importance if importance and importance["trials"] == counts["succeeded"] else None
+
+    importance = wait_for(importance_of_all, 60, "the importance of the scored trials")
+    assert not importance.get("parameters")
 
 
 def _params(job: client.V1Job) -> dict:

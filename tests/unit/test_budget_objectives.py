@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from sweep_operator.api import parse_duration
 from sweep_operator.expr import ExprError, check_expressions, derive, evaluate
+from sweep_operator.objective import scorer
 from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
 from sweep_operator.semantic import check_spec
@@ -84,23 +85,49 @@ WEIGHTED = {
     "metric": "eval_loss",
     "goal": "minimize",
     "metrics": [
-        {"name": "eval_loss", "weight": 1.0},
-        {"name": "tokens_per_s", "goal": "maximize", "weight": 0.001},
+        {"name": "eval_loss", "weight": 0.5},
+        {"name": "tokens_per_s", "goal": "maximize", "weight": 0.5},
     ],
 }
 
 
-def test_weighted_objective_signs_each_metric_towards_the_goal():
-    spec = make_spec(objective=WEIGHTED, maxTrials=3)
+def test_weighted_objective_normalises_each_metric_before_weighting():
+    # The loss spans 0.4, the accuracy 0.05: on raw values the loss would decide whatever the
+    # weights say. Normalised, accuracy's weight of 0.7 makes the most accurate trial best.
+    objective = {
+        "metric": "eval_loss",
+        "goal": "minimize",
+        "metrics": [
+            {"name": "eval_loss", "weight": 0.3},
+            {"name": "accuracy", "goal": "maximize", "weight": 0.7},
+        ],
+    }
+    spec = make_spec(objective=objective, maxTrials=4)
     seen = [
-        trial(spec, 0, S.SUCCEEDED, 0.50, metrics={"tokens_per_s": 100.0}),  # 0.5 - 0.1 = 0.4
-        trial(spec, 1, S.SUCCEEDED, 0.45, metrics={"tokens_per_s": 10.0}),  # 0.45 - 0.01
-        trial(spec, 2, S.SUCCEEDED, 0.10),  # no tokens_per_s: unscored
+        trial(spec, 0, S.SUCCEEDED, 0.8, metrics={"accuracy": 0.90}),  # 0.3 * 1 + 0.7 * 0
+        trial(spec, 1, S.SUCCEEDED, 0.4, metrics={"accuracy": 0.85}),  # 0.3 * 0 + 0.7 * 1
+        trial(spec, 2, S.SUCCEEDED, 0.6, metrics={"accuracy": 0.88}),  # 0.15 + 0.7 * 0.4
+        trial(spec, 3, S.SUCCEEDED, 0.1),  # no accuracy: unscored
     ]
     s = plan(spec, seen, T0, sweep_name="sw").status
-    assert (s.best_trial.name, s.best_trial.value) == ("sw-0000", pytest.approx(0.4))
+    assert (s.best_trial.name, s.best_trial.value) == ("sw-0000", pytest.approx(0.3))
+    assert s.best_trial.metrics == {"eval_loss": 0.8, "accuracy": 0.90}  # the raw values
     assert s.trials.unscored == 1
-    assert "best weighted objective=0.4 (sw-0000)" in s.message
+    assert (
+        "best weighted objective=0.3 (sw-0000; weighted objective of eval_loss, accuracy, each "
+        "min-max normalised over the 3 scored trials)" in s.message
+    )
+    # Deterministic from the observed trials: their order does not matter.
+    again = plan(spec, list(reversed(seen)), T0, sweep_name="sw").status
+    assert again.best_trial == s.best_trial
+    scores = scorer(spec, seen)
+    assert [scores.value(t) for t in seen] == pytest.approx([0.3, 0.7, 0.43, None])
+
+
+def test_a_weighted_metric_without_spread_counts_nothing():
+    spec = make_spec(objective=WEIGHTED, maxTrials=2)
+    one = [trial(spec, 0, S.SUCCEEDED, 0.5, metrics={"tokens_per_s": 100.0})]
+    assert plan(spec, one, T0, sweep_name="sw").status.best_trial.value == 0.0
 
 
 def test_weighted_curves_feed_early_stopping():
@@ -113,11 +140,12 @@ def test_weighted_curves_feed_early_stopping():
     def curves(loss, speed):
         return {"eval_loss": [(10, loss)], "tokens_per_s": [(10, speed)]}
 
+    # Curves are scaled by the final values' ranges: loss [0.5, 0.6], speed [100, 200].
     seen = [
-        trial(spec, 0, S.SUCCEEDED, 0.5, curves=curves(0.5, 100)),  # 0.4
-        trial(spec, 1, S.SUCCEEDED, 0.5, curves=curves(0.5, 200)),  # 0.3
-        trial(spec, 2, S.RUNNING, curves=curves(0.4, 0)),  # 0.4 > median 0.35: stopped
-        trial(spec, 3, S.RUNNING, curves=curves(0.4, 300)),  # 0.1
+        trial(spec, 0, S.SUCCEEDED, 0.5, metrics={"tokens_per_s": 100}, curves=curves(0.5, 100)),
+        trial(spec, 1, S.SUCCEEDED, 0.6, metrics={"tokens_per_s": 200}, curves=curves(0.6, 200)),
+        trial(spec, 2, S.RUNNING, curves=curves(0.6, 100)),  # 1.0 > median 0.5: stopped
+        trial(spec, 3, S.RUNNING, curves=curves(0.5, 200)),  # 0.0
     ]
     assert plan(spec, seen, T0, sweep_name="sw").delete == ["sw-0002"]
 

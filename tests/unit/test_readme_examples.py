@@ -1,4 +1,5 @@
-"""README's "Bring your own training program" examples: the args templating and the program."""
+"""README's examples: the args templating and the program of "Bring your own training program",
+the warm start of "Coarse, refined, final"."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import yaml
 
 from sweep_operator.cli import render_sweep
 from sweep_operator.observe import parse_result
-from tests.unit.sweep_helpers import EXAMPLE
+from tests.unit.sweep_helpers import EXAMPLE, make_spec
 
 README = Path(__file__).resolve().parents[2] / "README.md"
+SPACE = {"learning_rate": {"type": "log_uniform", "min": 1e-5, "max": 1e-2}}
 
 
 def readme_blocks(section: str, language: str) -> list[str]:
@@ -48,3 +50,9 @@ def test_the_smallest_program_reports_a_result_the_operator_reads(tmp_path: Path
     }
     subprocess.run([sys.executable, "-c", program], env=env, check=True)
     assert parse_result(result.read_text()) == {"eval_loss": 1.0 / 16 + 2e-4}
+
+
+def test_the_warm_start_example_is_a_valid_algorithm() -> None:
+    (snippet,) = readme_blocks("Coarse, refined, final: warm start and `lorasweep refine`", "yaml")
+    spec = make_spec(**yaml.safe_load(snippet), maxTrials=10, parameters=SPACE)
+    assert spec.algorithm.warm_start.sweeps == ["coarse"]
