@@ -163,15 +163,15 @@ def synthetic_surface(path: Path = RECORDING) -> Surface:  # path: the signature
         final=synthetic_final,
         optimum=0.9,
         target=draws[int(TARGET_QUANTILE * len(draws))],
-        max_trials=300,
+        max_trials=150,
         parallelism=8,
     )
 
 
 def early_stopping(kind: str, surface: Surface) -> dict[str, Any] | None:
-    """The earlyStopping of each arm: the README's recommended settings, scaled to the
-    surface's trial length (first rung: the budget / 81)."""
-    first = max(surface.eval_every, surface.max_steps // 81)
+    """The earlyStopping of each arm, scaled to the surface's trial length: first rung at
+    1/27 of the budget (the first eval of the recording), a third of the trials on."""
+    first = max(surface.eval_every, surface.max_steps // 27)
     if kind == "median":
         return {"algorithm": "median", "minSteps": surface.max_steps // 9, "minTrials": 3}
     if kind == "asha":
@@ -196,6 +196,17 @@ STRATEGIES = [
     "tpe+median",
     "tpe+asha",
     "tpe+hyperband",
+    "bohb+hyperband",
+]
+# Run by default: every stopping rule once with random proposals, and TPE alone, with its best
+# stopping rule and as bohb (the TPE arms cost the most time to replay).
+DEFAULT_STRATEGIES = [
+    "random",
+    "random+median",
+    "random+asha",
+    "random+hyperband",
+    "tpe",
+    "tpe+asha",
     "bohb+hyperband",
 ]
 
@@ -307,6 +318,8 @@ def simulate(surface: Surface, strategy: str, seed: int) -> Run:
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) < 2:
+        return values[0], values[0], values[0]
     q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
     return q1, q2, q3
 
@@ -318,7 +331,7 @@ def summarize(surface: Surface, runs: dict[str, list[Run]]) -> dict[str, Any]:
     }
     median = {s: quartiles(c)[1] for s, c in cost.items()}
     return {
-        "configurations_or_draws": surface.max_trials,
+        "max_trials": surface.max_trials,
         "max_steps": surface.max_steps,
         "parallelism": surface.parallelism,
         "optimum_loss": round(surface.optimum, 5),
@@ -361,7 +374,7 @@ def main() -> int:
     parser.add_argument("--recording", type=Path, default=RECORDING, help="recorded curves")
     args = parser.parse_args()
     cases = args.case or sorted(SURFACES)
-    strategies = args.strategy or STRATEGIES
+    strategies = args.strategy or DEFAULT_STRATEGIES
     began = time.perf_counter()
     figures: dict[str, Any] = {"benchmark": "search_efficiency", "seeds": args.seeds}
     with ProcessPoolExecutor(args.jobs) as pool:
