@@ -53,6 +53,7 @@ def test_quick_recording_writes_a_table_a_replay_can_look_up(tmp_path: Path) -> 
     assert meta["max_steps"] == 12 and meta["eval_every"] == 4 and meta["seed"] == 0
     assert meta["model"]["hidden_size"] == 64 and meta["data"]["eval_examples"] == 16
     assert meta["seconds"] > 0 and meta["untrained_eval_loss"] > 5
+    assert 0 < meta["context_free_eval_loss"] < meta["untrained_eval_loss"]
 
     assert [c["parameters"] for c in configs] == record_curves.configurations(grid)
     for config in configs:
