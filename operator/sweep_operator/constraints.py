@@ -30,6 +30,7 @@ from sweep_operator.space import (
     grid_point,
     grid_size,
     random_point,
+    remembered,
     searched,
     target_trials,
     trial_parameters,
@@ -100,12 +101,6 @@ def too_big(spec: SweepSpec, smallest: tuple[float, dict[str, Any]] | None, what
     )
 
 
-# Like space.trial_parameters, the draws are asked for on every plan and depend on the spec and
-# the index only: kept (up to a bound) for the life of the process.
-_DRAWS: dict[tuple[str, int], dict[str, Any]] = {}
-_DRAWS_KEPT = 100_000
-
-
 def drawn_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
     """Parameters of random trial `index` (or a tpe startup trial) that fit the limit."""
     limit = memory_limit(spec)
@@ -116,11 +111,8 @@ def drawn_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
         + spec.trainer.model_dump_json(include={"config"}),
         index,
     )
-    if key not in _DRAWS:
-        if len(_DRAWS) >= _DRAWS_KEPT:
-            _DRAWS.clear()
-        _DRAWS[key] = _draw_within(spec, index, limit)
-    return dict(_DRAWS[key])
+    # Asked for on every plan, like space.trial_parameters, and kept the same way.
+    return remembered(key, lambda: _draw_within(spec, index, limit))
 
 
 def _draw_within(spec: SweepSpec, index: int, limit: float) -> dict[str, Any]:

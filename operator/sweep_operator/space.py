@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from typing import Any
 
 from sweep_operator.api import ParameterSpec, Scalar, SweepSpec
@@ -145,22 +146,31 @@ _POINTS: dict[tuple[str, int], dict[str, Any]] = {}
 _POINTS_KEPT = 100_000
 
 
+def remembered(key: tuple[str, int], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The point `compute` gives for `key` (the spec's JSON as far as it decides the point, and
+    the index), computed once per process."""
+    if key not in _POINTS:
+        if len(_POINTS) >= _POINTS_KEPT:
+            _POINTS.clear()
+        _POINTS[key] = compute()
+    return dict(_POINTS[key])
+
+
 def trial_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
     """Parameters of trial `index` of the sweep, derived parameters included.
 
     For tpe and bohb this is the random draw their startup trials use; later trials depend on
     the results so far and come from `sweep_operator.tpe`.
     """
-    key = (spec.model_dump_json(include={"algorithm", "parameters"}), index)
-    if key not in _POINTS:
+
+    def draw() -> dict[str, Any]:
         if spec.algorithm.name == "grid":
             point = grid_point(spec.parameters, index)
         else:
             point = random_point(spec.parameters, spec.algorithm.seed, index)
-        if len(_POINTS) >= _POINTS_KEPT:
-            _POINTS.clear()
-        _POINTS[key] = with_derived(spec, point)
-    return dict(_POINTS[key])
+        return with_derived(spec, point)
+
+    return remembered((spec.model_dump_json(include={"algorithm", "parameters"}), index), draw)
 
 
 def with_derived(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
