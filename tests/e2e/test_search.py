@@ -26,21 +26,18 @@ def final_loss(lr: float, rank: int) -> float:
     return (math.log10(lr) + 3) ** 2 + (math.log2(rank) - 4) ** 2 / 4 + 0.1 + 1 / 13
 
 
-def test_tpe_with_median_stopping(
-    operator, custom, batch, kube_client, namespace, mlflow_uri, tmp_path
-):
-    trace = tmp_path / "trace"
-    experiment = f"e2e-tpe-{uuid.uuid4().hex[:8]}"
-    spec = {
+def curve_sweep(algorithm: dict, early_stopping: dict, trace: Path, mlflow_uri: str) -> dict:
+    """8 trials of the curve program over learning rate and rank, 2 at a time, on local-gpu-0."""
+    return {
         "objective": {"metric": "eval_loss", "goal": "minimize"},
-        "algorithm": {"name": "tpe", "seed": 7, "startupTrials": 3},
+        "algorithm": algorithm,
         "parameters": {
             "learning_rate": {"type": "log_uniform", "min": 1.0e-5, "max": 1.0e-1},
             "lora_rank": {"type": "int", "min": 4, "max": 64},
         },
         "maxTrials": 8,
         "parallelism": 2,
-        "earlyStopping": {"algorithm": "median", "minSteps": 3, "minTrials": 1},
+        "earlyStopping": early_stopping,
         "trainer": {
             "image": "lorasweep-e2e",
             "command": [sys.executable, str(CURVE_PROGRAM)],
@@ -52,8 +49,23 @@ def test_tpe_with_median_stopping(
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
         },
-        "mlflow": {"trackingUri": mlflow_uri, "experimentName": experiment},
+        "mlflow": {
+            "trackingUri": mlflow_uri,
+            "experimentName": f"e2e-{algorithm['name']}-{uuid.uuid4().hex[:8]}",
+        },
     }
+
+
+def test_tpe_with_median_stopping(
+    operator, custom, batch, kube_client, namespace, mlflow_uri, tmp_path
+):
+    trace = tmp_path / "trace"
+    spec = curve_sweep(
+        {"name": "tpe", "seed": 7, "startupTrials": 3},
+        {"algorithm": "median", "minSteps": 3, "minTrials": 1},
+        trace,
+        mlflow_uri,
+    )
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("tpe", spec)
     )
@@ -156,35 +168,18 @@ def test_time_budget_stops_running_trials_at_the_deadline(operator, custom, batc
 def test_bohb_with_hyperband_brackets(operator, custom, batch, namespace, mlflow_uri, tmp_path):
     """bohb proposes from the values at a rung, Hyperband stops trials within their bracket,
     and the sweep's best is the best of the trials that finished."""
-    spec = {
-        "objective": {"metric": "eval_loss", "goal": "minimize"},
-        "algorithm": {"name": "bohb", "seed": 3, "startupTrials": 3},
-        "parameters": {
-            "learning_rate": {"type": "log_uniform", "min": 1.0e-5, "max": 1.0e-1},
-            "lora_rank": {"type": "int", "min": 4, "max": 64},
-        },
-        "maxTrials": 8,
-        "parallelism": 2,
-        "earlyStopping": {
+    spec = curve_sweep(
+        {"name": "bohb", "seed": 3, "startupTrials": 3},
+        {
             "algorithm": "hyperband",
             "minSteps": 1,
             "maxSteps": 12,
             "reductionFactor": 3,
             "minTrials": 1,
         },
-        "trainer": {
-            "image": "lorasweep-e2e",
-            "command": [sys.executable, str(CURVE_PROGRAM)],
-            "args": [
-                "--lr={{ params.learning_rate }}",
-                "--rank={{ params.lora_rank }}",
-                f"--trace={tmp_path / 'trace'}",
-            ],
-            "nodeSelector": {"lorasweep.io/node-mode": "local"},
-            "resources": {"limits": {"nvidia.com/gpu": 1}},
-        },
-        "mlflow": {"trackingUri": mlflow_uri, "experimentName": f"e2e-bohb-{uuid.uuid4().hex[:8]}"},
-    }
+        tmp_path / "trace",
+        mlflow_uri,
+    )
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("bohb", spec)
     )
