@@ -9,9 +9,11 @@ the apiserver (its name is deterministic), so none is duplicated.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import contextvars
 import logging
 import os
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Mapping
@@ -84,6 +86,8 @@ MIN_RECONCILE_INTERVAL = 1.0
 # Default tracking server for sweeps that name none (set by the Helm chart).
 DEFAULT_TRACKING_URI_ENV = "LORASWEEP_MLFLOW_TRACKING_URI"
 API_WORKERS = 16
+# Sweeps reconciled at the same moment; others wait for a free thread, not for a sweep to end.
+RECONCILE_WORKERS = 8
 # The report (ConfigMap, MLflow artifacts, plots) costs up to a second or two to make.
 REPORT_INTERVAL_SECONDS = 60.0
 IMPORTANCE_IN_STATUS = 5
@@ -93,7 +97,10 @@ EVENT_BURST = 5
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"
 
-_wakeups: dict[tuple[str, str], threading.Event] = defaultdict(threading.Event)
+# Set from kopf's event loop (trial events), awaited there by the sweep's daemon.
+_wakeups: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
+# Reconciles of all sweeps: a sweep holds a thread only while it reconciles.
+_reconcile_pool = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="lorasweep-reconcile")
 _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
 # Parameter importance (several fANOVA fits, seconds at 1,000 trials) runs here, off the
 # reconcile: one computation at a time for all sweeps, at most one queued per sweep.
@@ -184,11 +191,10 @@ async def trial_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
-def run_sweep(
+async def run_sweep(
     name: str,
     namespace: str,
     body: kopf.Body,
-    stopped: kopf.DaemonStopped,
     trial_jobs: kopf.Index,
     trial_pods: kopf.Index,
     model_fetch_jobs: kopf.Index,
@@ -198,13 +204,16 @@ def run_sweep(
     logger: logging.Logger,
     **_: Any,
 ) -> None:
+    # An async daemon holds no thread while it waits: a sync one would hold one of kopf's
+    # workers for the sweep's whole life, finished or not, and some 64 sweeps would take
+    # them all and starve the indexers. Reconciles run in a pool of their own instead.
     # Trial labels carry label_value(name): sweep names may be longer than a label allows.
     key = (namespace, label_value(name))
     wakeup = _wakeups[key]
     reconciler = Reconciler(memo.api, logger)
     indexes = Indexes(sweeps=sweep_summaries, jobs=trial_jobs, pods=trial_pods)
-    while not stopped:
-        wakeup.clear()
+
+    def reconcile() -> None:
         try:
             reconciler.reconcile(
                 body,
@@ -217,18 +226,33 @@ def run_sweep(
             )
         except Exception:
             logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
-        # A burst of trial events (a large sweep starting) is handled in one reconcile a
-        # second, not one per event: each reconcile may patch the status.
-        stopped.wait(MIN_RECONCILE_INTERVAL)
-        deadline = RESYNC_SECONDS
-        if reconciler.deadline is not None:
-            # The time budget ends sooner than the next resync: be there when it does.
-            until = (reconciler.deadline - datetime.now(UTC)).total_seconds()
-            deadline = max(0.5, min(deadline, until))
-        # Wake early on a trial change; check `stopped` often so shutdown is prompt.
-        while deadline > 0 and not stopped and not wakeup.wait(0.5):
-            deadline -= 0.5
-    _wakeups.pop(key, None)
+
+    loop = asyncio.get_running_loop()
+    try:
+        while True:
+            wakeup.clear()
+            # kopf keeps its settings and logging context in context variables.
+            context = contextvars.copy_context()
+            reconciling = loop.run_in_executor(_reconcile_pool, context.run, reconcile)
+            try:
+                await asyncio.shield(reconciling)
+            except asyncio.CancelledError:
+                # Stopped mid-reconcile: let it end, so no creation it made goes unseen.
+                await reconciling
+                raise
+            # A burst of trial events (a large sweep starting) is handled in one reconcile a
+            # second, not one per event: each reconcile may patch the status.
+            await asyncio.sleep(MIN_RECONCILE_INTERVAL)
+            timeout = RESYNC_SECONDS
+            if reconciler.deadline is not None:
+                # The time budget ends sooner than the next resync: be there when it does.
+                until = (reconciler.deadline - datetime.now(UTC)).total_seconds()
+                timeout = max(0.5, min(timeout, until))
+            # kopf cancels this wait when the sweep is deleted or the operator stops.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout)
+    finally:
+        _wakeups.pop(key, None)
 
 
 class Reconciler:

@@ -264,3 +264,28 @@ def test_a_bad_trainer_parameter_fails_the_sweep_without_jobs(
     status = wait_for_phase(custom, namespace, "typo", ("Failed",), 30)["status"]
     assert all(fragment in status["message"] for fragment in expected), status["message"]
     assert not trial_jobs(batch, namespace, "typo")
+
+
+def test_more_sweeps_than_operator_workers_all_finish(operator, custom, batch, namespace):
+    """kopf runs sync handlers in 64 threads: 40 finished sweeps and 30 running ones (70, more
+    than there are threads) must all finish, the running ones without starving."""
+    quick = {"lorasweep.io/sim-duration": "200ms", "lorasweep.io/sim-result": RESULT}
+
+    def apply(names: list[str], trials: int) -> None:
+        for name in names:
+            custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, sweep_manifest(name, sim_spec(trials, 1, quick))
+            )
+
+    def all_succeeded(names: list[str]) -> bool:
+        listed = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        phases = {s["metadata"]["name"]: s.get("status", {}).get("phase") for s in listed}
+        return all(phases.get(name) == "Succeeded" for name in names)
+
+    finished = [f"done-{i}" for i in range(40)]
+    apply(finished, 1)
+    wait_for(lambda: all_succeeded(finished), 180, "40 one-trial sweeps to succeed")
+    running = [f"busy-{i}" for i in range(30)]
+    apply(running, 3)
+    wait_for(lambda: all_succeeded(running), 180, "30 three-trial sweeps to succeed")
+    assert len(batch.list_namespaced_job(namespace).items) == 40 + 30 * 3
