@@ -13,6 +13,13 @@ Algorithm bohb is the same sampler fitted on other values: each trial's objectiv
 rung of the early-stopping schedule (`model_budget`), so that the many trials Hyperband stops
 early teach the model as much as the few it trains in full.
 
+Past HISTORY_LIMIT trials TPE learns from a bounded selection (`learnt_from`): every active
+trial, the BEST_KEPT best scored ones and the most recent others. optuna's TPE models the good
+region from at most its 25 best trials and weights older trials less, so the trials left out
+(old, not among the best) change little of the model, while each of them would add to the
+cost of rebuilding the study and of every ask: at 10,000 trials that cost was seconds per
+proposal. The selection is a function of the history alone, so a restart proposes the same.
+
 Infeasible configurations teach TPE where not to go, through optuna's constraints (a trial
 with a positive constraint value is infeasible and ranked below every feasible one): trials
 that ran out of GPU memory, and points it proposes whose estimated memory exceeds
@@ -45,12 +52,15 @@ from sweep_operator.constraints import (
     too_big,
 )
 from sweep_operator.early_stopping import arrival, rungs_of
-from sweep_operator.objective import Scorer, objective_values, scorer
+from sweep_operator.objective import Scorer, minimizing, objective_values, scorer
 from sweep_operator.space import SIGNIFICANT_DIGITS, in_space, searched, with_derived
 from sweep_operator.trials import ObservedTrial, TrialState
 
 # optuna logs every trial added to a study at INFO; the operator adds them on every reconcile.
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+HISTORY_LIMIT = 1000
+BEST_KEPT = 100
 
 # The optuna constraint of GPU memory: GiB over spec.constraints.maxGpuMemoryGiB for a refused
 # point, 1 for a trial that ran out of memory (by how much is unknown).
@@ -176,6 +186,27 @@ def _sampler(spec: SweepSpec, index: int) -> optuna.samplers.TPESampler:
         )
 
 
+def learnt_from(
+    spec: SweepSpec, trials: Sequence[ObservedTrial], score: Scorer
+) -> list[ObservedTrial]:
+    """The trials TPE learns from, in index order: all of them up to HISTORY_LIMIT; beyond,
+    the active ones, the BEST_KEPT best scored ones and the most recent (highest index) others."""
+    ordered = sorted(trials, key=lambda t: t.index)
+    if len(ordered) <= HISTORY_LIMIT:
+        return ordered
+    sign = 1.0 if minimizing(spec) else -1.0
+    scored = [
+        (v, t.index) for t in ordered if (v := score.value(t)) is not None and math.isfinite(v)
+    ]
+    kept = {index for _, index in sorted((sign * v, i) for v, i in scored)[:BEST_KEPT]}
+    kept |= {t.index for t in ordered if t.state.active}
+    for trial in reversed(ordered):
+        if len(kept) >= HISTORY_LIMIT:
+            break
+        kept.add(trial.index)
+    return [t for t in ordered if t.index in kept]
+
+
 def _study(
     spec: SweepSpec,
     trials: Sequence[ObservedTrial],
@@ -188,7 +219,7 @@ def _study(
     study = optuna.create_study(directions=_directions(spec), sampler=sampler)
     budget = model_budget(spec, trials)
     score = scorer(spec, [*prior, *trials])
-    ordered = [*prior, *sorted(trials, key=lambda t: t.index)]
+    ordered = [*prior, *learnt_from(spec, trials, score)]
     history = [_frozen(spec, t, dists, budget, score) for t in ordered]
     study.add_trials([t for t in history if t is not None])
     return study

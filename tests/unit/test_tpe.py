@@ -10,9 +10,17 @@ import pytest
 from pydantic import ValidationError
 
 from sweep_operator.naming import trial_name
+from sweep_operator.objective import scorer
 from sweep_operator.plan import plan
 from sweep_operator.space import in_space, trial_parameters
-from sweep_operator.tpe import build_study, model_budget, suggest
+from sweep_operator.tpe import (
+    BEST_KEPT,
+    HISTORY_LIMIT,
+    build_study,
+    learnt_from,
+    model_budget,
+    suggest,
+)
 from sweep_operator.trials import ObservedTrial, Point, TrialState
 from tests.unit.sweep_helpers import make_spec
 
@@ -216,3 +224,30 @@ def test_bohb_is_guided_by_trials_that_never_finished():
 def test_bohb_needs_rungs_to_learn_at():
     with pytest.raises(ValidationError, match=r"set earlyStopping\.algorithm to hyperband or asha"):
         make_spec(algorithm={"name": "bohb"}, maxTrials=4, parameters=SPACE)
+
+
+def test_past_the_history_limit_tpe_learns_from_the_active_the_best_and_the_recent():
+    spec = tpe_spec().model_copy(update={"max_trials": 1500})
+    rng = random.Random(5)
+    trials = [done(i, trial_parameters(spec, i), value=rng.random()) for i in range(1400)]
+    trials += [done(i, trial_parameters(spec, i), state=S.RUNNING) for i in range(1400, 1410)]
+    best = sorted(trials[:1400], key=lambda t: t.value)[:BEST_KEPT]
+
+    kept = learnt_from(spec, trials, scorer(spec, trials))
+
+    assert len(kept) == HISTORY_LIMIT
+    assert [t.index for t in kept] == sorted(t.index for t in kept)
+    indices = {t.index for t in kept}
+    assert {t.index for t in best} <= indices
+    assert set(range(1400, 1410)) <= indices
+    recent = HISTORY_LIMIT - len({t.index for t in best} | set(range(1400, 1410)))
+    assert set(range(1400 - recent // 2, 1400)) <= indices  # the most recent finished ones
+    # The proposal follows from the history alone: shuffled, it gives the same (a restart).
+    shuffled = rng.sample(trials, len(trials))
+    assert suggest(spec, trials, 1410) == suggest(spec, shuffled, 1410)
+
+
+def test_up_to_the_history_limit_tpe_learns_from_every_trial():
+    spec = tpe_spec()
+    trials = history(spec, 30)
+    assert learnt_from(spec, trials, scorer(spec, trials)) == sorted(trials, key=lambda t: t.index)
