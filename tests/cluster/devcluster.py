@@ -618,6 +618,12 @@ def _start_all(
                 f"--root-ca-file={certs / 'ca.crt'}",
                 "--use-service-account-credentials=false",
                 "--profiling=false",
+                # The defaults (20 requests/s, 5 Job syncs) make the Job controller, not the
+                # operator, what a sweep of 1,000 parallel trials waits for; large clusters
+                # raise them too.
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--concurrent-job-syncs=20",
             ],
         ),
     )
@@ -634,6 +640,8 @@ def _start_all(
                 f"--secure-port={sched_port}",
                 "--leader-elect=false",
                 "--profiling=false",
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
             ],
         ),
     )
