@@ -29,6 +29,7 @@ from pydantic import ValidationError
 
 from sweep_operator.api import (
     GROUP,
+    KIND,
     PLURAL,
     VERSION,
     MlflowStatus,
@@ -122,13 +123,24 @@ def _kube_client() -> client.ApiClient:
     return client.ApiClient(configuration)
 
 
+class SweepsOnlyDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a diff base (a deep copy of the object) on every event of every watched
+    object; only handlers of changes read it, and trial Jobs and pods have none. Their events
+    come by the thousand in a large sweep, and the copies were a third of their cost."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Any = None) -> Any:
+        if body.get("kind") != KIND:
+            return {}
+        return super().build(body=body, extra_fields=extra_fields)
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Events are for users; kopf's own "handler succeeded" chatter stays in the log.
     settings.posting.level = logging.WARNING
     settings.persistence.finalizer = "lorasweep.io/operator"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="lorasweep.io")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = SweepsOnlyDiffBase(
         prefix="lorasweep.io", key="last-handled-configuration"
     )
     settings.execution.max_workers = 64

@@ -170,7 +170,25 @@ def trial_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
             point = random_point(spec.parameters, spec.algorithm.seed, index)
         return with_derived(spec, point)
 
-    return remembered((spec.model_dump_json(include={"algorithm", "parameters"}), index), draw)
+    return remembered((_space_key(spec), index), draw)
+
+
+# Serialising the space costs more than looking a point up, and a plan asks for the points of
+# thousands of trials of one spec. Specs are never changed in place (updates are copies, with
+# ids of their own); holding each spec keeps its id from being reused while it is a key.
+_SPACE_KEYS: dict[int, tuple[SweepSpec, str]] = {}
+_SPACE_KEYS_KEPT = 64
+
+
+def _space_key(spec: SweepSpec) -> str:
+    """The spec's JSON as far as it decides a trial's point."""
+    kept = _SPACE_KEYS.get(id(spec))
+    if kept is None or kept[0] is not spec:
+        if len(_SPACE_KEYS) >= _SPACE_KEYS_KEPT:
+            _SPACE_KEYS.clear()
+        kept = (spec, spec.model_dump_json(include={"algorithm", "parameters"}))
+        _SPACE_KEYS[id(spec)] = kept
+    return kept[1]
 
 
 def with_derived(spec: SweepSpec, point: dict[str, Any]) -> dict[str, Any]:
