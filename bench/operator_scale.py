@@ -64,7 +64,11 @@ def sweep_spec(trials: int, parallelism: int, annotations: dict[str, str]) -> di
     return {
         "objective": {"metric": "eval_loss", "goal": "minimize"},
         "algorithm": {"name": "grid"},
-        "parameters": {"lora_rank": {"values": list(range(1, trials + 1))}},
+        # Two parameters: one may list at most 1,000 values.
+        "parameters": {
+            "lora_rank": {"values": list(range(1, 101))},
+            "lora_alpha": {"values": list(range(1, math.ceil(trials / 100) + 1))},
+        },
         "maxTrials": trials,
         "parallelism": parallelism,
         "trainer": {

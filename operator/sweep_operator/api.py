@@ -1186,7 +1186,11 @@ class SweepStatus(_Model):
     best_trial: BestTrial | None = Field(None, description="The best trial so far.")
     pareto_front: list[ParetoTrial] = Field(
         default_factory=list,
-        description="objective.mode pareto: the trials no other trial beats on every metric.",
+        description="objective.mode pareto: the trials no other trial beats on every metric; "
+        "past 20, the 20 of them best by the primary metric (the report's trials.csv has all).",
+    )
+    pareto_front_size: int = Field(
+        0, description="objective.mode pareto: how many trials the Pareto front holds."
     )
     parameter_importance: ParameterImportance | None = Field(
         None,

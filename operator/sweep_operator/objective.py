@@ -155,5 +155,10 @@ def pareto_front(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> list[Obser
     def dominates(a: list[float], b: list[float]) -> bool:
         return all(x <= y for x, y in zip(a, b, strict=True)) and a != b
 
-    front = [t for t, v in scored if not any(dominates(w, v) for _, w in scored)]
-    return sorted(front, key=lambda t: t.index)
+    # In lexicographic order a trial can only be dominated by one before it, and then by one
+    # on the front (dominance is transitive): O(trials x front), not trials squared.
+    front: list[tuple[ObservedTrial, list[float]]] = []
+    for trial, values in sorted(scored, key=lambda tv: (tv[1], tv[0].index)):
+        if not any(dominates(kept, values) for _, kept in front):
+            front.append((trial, values))
+    return sorted((t for t, _ in front), key=lambda t: t.index)

@@ -97,19 +97,37 @@ def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial 
     )
 
 
-def pareto_status(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> list[ParetoTrial]:
-    """The Pareto-optimal trials for status (empty unless objective.mode is pareto)."""
+PARETO_IN_STATUS = 20
+
+
+def pareto_status(
+    spec: SweepSpec, observed: Sequence[ObservedTrial]
+) -> tuple[list[ParetoTrial], int]:
+    """The Pareto-optimal trials for status and how many there are (none unless
+    objective.mode is pareto). The status stays small at any size: past PARETO_IN_STATUS, the
+    trials of the front best by the primary metric, in index order."""
     if spec.objective.mode != "pareto" or not spec.objective.metrics:
-        return []
-    return [
+        return [], 0
+    front = pareto_front(spec, observed)
+    shown = front
+    if len(front) > PARETO_IN_STATUS:
+        sign = 1.0 if minimizing(spec) else -1.0
+        metric = spec.objective.metric
+
+        def rank(trial: ObservedTrial) -> tuple[float, int]:
+            return (sign * (objective_values(spec, trial) or {})[metric], trial.index)
+
+        shown = sorted(sorted(front, key=rank)[:PARETO_IN_STATUS], key=lambda t: t.index)
+    entries = [
         ParetoTrial(
             name=t.name,
             index=t.index,
             parameters=t.parameters,
             values=objective_values(spec, t) or {},
         )
-        for t in pareto_front(spec, observed)
+        for t in shown
     ]
+    return entries, len(front)
 
 
 def _expected_parameters(spec: SweepSpec, trial: ObservedTrial) -> dict | str | None:
@@ -397,6 +415,7 @@ def plan(
         target=target,
     )
     terminal = phase in ("Succeeded", "Failed")
+    shown_front, front_size = pareto_status(spec, trials)
     status = SweepStatus(
         phase=phase,
         observed_generation=generation,
@@ -404,7 +423,8 @@ def plan(
         trials=counts,
         progress=f"{counts.succeeded}/{target}",
         best_trial=best,
-        pareto_front=pareto_status(spec, trials),
+        pareto_front=shown_front,
+        pareto_front_size=front_size,
         parameter_importance=previous.parameter_importance if previous else None,
         mlflow=previous.mlflow if previous else None,
         start_time=start if trials or create else None,

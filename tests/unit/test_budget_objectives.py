@@ -167,6 +167,25 @@ def test_pareto_front_in_status_and_best_by_the_primary_metric():
     assert plan(single, seen, T0, sweep_name="sw").status.pareto_front == []
 
 
+def test_a_large_pareto_front_keeps_the_status_small():
+    """On a line of trade-offs every trial is on the front: status lists the 20 best by the
+    primary metric and says how many there are; a dominated trial never counts."""
+    spec = make_spec(
+        objective={**WEIGHTED, "mode": "pareto"},
+        algorithm={"name": "random", "seed": 1},
+        parameters={"learning_rate": {"type": "log_uniform", "min": 1e-5, "max": 1e-3}},
+        maxTrials=200,
+    )
+    seen = [
+        trial(spec, i, S.SUCCEEDED, 1.0 + i / 100, metrics={"tokens_per_s": 100.0 + i})
+        for i in range(150)
+    ]
+    seen.append(trial(spec, 150, S.SUCCEEDED, 2.0, metrics={"tokens_per_s": 10.0}))
+    s = plan(spec, seen, T0, sweep_name="sw").status
+    assert s.pareto_front_size == 150
+    assert [t.index for t in s.pareto_front] == list(range(20))
+
+
 def test_objective_metrics_must_list_the_primary_metric_with_its_goal():
     with pytest.raises(ValidationError, match="metrics must include the primary metric eval_loss"):
         make_spec(objective={"metric": "eval_loss", "metrics": [{"name": "accuracy"}]})
