@@ -50,6 +50,7 @@ from sweep_operator.space import trial_parameters  # noqa: E402
 from sweep_operator.trials import LABEL_SWEEP, NewTrial  # noqa: E402
 from tests.cluster import devcluster  # noqa: E402
 from tests.cluster.operator_process import OperatorProcess, release_sweeps  # noqa: E402
+from tests.e2e.sweeps import sweep_manifest  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 
 GPUS_PER_NODE = 100
@@ -78,15 +79,6 @@ def sweep_spec(trials: int, parallelism: int, annotations: dict[str, str]) -> di
             "resources": {"limits": {"nvidia.com/gpu": 1}},
             "podAnnotations": annotations,
         },
-    }
-
-
-def manifest(name: str, spec: dict) -> dict:
-    return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "HyperparameterSweep",
-        "metadata": {"name": name},
-        "spec": spec,
     }
 
 
@@ -168,7 +160,7 @@ class Bench:
 
     def apply(self, name: str, spec: dict) -> None:
         self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, self.namespace, PLURAL, manifest(name, spec)
+            GROUP, VERSION, self.namespace, PLURAL, sweep_manifest(name, spec)
         )
 
 
