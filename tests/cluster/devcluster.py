@@ -7,7 +7,8 @@ the `sim` GPU nodes), the pod runner (running pods of `local-gpu-0` as local pro
 (its CRDs, its manager and webhooks, the ClusterQueue `gpus`) and an MLflow server, each on a
 free loopback port, then writes `.cluster/kubeconfig` and `.cluster/env`. Every process is
 recorded by pid in `.cluster/state.json`, which is what `down` stops, with its process group
-and those of its descendants; `up` on a healthy cluster does nothing.
+and those of its descendants; `up` on a healthy cluster does nothing. Tests stop one of them
+and start it again as it was (`stop_process`, `start_process`: same arguments, port and data).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,6 +110,8 @@ class Cluster:
     bin_dir: str
     pids: dict[str, int]
     kueue_dir: str = ""
+    # The command line each process was started with, by name: what restart_process runs.
+    commands: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> Cluster | None:
@@ -535,65 +538,61 @@ def _start_all(
     _make_certs()
     (STATE_DIR / "audit-policy.yaml").write_text(AUDIT_POLICY)
 
-    def record(name: str, pid: int) -> int:
+    def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
+        pid = _start(name, argv, env)
         pids[name] = pid
+        cluster.commands[name] = argv
         cluster.save()
         return pid
 
     etcd_url = f"http://127.0.0.1:{etcd_port}"
     peer_url = f"http://127.0.0.1:{peer_port}"
-    pid = record(
+    pid = start(
         "etcd",
-        _start(
-            "etcd",
-            [
-                f"{bin_dir}/etcd",
-                "--name=default",
-                f"--data-dir={STATE_DIR / 'etcd'}",
-                f"--listen-client-urls={etcd_url}",
-                f"--advertise-client-urls={etcd_url}",
-                f"--listen-peer-urls={peer_url}",
-                f"--initial-advertise-peer-urls={peer_url}",
-                f"--initial-cluster=default={peer_url}",
-                "--unsafe-no-fsync",
-                "--log-level=warn",
-                "--quota-backend-bytes=4294967296",
-            ],
-        ),
+        [
+            f"{bin_dir}/etcd",
+            "--name=default",
+            f"--data-dir={STATE_DIR / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=default={peer_url}",
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+            "--quota-backend-bytes=4294967296",
+        ],
     )
     _wait("etcd", lambda: _http_ok(f"{etcd_url}/health"), 30, pid, logs / "etcd.log")
 
-    pid = record(
+    pid = start(
         "kube-apiserver",
-        _start(
-            "kube-apiserver",
-            [
-                f"{bin_dir}/kube-apiserver",
-                f"--etcd-servers={etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={api_port}",
-                f"--client-ca-file={certs / 'ca.crt'}",
-                f"--tls-cert-file={certs / 'apiserver.crt'}",
-                f"--tls-private-key-file={certs / 'apiserver.key'}",
-                f"--service-account-key-file={certs / 'sa.pub'}",
-                f"--service-account-signing-key-file={certs / 'sa.key'}",
-                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-                "--service-cluster-ip-range=10.96.0.0/16",
-                "--authorization-mode=RBAC",
-                # Scheduler and controller-manager read this CA at start; without it they log noise.
-                f"--requestheader-client-ca-file={certs / 'ca.crt'}",
-                "--requestheader-username-headers=X-Remote-User",
-                "--requestheader-group-headers=X-Remote-Group",
-                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-                "--requestheader-allowed-names=front-proxy-client",
-                "--profiling=false",
-                f"--audit-policy-file={STATE_DIR / 'audit-policy.yaml'}",
-                f"--audit-log-path={AUDIT_LOG}",
-                "--audit-log-format=json",
-                "--v=1",
-            ],
-        ),
+        [
+            f"{bin_dir}/kube-apiserver",
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--client-ca-file={certs / 'ca.crt'}",
+            f"--tls-cert-file={certs / 'apiserver.crt'}",
+            f"--tls-private-key-file={certs / 'apiserver.key'}",
+            f"--service-account-key-file={certs / 'sa.pub'}",
+            f"--service-account-signing-key-file={certs / 'sa.key'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--service-cluster-ip-range=10.96.0.0/16",
+            "--authorization-mode=RBAC",
+            # Scheduler and controller-manager read this CA at start; without it they log noise.
+            f"--requestheader-client-ca-file={certs / 'ca.crt'}",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--profiling=false",
+            f"--audit-policy-file={STATE_DIR / 'audit-policy.yaml'}",
+            f"--audit-log-path={AUDIT_LOG}",
+            "--audit-log-format=json",
+            "--v=1",
+        ],
     )
     _wait(
         "kube-apiserver", lambda: _api_ready(cluster.api_url), 90, pid, logs / "kube-apiserver.log"
@@ -601,95 +600,80 @@ def _start_all(
     _write_kubeconfig(cluster.api_url, KUBECONFIG, "admin")
     _write_kubeconfig(cluster.api_url, OPERATOR_KUBECONFIG, "operator")
 
-    pid = record(
+    pid = start(
         "kube-controller-manager",
-        _start(
-            "kube-controller-manager",
-            [
-                f"{bin_dir}/kube-controller-manager",
-                f"--kubeconfig={KUBECONFIG}",
-                f"--authentication-kubeconfig={KUBECONFIG}",
-                f"--authorization-kubeconfig={KUBECONFIG}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={cm_port}",
-                "--leader-elect=false",
-                f"--controllers={CONTROLLERS}",
-                f"--service-account-private-key-file={certs / 'sa.key'}",
-                f"--root-ca-file={certs / 'ca.crt'}",
-                "--use-service-account-credentials=false",
-                "--profiling=false",
-            ],
-        ),
+        [
+            f"{bin_dir}/kube-controller-manager",
+            f"--kubeconfig={KUBECONFIG}",
+            f"--authentication-kubeconfig={KUBECONFIG}",
+            f"--authorization-kubeconfig={KUBECONFIG}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={cm_port}",
+            "--leader-elect=false",
+            f"--controllers={CONTROLLERS}",
+            f"--service-account-private-key-file={certs / 'sa.key'}",
+            f"--root-ca-file={certs / 'ca.crt'}",
+            "--use-service-account-credentials=false",
+            "--profiling=false",
+        ],
     )
-    pid = record(
+    pid = start(
         "kube-scheduler",
-        _start(
-            "kube-scheduler",
-            [
-                f"{bin_dir}/kube-scheduler",
-                f"--kubeconfig={KUBECONFIG}",
-                f"--authentication-kubeconfig={KUBECONFIG}",
-                f"--authorization-kubeconfig={KUBECONFIG}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={sched_port}",
-                "--leader-elect=false",
-                "--profiling=false",
-            ],
-        ),
+        [
+            f"{bin_dir}/kube-scheduler",
+            f"--kubeconfig={KUBECONFIG}",
+            f"--authentication-kubeconfig={KUBECONFIG}",
+            f"--authorization-kubeconfig={KUBECONFIG}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={sched_port}",
+            "--leader-elect=false",
+            "--profiling=false",
+        ],
     )
-    record(
+    start(
         "kwok",
-        _start(
-            "kwok",
-            [
-                f"{bin_dir}/kwok",
-                f"--kubeconfig={KUBECONFIG}",
-                f"--config={HERE / 'kwok-stages.yaml'}",
-                "--manage-all-nodes=false",
-                "--manage-nodes-with-label-selector=lorasweep.io/node-mode=sim",
-                "--node-ip=127.0.0.1",
-                "--cidr=10.244.0.1/16",
-                f"--server-address=127.0.0.1:{kwok_port}",
-            ],
-        ),
+        [
+            f"{bin_dir}/kwok",
+            f"--kubeconfig={KUBECONFIG}",
+            f"--config={HERE / 'kwok-stages.yaml'}",
+            "--manage-all-nodes=false",
+            "--manage-nodes-with-label-selector=lorasweep.io/node-mode=sim",
+            "--node-ip=127.0.0.1",
+            "--cidr=10.244.0.1/16",
+            f"--server-address=127.0.0.1:{kwok_port}",
+        ],
     )
     create_nodes(SIM_NODES, "sim")
     create_nodes({LOCAL_NODE: LOCAL_NODE_GPUS}, "local")
 
     runner_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    record(
+    start(
         "pod-runner",
-        _start(
-            "pod-runner",
-            [
-                sys.executable,
-                str(HERE / "pod_runner.py"),
-                f"--kubeconfig={KUBECONFIG}",
-                f"--node={LOCAL_NODE}",
-                f"--workdir={STATE_DIR / 'pods'}",
-            ],
-            env=runner_env,
-        ),
+        [
+            sys.executable,
+            str(HERE / "pod_runner.py"),
+            f"--kubeconfig={KUBECONFIG}",
+            f"--node={LOCAL_NODE}",
+            f"--workdir={STATE_DIR / 'pods'}",
+        ],
+        env=runner_env,
     )
 
     start_kueue(cluster)
 
     mlflow_dir = STATE_DIR / "mlflow"
     mlflow_dir.mkdir()
-    pid = record(
+    pid = start(
         "mlflow",
-        _start(
-            "mlflow",
-            [
-                str(Path(sys.executable).parent / "mlflow"),
-                "server",
-                f"--backend-store-uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
-                f"--artifacts-destination={mlflow_dir / 'artifacts'}",
-                "--host=127.0.0.1",
-                f"--port={mlflow_port}",
-                "--workers=1",
-            ],
-        ),
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            f"--backend-store-uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
+            f"--artifacts-destination={mlflow_dir / 'artifacts'}",
+            "--host=127.0.0.1",
+            f"--port={mlflow_port}",
+            "--workers=1",
+        ],
     )
     _wait("mlflow", lambda: _http_ok(f"{cluster.mlflow_url}/health"), 120, pid, logs / "mlflow.log")
     from kubernetes import client, config
@@ -780,12 +764,10 @@ def start_kueue(cluster: Cluster) -> None:
     METRICS_CERTS.mkdir(parents=True, exist_ok=True)
     argv = [str(kueue_dir / "kueue"), f"--config={home / 'config.yaml'}"]
     script = f'mount --bind {home / "certs"} {METRICS_CERTS} && exec "$@"'
-    pid = _start(
-        "kueue",
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
-        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
-    )
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+    pid = _start("kueue", argv, env={**os.environ, "KUBECONFIG": str(KUBECONFIG)})
     cluster.pids["kueue"] = pid
+    cluster.commands["kueue"] = argv
     cluster.save()
     ready = f"http://127.0.0.1:{health_port}/readyz"
     _wait("kueue", lambda: _http_ok(ready), 90, pid, logs / "kueue.log")
@@ -969,6 +951,61 @@ def _signal_groups(groups: set[int], signum: int) -> None:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signum)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A cluster process stopped by stop_process: how to start it again as it was."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def stop_process(cluster: Cluster, name: str, crash: bool = True) -> Stopped:
+    """Stop one of the cluster's processes, with everything it started: SIGKILL when `crash`
+    (no clean-up, as a crash or the OOM killer ends it), else SIGTERM first. For tests of how
+    the rest of the cluster and the operator live through its absence."""
+    with _exclusive():
+        current = Cluster.load()
+        if current is None or name not in current.commands:
+            raise ValueError(f"no {name} to stop (a cluster started before restarts existed?)")
+        pid = current.pids[name]
+        # Its environment as it was started: a process restarted by a test session must not
+        # carry that session's mark (tests/conftest.py) unless it did already.
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
+        if crash:
+            groups = _groups_under(pid)
+            _signal_groups(groups, signal.SIGKILL)
+            if not _ended(groups, 10):
+                raise RuntimeError(f"{name} still runs after SIGKILL")
+        else:
+            _stop(name, pid)
+        return Stopped(name=name, argv=current.commands[name], env=env)
+
+
+def start_process(cluster: Cluster, stopped: Stopped) -> None:
+    """Start a process stop_process stopped, with the same arguments (so the same port, data
+    and certificates) and environment, record its new pid (in `cluster` too), and wait until
+    it serves again."""
+    with _exclusive():
+        current = Cluster.load()
+        if current is None:
+            raise ValueError("the cluster is down")
+        pid = _start(stopped.name, stopped.argv, stopped.env)
+        current.pids[stopped.name] = pid
+        current.save()
+        cluster.pids[stopped.name] = pid
+    logs = STATE_DIR / "logs"
+    log_file = logs / f"{stopped.name}.log"
+    if stopped.name == "kube-apiserver":
+        _wait(stopped.name, lambda: _api_ready(cluster.api_url), 90, pid, log_file)
+    elif stopped.name == "mlflow":
+        _wait(stopped.name, lambda: _http_ok(f"{cluster.mlflow_url}/health"), 120, pid, log_file)
+    elif not process_alive(pid):
+        raise RuntimeError(f"{stopped.name} exited at once; see {log_file}")
+    log(f"{stopped.name} started again (pid {pid})")
 
 
 def session_processes(mark: str, value: str) -> dict[int, str]:
