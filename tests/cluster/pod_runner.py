@@ -4,11 +4,13 @@ The real Job controller and scheduler put pods on `local-gpu-0`; this process st
 container's command and args with the pod's environment, reports Running, then Succeeded or
 Failed by exit code with the termination message, and ends the process when the pod is deleted
 (SIGTERM, then SIGKILL after the grace period) and reports how it ended before the deletion
-finishes, as a kubelet would. Images are ignored: the command runs with this machine's PATH (the
-project's virtualenv first) and file system, except that a container with PersistentVolumeClaim
-mounts or a pod subdomain runs in a private mount namespace with each claim's hostPath volume
-bind-mounted at its mountPath and, for a subdomain, an /etc/hosts resolving the DNS names of the
-pod and its Indexed Job's other pods to 127.0.0.1 (every local pod shares this machine's loopback).
+finishes, as a kubelet would. A container's processes end with its main one, as they would in
+its PID namespace: what is left of its process group is killed then. Images are ignored: the
+command runs with this machine's PATH (the project's virtualenv first) and file system, except
+that a container with PersistentVolumeClaim mounts or a pod subdomain runs in a private mount
+namespace with each claim's hostPath volume bind-mounted at its mountPath and, for a subdomain,
+an /etc/hosts resolving the DNS names of the pod and its Indexed Job's other pods to 127.0.0.1
+(every local pod shares this machine's loopback).
 
 Per pod, under WORKDIR/<namespace>/<pod>/: <container>.log (stdout and stderr) and
 <container>.termination-log (the container's termination message file, also handed to the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import logging
 import os
 import re
@@ -335,6 +338,11 @@ class PodRunner:
         statuses = []
         for container in running.containers:
             code = container.process.wait()
+            # A container ends with its main process: the kernel kills whatever else runs in
+            # its PID namespace. Here that is the rest of its process group (a worker deaf to
+            # SIGTERM, say), which would otherwise outlive the pod.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(container.process.pid, signal.SIGKILL)
             statuses.append((container, code))
         with self.lock:
             # From now on a deletion finishes at once: there is nothing left to stop.
