@@ -6,7 +6,8 @@ best effort (one try per call, as lora_trainer.tracking does after its retries):
 cannot reach the tracking server still trains and reports its result in the termination
 message. It appends "start TRIAL PID" (and "worker TRIAL PID" for its worker) to --trace.
 With --worker it first starts a child process that ignores SIGTERM, as a data-loader worker
-stuck in I/O would: ending the trial must end that process too.
+stuck in I/O would: ending the trial must end that process too. With --start-after FILE it
+waits for FILE before it starts its MLflow run (a test's cue).
 """
 
 import argparse
@@ -30,6 +31,7 @@ parser.add_argument("--rank", type=int, required=True)
 parser.add_argument("--seconds", type=float, required=True)
 parser.add_argument("--trace", required=True)
 parser.add_argument("--worker", action="store_true")
+parser.add_argument("--start-after", default="")
 args = parser.parse_args()
 
 trial = os.environ["LORASWEEP_TRIAL"]
@@ -40,6 +42,8 @@ if args.worker:
 with open(args.trace, "a") as trace:
     trace.write("".join(f"{line}\n" for line in lines))
 
+while args.start_after and not os.path.exists(args.start_after):
+    time.sleep(0.1)
 loss = (args.rank - 3) ** 2 / 10 + 0.1
 run_id = None
 if os.environ.get("MLFLOW_TRACKING_URI"):

@@ -202,18 +202,21 @@ def test_mlflow_stopped_mid_sweep_loses_no_result_and_catches_up(
     operator: OperatorProcess, cluster, custom, namespace, mlflow_uri, tmp_path
 ):
     """MLflow stops while trials run (local processes, 2 at a time): trial 0 ended before,
-    trial 1 runs with its MLflow run, trial 2 (the best, rank 3) starts and ends during the
-    outage with its result only in its termination message, trial 3 starts during it. The
+    trial 1 runs with its MLflow run, trial 2 (the best, rank 3) waits for the outage, then
+    ends during it with its result only in its termination message, trial 3 starts during it.
+    The
     sweep's time budget is then cut, so the operator stops trials 1 and 3 and ends the sweep
     while MLflow is still down. Once MLflow is back on the same store, the parent run is
     closed with the best trial and the stopped trial's run says why it was stopped."""
     experiment = f"chaos-{uuid.uuid4().hex[:8]}"
-    # Trials 1 and 3 run until stopped; 0 and 2 take a second.
+    # Trials 1 and 3 run until stopped; 0 and 2 take a second, 2 once MLflow is down.
     seconds = "{{ 600 if trial.index in (1, 3) else 1 }}"
+    down = tmp_path / "mlflow-down"
+    start_after = f"{{{{ '{down}' if trial.index == 2 else '' }}}}"
     spec = chaos_trials(
         [1, 2, 3, 4],
         2,
-        [f"--seconds={seconds}", f"--trace={tmp_path / 'trace'}"],
+        [f"--seconds={seconds}", f"--start-after={start_after}", f"--trace={tmp_path / 'trace'}"],
         mlflow={"trackingUri": mlflow_uri, "experimentName": experiment},
     )
     custom.create_namespaced_custom_object(
@@ -236,6 +239,7 @@ def test_mlflow_stopped_mid_sweep_loses_no_result_and_catches_up(
 
     experiment_id = wait_for(ready_for_the_outage, 120, "trial 0 done and trial 1's MLflow run")
     with outage(cluster, "mlflow", crash=False):
+        down.touch()
         wait_for(
             lambda: counts().get("succeeded") == 2 and counts().get("running") == 2,
             120,
