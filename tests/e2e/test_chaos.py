@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from kubernetes import client
 from mlflow import MlflowClient
 from mlflow import artifacts as mlflow_artifacts
@@ -35,6 +36,13 @@ SEED = int(os.environ.get("LORASWEEP_CHAOS_SEED", DEFAULT_SEED))
 REPLAY = f"replay with LORASWEEP_CHAOS_SEED={SEED}"
 CHAOS_PROGRAM = Path(__file__).with_name("chaos_program.py")
 POD_ANNOTATIONS_LINE = "      annotations: {{ pod.annotations | yaml }}\n"
+
+
+@pytest.fixture(autouse=True)
+def chaos_seed() -> int:
+    """The seed, printed: pytest shows it with any failure of these tests, timeouts included."""
+    print(f"chaos seed {SEED}: {REPLAY}")
+    return SEED
 
 
 def rng(test: str) -> random.Random:
@@ -208,6 +216,7 @@ def test_mlflow_stopped_mid_sweep_loses_no_result_and_catches_up(
     sweep's time budget is then cut, so the operator stops trials 1 and 3 and ends the sweep
     while MLflow is still down. Once MLflow is back on the same store, the parent run is
     closed with the best trial and the stopped trial's run says why it was stopped."""
+    choices = rng("mlflow")
     experiment = f"chaos-{uuid.uuid4().hex[:8]}"
     # Trials 1 and 3 run until stopped; 0 and 2 take a second, 2 once MLflow is down.
     seconds = "{{ 600 if trial.index in (1, 3) else 1 }}"
@@ -255,6 +264,7 @@ def test_mlflow_stopped_mid_sweep_loses_no_result_and_catches_up(
             60,
             "the operator to find MLflow down",
         )
+        time.sleep(choices.uniform(0.0, 3.0))  # down a while longer
 
     result = ended["status"]
     assert result["phase"] == "Succeeded", result
@@ -309,6 +319,7 @@ def test_deleting_a_sweep_mid_run_leaves_no_process_or_object(
     wait_for(workers, 120, "2 trials with their workers")
     pids = [int(line.split()[2]) for line in trace.read_text().splitlines()]
     assert len(devcluster.session_processes("CHAOS_SWEEP_MARK", mark)) == 4
+    time.sleep(rng("delete").uniform(0.0, 2.0))  # the trials get going
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "doomed")
 
     def sweep_gone() -> bool:
