@@ -57,6 +57,12 @@ rules:
 - level: None
 """
 HERE = Path(__file__).resolve().parent
+# What the operator and trainer images set, for the same programs run here from the virtualenv
+# (the operator, MLflow, the pod runner and so the trials). Without it MLflow's telemetry thread
+# unsets a variable of os.environ while an MLflow call reads os.environ (requests' proxy
+# lookup), and that call fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID': a trial program
+# crashed so, failing its trial.
+IMAGE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 SIM_NODES = {"sim-gpu-0": 4, "sim-gpu-1": 4}
 LOCAL_NODE = "local-gpu-0"
@@ -203,7 +209,7 @@ def _start(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=env,
+            env={**(os.environ if env is None else env), **IMAGE_ENV},
             cwd=REPO,
         )
     return process.pid
