@@ -153,15 +153,21 @@ def test_operator_killed_ten_times_loses_and_duplicates_no_trial(
 
 
 def test_apiserver_killed_mid_sweep_the_operator_reconnects_by_itself(
-    operator: OperatorProcess, cluster, custom, batch, namespace
+    operator: OperatorProcess, cluster, custom, batch, namespace, tmp_path
 ):
-    """The apiserver is SIGKILLed while 20 simulated trials run 4 at a time, and started
-    again on the same port and etcd: the same operator process (its watches reconnect) and
-    the cluster's controllers finish the sweep, each trial once."""
+    """The apiserver is SIGKILLed while 20 simulated trials run 4 at a time, and 2 local
+    trials (real processes) end while it is down; it is started again on the same port and
+    etcd. The same operator process (its watches reconnect), the pod runner and the cluster's
+    controllers finish both sweeps, each trial once, with every result."""
     choices = rng("apiserver")
     spec, best_rank = known_sim_sweep(20, 4, choices)
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("outage", spec)
+    )
+    trace, cue = tmp_path / "trace", tmp_path / "apiserver-down"
+    local = chaos_trials([2, 3], 2, ["--seconds=0", f"--start-after={cue}", f"--trace={trace}"])
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("local", local)
     )
     created = choices.randint(4, 12)
     wait_for(
@@ -170,8 +176,16 @@ def test_apiserver_killed_mid_sweep_the_operator_reconnects_by_itself(
         f"{created} Jobs before the apiserver goes ({REPLAY})",
         interval=0.05,
     )
+
+    def local_pids() -> list[int]:
+        lines = trace.read_text().splitlines() if trace.exists() else []
+        return [int(line.split()[2]) for line in lines] if len(lines) == 2 else []
+
+    pids = wait_for(local_pids, 120, "the local trials' processes")
     with outage(cluster, "kube-apiserver", crash=True):
-        time.sleep(choices.uniform(0.5, 3.0))  # trials end meanwhile; nobody can say so
+        cue.touch()  # the local trials end now; nobody can tell the apiserver
+        wait_for(lambda: not any(map(process_alive, pids)), 60, "the local trials to end")
+        time.sleep(choices.uniform(0.5, 3.0))  # simulated trials end meanwhile too
 
     status = wait_for_phase(custom, namespace, "outage", ("Succeeded", "Failed"), 180)["status"]
     assert operator.process is not None and operator.process.poll() is None, "operator exited"
@@ -179,6 +193,9 @@ def test_apiserver_killed_mid_sweep_the_operator_reconnects_by_itself(
     assert_each_trial_once(batch, namespace, "outage", 20)
     assert status["trials"]["succeeded"] == 20, f"{status['trials']} ({REPLAY})"
     assert status["bestTrial"]["parameters"] == {"lora_rank": best_rank}, REPLAY
+    local_status = wait_for_phase(custom, namespace, "local", ("Succeeded", "Failed"), 60)
+    assert local_status["status"]["trials"]["succeeded"] == 2, local_status["status"]
+    assert local_status["status"]["bestTrial"]["value"] == 0.1, local_status["status"]
     assert devcluster.Cluster.load().healthy(), "the cluster did not recover"
 
 
