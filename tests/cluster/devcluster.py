@@ -116,7 +116,7 @@ class Cluster:
     bin_dir: str
     pids: dict[str, int]
     kueue_dir: str = ""
-    # The command line each process was started with, by name: what restart_process runs.
+    # The command line each process was started with, by name: what start_process runs again.
     commands: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
@@ -197,6 +197,10 @@ def _wait(what: str, check, timeout: float, pid: int | None = None, log_file: Pa
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s (log: {log_file})")
 
 
+# The command line of each process _start started, by pid: what Cluster.commands keeps of it.
+_started_commands: dict[int, list[str]] = {}
+
+
 def _start(
     name: str, argv: list[str], env: dict[str, str] | None = None, log_file: Path | None = None
 ) -> int:
@@ -212,6 +216,7 @@ def _start(
             env={**(os.environ if env is None else env), **IMAGE_ENV},
             cwd=REPO,
         )
+    _started_commands[process.pid] = argv
     return process.pid
 
 
@@ -544,61 +549,66 @@ def _start_all(
     _make_certs()
     (STATE_DIR / "audit-policy.yaml").write_text(AUDIT_POLICY)
 
-    def start(name: str, argv: list[str], env: dict[str, str] | None = None) -> int:
-        pid = _start(name, argv, env)
+    def record(name: str, pid: int) -> int:
         pids[name] = pid
-        cluster.commands[name] = argv
+        cluster.commands[name] = _started_commands[pid]
         cluster.save()
         return pid
 
     etcd_url = f"http://127.0.0.1:{etcd_port}"
     peer_url = f"http://127.0.0.1:{peer_port}"
-    pid = start(
+    pid = record(
         "etcd",
-        [
-            f"{bin_dir}/etcd",
-            "--name=default",
-            f"--data-dir={STATE_DIR / 'etcd'}",
-            f"--listen-client-urls={etcd_url}",
-            f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}",
-            f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=default={peer_url}",
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-            "--quota-backend-bytes=4294967296",
-        ],
+        _start(
+            "etcd",
+            [
+                f"{bin_dir}/etcd",
+                "--name=default",
+                f"--data-dir={STATE_DIR / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+                "--quota-backend-bytes=4294967296",
+            ],
+        ),
     )
     _wait("etcd", lambda: _http_ok(f"{etcd_url}/health"), 30, pid, logs / "etcd.log")
 
-    pid = start(
+    pid = record(
         "kube-apiserver",
-        [
-            f"{bin_dir}/kube-apiserver",
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={api_port}",
-            f"--client-ca-file={certs / 'ca.crt'}",
-            f"--tls-cert-file={certs / 'apiserver.crt'}",
-            f"--tls-private-key-file={certs / 'apiserver.key'}",
-            f"--service-account-key-file={certs / 'sa.pub'}",
-            f"--service-account-signing-key-file={certs / 'sa.key'}",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            "--service-cluster-ip-range=10.96.0.0/16",
-            "--authorization-mode=RBAC",
-            # Scheduler and controller-manager read this CA at start; without it they log noise.
-            f"--requestheader-client-ca-file={certs / 'ca.crt'}",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            "--requestheader-allowed-names=front-proxy-client",
-            "--profiling=false",
-            f"--audit-policy-file={STATE_DIR / 'audit-policy.yaml'}",
-            f"--audit-log-path={AUDIT_LOG}",
-            "--audit-log-format=json",
-            "--v=1",
-        ],
+        _start(
+            "kube-apiserver",
+            [
+                f"{bin_dir}/kube-apiserver",
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--client-ca-file={certs / 'ca.crt'}",
+                f"--tls-cert-file={certs / 'apiserver.crt'}",
+                f"--tls-private-key-file={certs / 'apiserver.key'}",
+                f"--service-account-key-file={certs / 'sa.pub'}",
+                f"--service-account-signing-key-file={certs / 'sa.key'}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                "--service-cluster-ip-range=10.96.0.0/16",
+                "--authorization-mode=RBAC",
+                # Scheduler and controller-manager read this CA at start; without it they log noise.
+                f"--requestheader-client-ca-file={certs / 'ca.crt'}",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                "--requestheader-allowed-names=front-proxy-client",
+                "--profiling=false",
+                f"--audit-policy-file={STATE_DIR / 'audit-policy.yaml'}",
+                f"--audit-log-path={AUDIT_LOG}",
+                "--audit-log-format=json",
+                "--v=1",
+            ],
+        ),
     )
     _wait(
         "kube-apiserver", lambda: _api_ready(cluster.api_url), 90, pid, logs / "kube-apiserver.log"
@@ -606,80 +616,95 @@ def _start_all(
     _write_kubeconfig(cluster.api_url, KUBECONFIG, "admin")
     _write_kubeconfig(cluster.api_url, OPERATOR_KUBECONFIG, "operator")
 
-    pid = start(
+    pid = record(
         "kube-controller-manager",
-        [
-            f"{bin_dir}/kube-controller-manager",
-            f"--kubeconfig={KUBECONFIG}",
-            f"--authentication-kubeconfig={KUBECONFIG}",
-            f"--authorization-kubeconfig={KUBECONFIG}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={cm_port}",
-            "--leader-elect=false",
-            f"--controllers={CONTROLLERS}",
-            f"--service-account-private-key-file={certs / 'sa.key'}",
-            f"--root-ca-file={certs / 'ca.crt'}",
-            "--use-service-account-credentials=false",
-            "--profiling=false",
-        ],
+        _start(
+            "kube-controller-manager",
+            [
+                f"{bin_dir}/kube-controller-manager",
+                f"--kubeconfig={KUBECONFIG}",
+                f"--authentication-kubeconfig={KUBECONFIG}",
+                f"--authorization-kubeconfig={KUBECONFIG}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={cm_port}",
+                "--leader-elect=false",
+                f"--controllers={CONTROLLERS}",
+                f"--service-account-private-key-file={certs / 'sa.key'}",
+                f"--root-ca-file={certs / 'ca.crt'}",
+                "--use-service-account-credentials=false",
+                "--profiling=false",
+            ],
+        ),
     )
-    pid = start(
+    pid = record(
         "kube-scheduler",
-        [
-            f"{bin_dir}/kube-scheduler",
-            f"--kubeconfig={KUBECONFIG}",
-            f"--authentication-kubeconfig={KUBECONFIG}",
-            f"--authorization-kubeconfig={KUBECONFIG}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={sched_port}",
-            "--leader-elect=false",
-            "--profiling=false",
-        ],
+        _start(
+            "kube-scheduler",
+            [
+                f"{bin_dir}/kube-scheduler",
+                f"--kubeconfig={KUBECONFIG}",
+                f"--authentication-kubeconfig={KUBECONFIG}",
+                f"--authorization-kubeconfig={KUBECONFIG}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={sched_port}",
+                "--leader-elect=false",
+                "--profiling=false",
+            ],
+        ),
     )
-    start(
+    record(
         "kwok",
-        [
-            f"{bin_dir}/kwok",
-            f"--kubeconfig={KUBECONFIG}",
-            f"--config={HERE / 'kwok-stages.yaml'}",
-            "--manage-all-nodes=false",
-            "--manage-nodes-with-label-selector=lorasweep.io/node-mode=sim",
-            "--node-ip=127.0.0.1",
-            "--cidr=10.244.0.1/16",
-            f"--server-address=127.0.0.1:{kwok_port}",
-        ],
+        _start(
+            "kwok",
+            [
+                f"{bin_dir}/kwok",
+                f"--kubeconfig={KUBECONFIG}",
+                f"--config={HERE / 'kwok-stages.yaml'}",
+                "--manage-all-nodes=false",
+                "--manage-nodes-with-label-selector=lorasweep.io/node-mode=sim",
+                "--node-ip=127.0.0.1",
+                "--cidr=10.244.0.1/16",
+                f"--server-address=127.0.0.1:{kwok_port}",
+            ],
+        ),
     )
     create_nodes(SIM_NODES, "sim")
     create_nodes({LOCAL_NODE: LOCAL_NODE_GPUS}, "local")
 
     runner_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    start(
+    record(
         "pod-runner",
-        [
-            sys.executable,
-            str(HERE / "pod_runner.py"),
-            f"--kubeconfig={KUBECONFIG}",
-            f"--node={LOCAL_NODE}",
-            f"--workdir={STATE_DIR / 'pods'}",
-        ],
-        env=runner_env,
+        _start(
+            "pod-runner",
+            [
+                sys.executable,
+                str(HERE / "pod_runner.py"),
+                f"--kubeconfig={KUBECONFIG}",
+                f"--node={LOCAL_NODE}",
+                f"--workdir={STATE_DIR / 'pods'}",
+            ],
+            env=runner_env,
+        ),
     )
 
     start_kueue(cluster)
 
     mlflow_dir = STATE_DIR / "mlflow"
     mlflow_dir.mkdir()
-    pid = start(
+    pid = record(
         "mlflow",
-        [
-            str(Path(sys.executable).parent / "mlflow"),
-            "server",
-            f"--backend-store-uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
-            f"--artifacts-destination={mlflow_dir / 'artifacts'}",
-            "--host=127.0.0.1",
-            f"--port={mlflow_port}",
-            "--workers=1",
-        ],
+        _start(
+            "mlflow",
+            [
+                str(Path(sys.executable).parent / "mlflow"),
+                "server",
+                f"--backend-store-uri=sqlite:///{mlflow_dir / 'mlflow.db'}",
+                f"--artifacts-destination={mlflow_dir / 'artifacts'}",
+                "--host=127.0.0.1",
+                f"--port={mlflow_port}",
+                "--workers=1",
+            ],
+        ),
     )
     _wait("mlflow", lambda: _http_ok(f"{cluster.mlflow_url}/health"), 120, pid, logs / "mlflow.log")
     from kubernetes import client, config
@@ -770,10 +795,13 @@ def start_kueue(cluster: Cluster) -> None:
     METRICS_CERTS.mkdir(parents=True, exist_ok=True)
     argv = [str(kueue_dir / "kueue"), f"--config={home / 'config.yaml'}"]
     script = f'mount --bind {home / "certs"} {METRICS_CERTS} && exec "$@"'
-    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
-    pid = _start("kueue", argv, env={**os.environ, "KUBECONFIG": str(KUBECONFIG)})
+    pid = _start(
+        "kueue",
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv],
+        env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
+    )
     cluster.pids["kueue"] = pid
-    cluster.commands["kueue"] = argv
+    cluster.commands["kueue"] = _started_commands[pid]
     cluster.save()
     ready = f"http://127.0.0.1:{health_port}/readyz"
     _wait("kueue", lambda: _http_ok(ready), 90, pid, logs / "kueue.log")
