@@ -25,6 +25,9 @@ LEFTOVER_GRACE_SECONDS = 10.0
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     os.environ[SESSION_MARK] = str(os.getpid())
+    # As the project's images and the dev cluster's processes have it (devcluster.IMAGE_ENV),
+    # for the tests' own MLflow clients and the operators they start.
+    os.environ.update(devcluster.IMAGE_ENV)
 
 
 @pytest.hookimpl(trylast=True)

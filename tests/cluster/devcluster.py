@@ -7,7 +7,8 @@ the `sim` GPU nodes), the pod runner (running pods of `local-gpu-0` as local pro
 (its CRDs, its manager and webhooks, the ClusterQueue `gpus`) and an MLflow server, each on a
 free loopback port, then writes `.cluster/kubeconfig` and `.cluster/env`. Every process is
 recorded by pid in `.cluster/state.json`, which is what `down` stops, with its process group
-and those of its descendants; `up` on a healthy cluster does nothing.
+and those of its descendants; `up` on a healthy cluster does nothing. Tests stop one of them
+and start it again as it was (`stop_process`, `start_process`: same arguments, port and data).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,6 +57,12 @@ rules:
 - level: None
 """
 HERE = Path(__file__).resolve().parent
+# What the operator and trainer images set, for the same programs run here from the virtualenv
+# (the operator, MLflow, the pod runner and so the trials). Without it MLflow's telemetry thread
+# unsets a variable of os.environ while an MLflow call reads os.environ (requests' proxy
+# lookup), and that call fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID': a trial program
+# crashed so, failing its trial.
+IMAGE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 SIM_NODES = {"sim-gpu-0": 4, "sim-gpu-1": 4}
 LOCAL_NODE = "local-gpu-0"
@@ -109,6 +116,8 @@ class Cluster:
     bin_dir: str
     pids: dict[str, int]
     kueue_dir: str = ""
+    # The command line each process was started with, by name: what start_process runs again.
+    commands: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> Cluster | None:
@@ -188,6 +197,10 @@ def _wait(what: str, check, timeout: float, pid: int | None = None, log_file: Pa
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s (log: {log_file})")
 
 
+# The command line of each process _start started, by pid: what Cluster.commands keeps of it.
+_started_commands: dict[int, list[str]] = {}
+
+
 def _start(
     name: str, argv: list[str], env: dict[str, str] | None = None, log_file: Path | None = None
 ) -> int:
@@ -200,9 +213,10 @@ def _start(
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=env,
+            env={**(os.environ if env is None else env), **IMAGE_ENV},
             cwd=REPO,
         )
+    _started_commands[process.pid] = argv
     return process.pid
 
 
@@ -537,6 +551,7 @@ def _start_all(
 
     def record(name: str, pid: int) -> int:
         pids[name] = pid
+        cluster.commands[name] = _started_commands[pid]
         cluster.save()
         return pid
 
@@ -794,6 +809,7 @@ def start_kueue(cluster: Cluster) -> None:
         env={**os.environ, "KUBECONFIG": str(KUBECONFIG)},
     )
     cluster.pids["kueue"] = pid
+    cluster.commands["kueue"] = _started_commands[pid]
     cluster.save()
     ready = f"http://127.0.0.1:{health_port}/readyz"
     _wait("kueue", lambda: _http_ok(ready), 90, pid, logs / "kueue.log")
@@ -977,6 +993,61 @@ def _signal_groups(groups: set[int], signum: int) -> None:
     for pgid in groups:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signum)
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A cluster process stopped by stop_process: how to start it again as it was."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def stop_process(cluster: Cluster, name: str, crash: bool = True) -> Stopped:
+    """Stop one of the cluster's processes, with everything it started: SIGKILL when `crash`
+    (no clean-up, as a crash or the OOM killer ends it), else SIGTERM first. For tests of how
+    the rest of the cluster and the operator live through its absence."""
+    with _exclusive():
+        current = Cluster.load()
+        if current is None or name not in current.commands:
+            raise ValueError(f"no {name} to stop (a cluster started before restarts existed?)")
+        pid = current.pids[name]
+        # Its environment as it was started: a process restarted by a test session must not
+        # carry that session's mark (tests/conftest.py) unless it did already.
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        env = dict(e.decode().split("=", 1) for e in environ if b"=" in e)
+        if crash:
+            groups = _groups_under(pid)
+            _signal_groups(groups, signal.SIGKILL)
+            if not _ended(groups, 10):
+                raise RuntimeError(f"{name} still runs after SIGKILL")
+        else:
+            _stop(name, pid)
+        return Stopped(name=name, argv=current.commands[name], env=env)
+
+
+def start_process(cluster: Cluster, stopped: Stopped) -> None:
+    """Start a process stop_process stopped, with the same arguments (so the same port, data
+    and certificates) and environment, record its new pid (in `cluster` too), and wait until
+    it serves again."""
+    with _exclusive():
+        current = Cluster.load()
+        if current is None:
+            raise ValueError("the cluster is down")
+        pid = _start(stopped.name, stopped.argv, stopped.env)
+        current.pids[stopped.name] = pid
+        current.save()
+        cluster.pids[stopped.name] = pid
+    logs = STATE_DIR / "logs"
+    log_file = logs / f"{stopped.name}.log"
+    if stopped.name == "kube-apiserver":
+        _wait(stopped.name, lambda: _api_ready(cluster.api_url), 90, pid, log_file)
+    elif stopped.name == "mlflow":
+        _wait(stopped.name, lambda: _http_ok(f"{cluster.mlflow_url}/health"), 120, pid, log_file)
+    elif not process_alive(pid):
+        raise RuntimeError(f"{stopped.name} exited at once; see {log_file}")
+    log(f"{stopped.name} started again (pid {pid})")
 
 
 def session_processes(mark: str, value: str) -> dict[int, str]:

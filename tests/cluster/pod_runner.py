@@ -4,11 +4,13 @@ The real Job controller and scheduler put pods on `local-gpu-0`; this process st
 container's command and args with the pod's environment, reports Running, then Succeeded or
 Failed by exit code with the termination message, and ends the process when the pod is deleted
 (SIGTERM, then SIGKILL after the grace period) and reports how it ended before the deletion
-finishes, as a kubelet would. Images are ignored: the command runs with this machine's PATH (the
-project's virtualenv first) and file system, except that a container with PersistentVolumeClaim
-mounts or a pod subdomain runs in a private mount namespace with each claim's hostPath volume
-bind-mounted at its mountPath and, for a subdomain, an /etc/hosts resolving the DNS names of the
-pod and its Indexed Job's other pods to 127.0.0.1 (every local pod shares this machine's loopback).
+finishes, as a kubelet would. A container's processes end with its main one, as they would in
+its PID namespace: what is left of its process group is killed then. Images are ignored: the
+command runs with this machine's PATH (the project's virtualenv first) and file system, except
+that a container with PersistentVolumeClaim mounts or a pod subdomain runs in a private mount
+namespace with each claim's hostPath volume bind-mounted at its mountPath and, for a subdomain,
+an /etc/hosts resolving the DNS names of the pod and its Indexed Job's other pods to 127.0.0.1
+(every local pod shares this machine's loopback).
 
 Per pod, under WORKDIR/<namespace>/<pod>/: <container>.log (stdout and stderr) and
 <container>.termination-log (the container's termination message file, also handed to the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import logging
 import os
 import re
@@ -27,16 +30,19 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
 MAX_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+RETRY_SECONDS = 1.0  # between tries of an API write the apiserver could not take
 log = logging.getLogger("pod-runner")
 
 
@@ -335,6 +341,11 @@ class PodRunner:
         statuses = []
         for container in running.containers:
             code = container.process.wait()
+            # A container ends with its main process: the kernel kills whatever else runs in
+            # its PID namespace. Here that is the rest of its process group (a worker deaf to
+            # SIGTERM, say), which would otherwise outlive the pod.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(container.process.pid, signal.SIGKILL)
             statuses.append((container, code))
         with self.lock:
             # From now on a deletion finishes at once: there is nothing left to stop.
@@ -426,10 +437,17 @@ class PodRunner:
                     return
                 running.terminating = True
         if running is None:
-            if finalize:
-                self._finalize_deletion(
-                    RunningPod(pod.metadata.namespace, pod.metadata.name, pod.metadata.uid)
-                )
+            if not finalize:
+                return
+            phase = pod.status.phase if pod.status else None
+            if pod.metadata.uid not in self.handled and phase not in ("Succeeded", "Failed"):
+                # Not run by this runner (it restarted while the pod ran): its end must reach
+                # the API all the same, or the Job's tracking finalizer keeps the deleted pod,
+                # and its GPUs, for ever. (A pod this runner ran reports its own end.)
+                self._report_failed_start(pod, "the pod runner restarted while this pod ran")
+            self._finalize_deletion(
+                RunningPod(pod.metadata.namespace, pod.metadata.name, pod.metadata.uid)
+            )
             return
         grace = pod.metadata.deletion_grace_period_seconds
         grace = 30 if grace is None else grace
@@ -439,7 +457,7 @@ class PodRunner:
             ).start()
 
     def _finalize_deletion(self, running: RunningPod) -> None:
-        try:
+        def delete() -> None:
             self.api.delete_namespaced_pod(
                 running.name,
                 running.namespace,
@@ -448,23 +466,18 @@ class PodRunner:
                     grace_period_seconds=0, preconditions=client.V1Preconditions(uid=running.uid)
                 ),
             )
-        except ApiException as error:
-            if error.status not in (404, 409):
-                log.warning(
-                    "cannot finish deleting %s/%s: %s",
-                    running.namespace,
-                    running.name,
-                    error.reason,
-                )
+
+        # 409: the uid precondition failed, a new pod of that name is not ours to delete.
+        _until_accepted(delete, f"finish deleting {running.namespace}/{running.name}", (404, 409))
 
     def _patch_status(self, running: RunningPod, status: dict) -> None:
-        try:
-            self.api.patch_namespaced_pod_status(
+        _until_accepted(
+            lambda: self.api.patch_namespaced_pod_status(
                 running.name, running.namespace, {"status": status}
-            )
-        except ApiException as error:
-            if error.status != 404:
-                log.warning("cannot patch %s/%s: %s", running.namespace, running.name, error.reason)
+            ),
+            f"patch {running.namespace}/{running.name}",
+            (404,),
+        )
 
     # --- the watch ---------------------------------------------------------------------------
 
@@ -515,6 +528,28 @@ class PodRunner:
             except Exception:
                 log.exception("watch failed; listing again")
                 time.sleep(1)
+
+
+def _until_accepted(call: Callable[[], object], what: str, done_codes: tuple[int, ...]) -> None:
+    """Make an API write, again and again while the apiserver cannot take it (down,
+    restarting, overloaded), as a kubelet's status manager does: a pod whose end never reaches
+    the API would leave its Job running for ever. `done_codes` end it as well as success does
+    (the pod is gone); another refusal is logged and dropped."""
+    while True:
+        try:
+            call()
+            return
+        except ApiException as error:
+            if error.status in done_codes:
+                return
+            if error.status != 429 and error.status < 500:
+                log.warning("cannot %s: %s", what, error.reason)
+                return
+            reason = f"{error.status} {error.reason}"
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            reason = str(error)
+        log.warning("cannot %s yet (%s); trying again", what, reason)
+        time.sleep(RETRY_SECONDS)
 
 
 def _image(pod: client.V1Pod, container_name: str) -> str:

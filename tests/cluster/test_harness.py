@@ -404,6 +404,30 @@ def test_deleting_a_local_job_terminates_its_process(batch, core, namespace, tmp
     wait_for(lambda: job_pod(core, namespace, "sleeper") is None, 30, "the pod to be gone")
 
 
+LEAVES_A_WORKER = """
+import os, subprocess, sys
+deaf = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+worker = subprocess.Popen([sys.executable, "-c", deaf])
+open(os.environ["PID_FILE"], "w").write(str(worker.pid))
+"""
+
+
+def test_a_local_containers_processes_end_with_its_main_process(batch, core, namespace, tmp_path):
+    """As in a container's PID namespace, a worker the main process leaves behind (one deaf to
+    SIGTERM, even) ends when the main process does."""
+    pid_file = tmp_path / "pid"
+    job = one_gpu_job(
+        "leaver",
+        "local",
+        command=[sys.executable, "-c", LEAVES_A_WORKER],
+        env=[{"name": "PID_FILE", "value": str(pid_file)}],
+    )
+    batch.create_namespaced_job(namespace, job)
+    assert job_condition(batch, namespace, "leaver") == "Complete"
+    worker = int(pid_file.read_text())
+    wait_for(lambda: not process_alive(worker), 10, f"the worker {worker} to end")
+
+
 RUN_UNTIL_DISRUPTED = """
 import os, sys, time
 marker = os.environ["MARKER"]
