@@ -170,7 +170,8 @@ class TrainingArguments(_Arguments):
     early_stopping_patience: int | None = Field(
         None,
         gt=0,
-        description="Stop after this many evaluations without a lower eval_loss; unset: never.",
+        description="Stop after this many evaluations without a lower eval_loss (lower by more "
+        "than one part in a million: float noise is no improvement); unset: never.",
     )
     fsdp: str = Field(
         "",

@@ -55,6 +55,8 @@ ADAPTER_ARTIFACT_TAG = "lorasweep.adapter_artifact"
 
 # "on", or "off: <why>" when packing was asked for but this model lets packed examples mix.
 TAG_PACKING = "lorasweep.packing"
+# early_stopping_patience: the share by which eval_loss must fall to count as an improvement.
+MIN_IMPROVEMENT = 1e-6
 DTYPES: dict[str, Any] = {
     "auto": "auto",
     "float32": torch.float32,
@@ -375,7 +377,10 @@ class RunCallback(TrainerCallback):
 
     def _count_evaluation(self, eval_loss: float) -> bool:
         """Whether patience has run out with this evaluation."""
-        if eval_loss < self.best_eval_loss:
+        # float32 evaluation differs in its last digits from one run of nearly the same
+        # weights to the next: a change that small is noise, not an improvement. (eval_loss, a
+        # cross-entropy, is never negative; the first best is infinite.)
+        if eval_loss < self.best_eval_loss * (1 - MIN_IMPROVEMENT):
             self.best_eval_loss = eval_loss
             self.evals_without_improvement = 0
         else:
