@@ -13,6 +13,8 @@ def test_the_first_failed_workers_code_is_the_launchers():
     assert worker_exit_code([0, 2]) == 2
     assert worker_exit_code([4, 1]) == 4
     assert worker_exit_code([-15]) == 143  # killed by SIGTERM, as a shell reports it
+    # torchrun SIGTERMs rank 0 because rank 1 failed: rank 1's code is the cause
+    assert worker_exit_code([-15, 2]) == 2
 
 
 def test_a_configuration_error_under_two_processes_exits_2(tmp_path):

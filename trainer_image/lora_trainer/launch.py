@@ -18,10 +18,15 @@ from torch.distributed.run import get_args_parser, run
 
 
 def worker_exit_code(codes: Sequence[int]) -> int:
-    """The code the launcher exits with: the first failed worker's, as a shell reports it (a
-    worker killed by signal N reads 128 + N)."""
-    failed = [code if code >= 0 else 128 - code for code in codes if code != 0]
-    return failed[0] if failed else 1
+    """The code the launcher exits with: the first worker's that exited by itself, else the
+    first killed one's as a shell reports it (signal N reads 128 + N).
+
+    When one worker fails, torchrun SIGTERMs the others; a lower rank killed that way is a
+    consequence, and its 143 would hide the failing worker's code.
+    """
+    exited = [code for code in codes if code > 0]
+    killed = [128 - code for code in codes if code < 0]
+    return (exited + killed + [1])[0]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
