@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 from sweep_operator.api import SweepSpec  # noqa: E402
 from sweep_operator.naming import trial_name  # noqa: E402
 from sweep_operator.plan import plan  # noqa: E402
-from sweep_operator.space import trial_parameters  # noqa: E402
 from sweep_operator.trials import ObservedTrial, Point, TrialState  # noqa: E402
+from tests.unit.sweep_helpers import trial_parameters  # noqa: E402
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ALGORITHMS = ("grid", "random", "tpe")

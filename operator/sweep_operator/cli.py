@@ -2,7 +2,8 @@
 
 lorasweep render sweep.yaml [--template job.yaml.j2] [--limit N]
     print the trial Jobs a sweep would create, the headless Service of multi-node trials and
-    the model download Job of spec.trainer.modelCache, as YAML (a dry run, no cluster)
+    the model download Job of spec.trainer.modelCache, as YAML (a dry run, no cluster); trials
+    a model proposes from earlier results (tpe, bohb) are named on stderr, not rendered
 lorasweep refine SWEEP [-n NAMESPACE] [--top K] [--margin M] [--name NAME] [--max-trials N]
     print a narrower sweep around the best trials of SWEEP (read from the cluster of the current
     kubeconfig), warm-started from it; `lorasweep refine coarse | kubectl apply -f -`
@@ -18,6 +19,7 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,7 +27,7 @@ import yaml
 
 from lora_trainer.shape import ShapeError, model_shape, read_config, shape_yaml
 from sweep_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
-from sweep_operator.constraints import ConstraintError, planned_parameters, trial_indices
+from sweep_operator.constraints import ConstraintError
 from sweep_operator.crd import crd_yaml
 from sweep_operator.defaults import DefaultsError, trial_defaults
 from sweep_operator.naming import label_value, trial_name
@@ -38,6 +40,7 @@ from sweep_operator.render import (
     render_trial_job,
     render_trial_service,
 )
+from sweep_operator.search import suggester
 from sweep_operator.semantic import SweepInvalid, parse_spec, validate_sweep
 from sweep_operator.trials import LABEL_SWEEP, NewTrial, ObservedTrial, TrialState
 
@@ -69,12 +72,23 @@ def _sweeps(path: Path) -> Iterator[dict[str, Any]]:
         raise CliError(f"{path}: no {KIND} in the file")
 
 
+@dataclass(frozen=True)
+class DryRun:
+    """What `lorasweep render` shows of one sweep."""
+
+    objects: list[dict[str, Any]]
+    algorithm: str
+    # Trial indices whose parameters a model proposes once earlier trials have results.
+    proposed_later: list[int] = field(default_factory=list)
+
+
 def render_sweep(
     sweep: dict[str, Any], *, template: str | None = None, limit: int | None = None
-) -> list[dict[str, Any]]:
+) -> DryRun:
     """What the operator creates for a sweep manifest: the model download Job with
     spec.trainer.modelCache, the headless Service when its trials span several nodes, then its
-    trials' Jobs in index order (all of them unless `limit`)."""
+    trials' Jobs in index order (all of them unless `limit`), but for the trials the search
+    algorithm can only propose from earlier results."""
     metadata = sweep.get("metadata") or {}
     name = metadata.get("name")
     if not name:
@@ -88,17 +102,21 @@ def render_sweep(
         raise CliError(f"{KIND} {name} is invalid:\n  {problems}") from None
     except DefaultsError as error:
         raise CliError(str(error)) from None
-    indices = trial_indices(spec).indices
+    search = suggester(spec)
+    trials, later = [], []
     try:
-        trials = [
-            NewTrial(index=i, name=trial_name(name, i), parameters=planned_parameters(spec, i))
-            for i in indices[:limit]
-        ]
+        for i in search.indices().indices[:limit]:
+            parameters = search.fixed(i)
+            if parameters is None:
+                later.append(i)
+            else:
+                trials.append(NewTrial(index=i, name=trial_name(name, i), parameters=parameters))
     except ConstraintError as error:
         raise CliError(f"{KIND} {name}: {error}") from None
     first = [render_model_fetch_job(ref, spec), render_trial_service(ref, spec)]
     jobs = [render_trial_job(ref, spec, t, template=template) for t in trials]
-    return [obj for obj in first if obj] + jobs
+    objects = [obj for obj in first if obj] + jobs
+    return DryRun(objects=objects, algorithm=spec.algorithm.name, proposed_later=later)
 
 
 def cmd_render(args: argparse.Namespace, out: TextIO) -> None:
@@ -108,11 +126,18 @@ def cmd_render(args: argparse.Namespace, out: TextIO) -> None:
             template = Path(args.template).read_text()
         except OSError as error:
             raise CliError(f"{args.template}: {error.strerror or error}") from error
-    objects = [
-        obj
-        for sweep in _sweeps(Path(args.file))
-        for obj in render_sweep(sweep, template=template, limit=args.limit)
-    ]
+    objects = []
+    for sweep in _sweeps(Path(args.file)):
+        run = render_sweep(sweep, template=template, limit=args.limit)
+        objects += run.objects
+        if run.proposed_later:
+            first, last = run.proposed_later[0], run.proposed_later[-1]
+            print(
+                f"lorasweep: {sweep['metadata']['name']}: trials {first} to {last} "
+                f"({len(run.proposed_later)}) are not rendered: {run.algorithm} proposes their "
+                "parameters from the results of earlier trials while the sweep runs",
+                file=sys.stderr,
+            )
     out.write(yaml.safe_dump_all(objects, sort_keys=False, width=100))
 
 

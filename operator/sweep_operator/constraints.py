@@ -9,7 +9,7 @@ spec.constraints.maxGpuMemoryGiB never becomes a trial:
 - random, and tpe's startup trials: trial i draws again, attempt k with the seed
   (seed, i, k), up to MAX_DRAWS times; attempt 0 is the draw of a sweep without constraints.
 - tpe past its startup trials: the model is asked again with the point it proposed marked
-  infeasible, up to MAX_DRAWS times (`tpe.suggest`).
+  infeasible, up to MAX_DRAWS times (`search.tpe.suggest`).
 
 When nothing fits, or a trial's settings cannot be estimated, the sweep fails with a
 ConstraintError's reason and message (semantic.check_spec refuses the common cases at once).
@@ -28,12 +28,10 @@ from sweep_operator.memory import SETTINGS, Estimate, EstimateError, estimate, t
 from sweep_operator.space import (
     derived,
     grid_point,
-    grid_size,
     random_point,
+    random_trial,
     remembered,
     searched,
-    target_trials,
-    trial_parameters,
     with_derived,
 )
 
@@ -105,7 +103,7 @@ def drawn_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
     """Parameters of random trial `index` (or a tpe startup trial) that fit the limit."""
     limit = memory_limit(spec)
     if limit is None:
-        return trial_parameters(spec, index)
+        return random_trial(spec, index)
     key = (
         spec.model_dump_json(include={"algorithm", "parameters", "constraints"})
         + spec.trainer.model_dump_json(include={"config"}),
@@ -121,7 +119,7 @@ def _draw_within(spec: SweepSpec, index: int, limit: float) -> dict[str, Any]:
         parameters = (
             with_derived(spec, random_point(spec.parameters, spec.algorithm.seed, index, attempt))
             if attempt
-            else trial_parameters(spec, index)
+            else random_trial(spec, index)
         )
         gib = estimate_for(spec, parameters).gib
         if gib <= limit:
@@ -131,14 +129,6 @@ def _draw_within(spec: SweepSpec, index: int, limit: float) -> dict[str, Any]:
     raise NoFeasibleConfiguration(
         too_big(spec, smallest, f"none of {MAX_DRAWS} draws for trial {index}")
     )
-
-
-def planned_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
-    """Parameters of trial `index` whose parameters follow from its index alone: any grid
-    trial (its index is a point that fits), random trials and tpe's startup trials."""
-    if spec.algorithm.name == "grid":
-        return trial_parameters(spec, index)
-    return drawn_parameters(spec, index)
 
 
 def _memory_dimensions(spec: SweepSpec) -> set[str]:
@@ -166,7 +156,7 @@ class TrialIndices:
     skipped: int
 
 
-def _fitting_grid_indices(spec: SweepSpec) -> Iterator[int]:
+def fitting_grid_indices(spec: SweepSpec) -> Iterator[int]:
     """Grid indices whose point fits, in grid order.
 
     A point's estimate depends only on its memory dimensions, so each combination of those
@@ -201,35 +191,21 @@ def _fitting_grid_indices(spec: SweepSpec) -> Iterator[int]:
     yield from walk(0, 0, ())
 
 
-def trial_indices(spec: SweepSpec) -> TrialIndices:
-    """Every trial index of the sweep. Random and tpe: 0 to maxTrials - 1. Grid: every point
-    (the first maxTrials) without a memory limit; with one, the points that fit, and how many
-    were passed over."""
-    target = target_trials(spec)
-    if spec.algorithm.name != "grid" or memory_limit(spec) is None:
-        return TrialIndices(indices=range(target), skipped=0)
-    indices = list(itertools.islice(_fitting_grid_indices(spec), target))
-    if len(indices) < target:  # every point was looked at
-        return TrialIndices(indices=indices, skipped=grid_size(spec.parameters) - len(indices))
-    return TrialIndices(indices=indices, skipped=indices[-1] + 1 - len(indices))
-
-
-def first_trial(spec: SweepSpec) -> tuple[int, dict[str, Any]]:
-    """Index and parameters of the sweep's first trial, for a dry run before any Job exists;
-    raises ConstraintError where the constraints leave no configuration (or cannot be read)."""
+def check_estimable(spec: SweepSpec) -> None:
+    """Raise ConstraintError when the estimate cannot read a value the sweep searches."""
+    if memory_limit(spec) is None:
+        return
     for name in sorted(_memory_dimensions(spec)):
         for value in spec.parameters[name].values or []:
-            estimate_for(spec, {name: value})  # a setting the estimate cannot read
-    if spec.algorithm.name != "grid":
-        return 0, drawn_parameters(spec, 0)
-    run = trial_indices(spec)
-    if not run.indices:
-        smallest = min(
-            ((estimate_for(spec, p).gib, p) for p in _every_memory_point(spec)),
-            key=lambda s: s[0],
-        )
-        raise NoFeasibleConfiguration(too_big(spec, smallest, "no point of the grid"))
-    return run.indices[0], trial_parameters(spec, run.indices[0])
+            estimate_for(spec, {name: value})
+
+
+def smallest_grid_estimate(spec: SweepSpec) -> tuple[float, dict[str, Any]]:
+    """The grid point with the smallest estimate and that estimate (GiB), for a message."""
+    return min(
+        ((estimate_for(spec, p).gib, p) for p in _every_memory_point(spec)),
+        key=lambda s: s[0],
+    )
 
 
 def _every_memory_point(spec: SweepSpec) -> Iterator[dict[str, Any]]:

@@ -59,7 +59,7 @@ def _shares(
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial
 
-    from sweep_operator.tpe import distributions
+    from sweep_operator.search.tpe import distributions
 
     dists = {**distributions(spec), REFERENCE: FloatDistribution(0.0, 1.0)}
     rows = [

@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sweep_operator import tpe
 from sweep_operator.api import (
     BestTrial,
     Condition,
@@ -40,7 +39,7 @@ from sweep_operator.api import (
     TrialCounts,
     parse_duration,
 )
-from sweep_operator.constraints import ConstraintError, planned_parameters, trial_indices
+from sweep_operator.constraints import ConstraintError
 from sweep_operator.early_stopping import Progress, stop_decisions
 from sweep_operator.naming import model_fetch_name, trial_name
 from sweep_operator.objective import (
@@ -51,9 +50,9 @@ from sweep_operator.objective import (
     pareto_front,
     scorer,
 )
-from sweep_operator.space import in_space, searched, with_derived
+from sweep_operator.search import Suggester, suggester
 from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
-from sweep_operator.warm_start import NOT_FOUND, WAITING, WarmStart, refusal, startup_trials
+from sweep_operator.warm_start import NOT_FOUND, WAITING, WarmStart, refusal
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed")
 
@@ -130,42 +129,15 @@ def pareto_status(
     return entries, len(front)
 
 
-def _expected_parameters(spec: SweepSpec, trial: ObservedTrial) -> dict | str | None:
-    """What trial.parameters must be, or why they cannot be right (None: out of range)."""
-    # A warm-started sweep has fewer random trials, fewer by the size of its warm-start
-    # history, which a deleted earlier sweep changes: any of its trials may be TPE's.
-    model_guided = _model_guided(spec, trial.index) or spec.algorithm.warm_start is not None
-    if not model_guided:
-        try:
-            return planned_parameters(spec, trial.index)
-        except IndexError:
-            return None
-        except ConstraintError as error:
-            return str(error)
-    # TPE trials depend on the results at the time they were created, so only check that
-    # they are a point of the space and that the derived parameters follow from it.
-    problem = in_space(spec.parameters, trial.parameters)
-    if problem:
-        return problem
-    point = {name: trial.parameters[name] for name in searched(spec.parameters)}
-    return with_derived(spec, point)
-
-
-def _space_changed(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> str | None:
+def _space_changed(search: Suggester, observed: Sequence[ObservedTrial]) -> str | None:
     """A message when an existing trial's parameters no longer match its index."""
     for trial in sorted(observed, key=lambda t: t.index):
-        expected = _expected_parameters(spec, trial)
-        if isinstance(expected, str):
+        mismatch = search.mismatch(trial)
+        if mismatch:
             return (
-                f"trial {trial.name} ran with parameters {trial.parameters}, which are not in the "
-                f"current search space ({expected}): spec.parameters or spec.algorithm changed "
-                "after the sweep started; create a new sweep instead"
-            )
-        if expected != trial.parameters:
-            return (
-                f"trial {trial.name} ran with parameters {trial.parameters}, but the current "
-                f"search space gives {expected} for index {trial.index}: spec.parameters or "
-                "spec.algorithm changed after the sweep started; create a new sweep instead"
+                f"trial {trial.name} ran with parameters {trial.parameters}, {mismatch}: "
+                "spec.parameters or spec.algorithm changed after the sweep started; create a "
+                "new sweep instead"
             )
     return None
 
@@ -209,22 +181,6 @@ def _times(
     return (min(starts) if starts else now, max(finishes) if finishes else now)
 
 
-def _model_guided(spec: SweepSpec, index: int, warm_trials: int = 0) -> bool:
-    """Whether trial `index` comes from the model (tpe, bohb) rather than from its index; a
-    warm start (`warm_trials` trials) leaves fewer startup trials."""
-    return spec.algorithm.name in ("tpe", "bohb") and index >= startup_trials(spec, warm_trials)
-
-
-def _new_parameters(
-    spec: SweepSpec, history: list[ObservedTrial], index: int, warm: WarmStart
-) -> dict:
-    """Parameters of a trial to create; tpe and bohb past their startup trials ask the model,
-    which learns from the warm-start trials first."""
-    if _model_guided(spec, index, len(warm.trials)):
-        return tpe.suggest(spec, history, index, prior=warm.trials)
-    return planned_parameters(spec, index)
-
-
 def _early_stops(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> dict[str, str]:
     """Running trials that early stopping stops -> why."""
     if spec.early_stopping is None:
@@ -255,8 +211,10 @@ def plan(
     the stored start time.
     """
     now = now.replace(microsecond=0)
+    warm = warm or WarmStart()
+    search = suggester(spec, len(warm.trials))
     # With a memory limit a grid skips the points over it: they are never trials.
-    planned = trial_indices(spec)
+    planned = search.indices()
     target = len(planned.indices)
     by_index = {t.index: t for t in observed}
     trials = sorted(by_index.values(), key=lambda t: t.index)
@@ -283,11 +241,10 @@ def plan(
     # With a queue a new trial's Job starts suspended, waiting for Kueue to admit it.
     new_state = TrialState.QUEUED if spec.trainer.queue_name else TrialState.PENDING
     phase: Phase
-    changed = _space_changed(spec, trials)
+    changed = _space_changed(search, trials)
     budget = spec.max_failed_trials
     cache = spec.trainer.model_cache
     fetch_state = (fetch.state if fetch else FetchState.MISSING) if cache else None
-    warm = warm or WarmStart()
     if changed:
         phase, reason, message = "Failed", "SearchSpaceChanged", changed
         stops = {t.name: "the sweep failed: its search space changed" for t in active}
@@ -337,7 +294,7 @@ def plan(
             if len(create) == slots:
                 break
             try:
-                parameters = _new_parameters(spec, history, index, warm)
+                parameters = search.propose(index, history, warm.trials)
             except ConstraintError as error:
                 unplannable = error
                 break

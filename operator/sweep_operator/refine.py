@@ -26,7 +26,8 @@ from typing import Any
 
 from sweep_operator.api import MAX_WARM_START_SWEEPS, ParameterSpec, SweepSpec
 from sweep_operator.objective import minimizing, scorer
-from sweep_operator.space import SIGNIFICANT_DIGITS, target_trials
+from sweep_operator.search import suggester
+from sweep_operator.space import SIGNIFICANT_DIGITS
 from sweep_operator.trials import ObservedTrial, TrialState
 
 REFINE_TOP = 5
@@ -136,7 +137,7 @@ def refined_sweep(
         "startupTrials": spec.algorithm.startup_trials,
         "warmStart": {"sweeps": sources},
     }
-    new_spec["maxTrials"] = max_trials or target_trials(spec)
+    new_spec["maxTrials"] = max_trials or len(suggester(spec).indices().indices)
     metadata = {"name": name or f"{old_name}-refined"}
     if sweep["metadata"].get("namespace"):
         metadata["namespace"] = sweep["metadata"]["namespace"]

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sweep_operator.api import SweepSpec
-from sweep_operator.constraints import ConstraintError, first_trial, memory_limit
+from sweep_operator.constraints import ConstraintError
 from sweep_operator.host_access import host_access, refusal
 from sweep_operator.naming import trial_name
 from sweep_operator.render import (
@@ -30,7 +30,8 @@ from sweep_operator.render import (
     SweepRef,
     render_trial_job,
 )
-from sweep_operator.space import grid_size, trial_parameters
+from sweep_operator.search import suggester
+from sweep_operator.space import grid_size, random_trial
 from sweep_operator.trials import NewTrial
 
 # Above this many grid points a sweep must say how many trials it wants: such a grid is more
@@ -170,7 +171,7 @@ def _trainer_problems(spec: SweepSpec, config: type[BaseModel]) -> list[Problem]
             # The value trial 0 gets: enough to catch an expr of the wrong type (a float for
             # an int setting). Evaluation errors show up here too, before any Job exists.
             try:
-                candidates = [(f"{where}.expr", trial_parameters(spec, 0)[name])]
+                candidates = [(f"{where}.expr", random_trial(spec, 0)[name])]
             except ValueError as error:
                 problems.append(Problem(f"{where}.expr", str(error)))
                 continue
@@ -244,11 +245,7 @@ def check_spec(
         # The first trial, which a memory limit may make another than index 0; when no
         # configuration fits it, or the estimate cannot read a setting, every trial would fail.
         try:
-            index, parameters = (
-                first_trial(spec)
-                if memory_limit(spec) is not None
-                else (0, trial_parameters(spec, 0))
-            )
+            index, parameters = suggester(spec).first()
         except ConstraintError as error:
             problems.append(Problem(error.field, error.detail))
     if not problems:

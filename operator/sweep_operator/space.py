@@ -1,4 +1,5 @@
-"""The search space: trial index -> parameters, for grid and random search.
+"""The search space: trial index -> parameters, for grid and random search (and TPE's
+random startup trials); the algorithms themselves are in `sweep_operator.search`.
 
 Both algorithms are random-access: the parameters of trial i are computed from i alone (and
 the seed), never from a sequence of earlier draws. That makes the operator restart-safe for
@@ -24,10 +25,6 @@ from sweep_operator.expr import derive
 SIGNIFICANT_DIGITS = 6
 
 
-class SpaceError(ValueError):
-    """The search space cannot be used with the requested algorithm."""
-
-
 def searched(parameters: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
     """The search dimensions: every parameter but the derived (expr) ones."""
     return {name: p for name, p in parameters.items() if not p.is_derived}
@@ -40,16 +37,10 @@ def derived(parameters: dict[str, ParameterSpec]) -> dict[str, str]:
 
 def grid_size(parameters: dict[str, ParameterSpec]) -> int:
     """Number of points of the grid (the product of the value list lengths)."""
-    parameters = searched(parameters)
     size = 1
-    for name in sorted(parameters):
-        values = parameters[name].values
-        if values is None:
-            raise SpaceError(
-                f"spec.parameters.{name}: grid search needs values: [...], "
-                f"got a {parameters[name].type} range"
-            )
-        size *= len(values)
+    for spec in searched(parameters).values():
+        assert spec.values is not None  # the API refuses ranges with algorithm grid
+        size *= len(spec.values)
     return size
 
 
@@ -129,16 +120,6 @@ def in_space(parameters: dict[str, ParameterSpec], point: dict[str, Any]) -> str
     return None
 
 
-def target_trials(spec: SweepSpec) -> int:
-    """How many trials the sweep runs in all."""
-    if spec.algorithm.name == "grid":
-        size = grid_size(spec.parameters)
-        return size if spec.max_trials is None else min(size, spec.max_trials)
-    if spec.max_trials is None:
-        raise SpaceError(f"spec.maxTrials: algorithm {spec.algorithm.name} needs maxTrials")
-    return spec.max_trials
-
-
 # Every plan checks each existing trial's parameters against its index, so the same points
 # are asked for on every reconcile; they depend on the space and the index only, and are kept
 # (up to a bound) for the life of the process.
@@ -156,21 +137,18 @@ def remembered(key: tuple[str, int], compute: Callable[[], dict[str, Any]]) -> d
     return dict(_POINTS[key])
 
 
-def trial_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
-    """Parameters of trial `index` of the sweep, derived parameters included.
+def grid_trial(spec: SweepSpec, index: int) -> dict[str, Any]:
+    """Parameters of grid point `index` of the sweep, derived parameters included."""
+    key = (f"grid {_space_key(spec)}", index)
+    return remembered(key, lambda: with_derived(spec, grid_point(spec.parameters, index)))
 
-    For tpe and bohb this is the random draw their startup trials use; later trials depend on
-    the results so far and come from `sweep_operator.tpe`.
-    """
 
-    def draw() -> dict[str, Any]:
-        if spec.algorithm.name == "grid":
-            point = grid_point(spec.parameters, index)
-        else:
-            point = random_point(spec.parameters, spec.algorithm.seed, index)
-        return with_derived(spec, point)
-
-    return remembered((_space_key(spec), index), draw)
+def random_trial(spec: SweepSpec, index: int) -> dict[str, Any]:
+    """Parameters of random draw `index` of the sweep, derived parameters included."""
+    key = (f"random {_space_key(spec)}", index)
+    return remembered(
+        key, lambda: with_derived(spec, random_point(spec.parameters, spec.algorithm.seed, index))
+    )
 
 
 # Serialising the space costs more than looking a point up, and a plan asks for the points of

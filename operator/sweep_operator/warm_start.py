@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from sweep_operator.api import SweepSpec, SweepStatus
 from sweep_operator.objective import objective_values
+from sweep_operator.search.tpe import startup_trials
 from sweep_operator.semantic import close_matches
 from sweep_operator.space import in_space
 from sweep_operator.trials import ObservedTrial, TrialState
@@ -103,11 +104,6 @@ def warm_start(
         f"{startup_trials(spec, len(used))} random startup trials"
     )
     return WarmStart(trials=tuple(used), summary=summary)
-
-
-def startup_trials(spec: SweepSpec, warm_trials: int) -> int:
-    """Random trials before TPE guides: startupTrials, less one per warm-start trial."""
-    return max(0, spec.algorithm.startup_trials - warm_trials)
 
 
 def refusal(

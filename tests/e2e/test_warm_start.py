@@ -21,10 +21,11 @@ from kubernetes import client
 from mlflow import artifacts as mlflow_artifacts
 
 from sweep_operator.api import GROUP, PLURAL, VERSION, HyperparameterSweep
-from sweep_operator.space import in_space, trial_parameters
+from sweep_operator.space import in_space
 from tests.cluster import devcluster
 from tests.e2e.sweeps import get_sweep, sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import wait_for
+from tests.unit.sweep_helpers import trial_parameters
 
 CURVE_PROGRAM = Path(__file__).with_name("curve_program.py")
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from sweep_operator.api import SweepSpec
 from sweep_operator.naming import trial_name
-from sweep_operator.space import trial_parameters
+from sweep_operator.search import suggester
+from sweep_operator.space import random_trial
 from sweep_operator.trials import ObservedTrial, TrialState
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,6 +49,12 @@ def raw_spec(**changes: Any) -> dict[str, Any]:
 
 def make_spec(**changes: Any) -> SweepSpec:
     return SweepSpec.model_validate(raw_spec(**changes))
+
+
+def trial_parameters(spec: SweepSpec, index: int) -> dict[str, Any]:
+    """Trial `index`'s parameters where the sweep's algorithm fixes them by index (grid,
+    random, TPE's startup trials); elsewhere a random draw, as a stand-in for a model's."""
+    return suggester(spec).fixed(index) or random_trial(spec, index)
 
 
 def observed_trial(

@@ -13,9 +13,9 @@ from sweep_operator.objective import scorer
 from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
 from sweep_operator.semantic import check_spec
-from sweep_operator.space import grid_size, trial_parameters
+from sweep_operator.space import grid_size
 from sweep_operator.trials import ObservedTrial, TrialState
-from tests.unit.sweep_helpers import T0, make_spec, observed_trial
+from tests.unit.sweep_helpers import T0, make_spec, observed_trial, trial_parameters
 
 S = TrialState
 

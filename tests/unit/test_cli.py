@@ -75,6 +75,19 @@ def test_render_the_tpe_example():
         assert params["lora_rank"] % 4 == 0
 
 
+def test_render_names_the_trials_tpe_proposes_instead_of_inventing_them(capsys):
+    startup, max_trials = 8, 40  # examples/tpe-sweep.yaml
+    code, text = run("render", str(EXAMPLE.with_name("tpe-sweep.yaml")))
+    assert code == 0
+    names = [j["metadata"]["name"] for j in yaml.safe_load_all(text)]
+    assert names == [f"rank-lr-tpe-{i:04d}" for i in range(startup)]
+    assert capsys.readouterr().err == (
+        f"lorasweep: rank-lr-tpe: trials {startup} to {max_trials - 1} ({max_trials - startup}) "
+        "are not rendered: tpe proposes their parameters from the results of earlier trials "
+        "while the sweep runs\n"
+    )
+
+
 def test_render_prints_the_service_of_multi_node_trials(tmp_path):
     sweep = yaml.safe_load(EXAMPLE.read_text())
     trainer = sweep["spec"]["trainer"]

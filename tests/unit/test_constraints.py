@@ -13,18 +13,17 @@ from sweep_operator.api import SweepSpec
 from sweep_operator.constraints import (
     MAX_DRAWS,
     estimate_for,
-    planned_parameters,
-    trial_indices,
 )
 from sweep_operator.naming import trial_name
 from sweep_operator.observe import job_summary, observe_trial, pod_summary
 from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
+from sweep_operator.search import suggester
+from sweep_operator.search.tpe import MEMORY_CONSTRAINT, build_study, suggest
 from sweep_operator.semantic import SweepInvalid, parse_spec, validate_sweep
-from sweep_operator.space import grid_point, trial_parameters
-from sweep_operator.tpe import MEMORY_CONSTRAINT, build_study, suggest
+from sweep_operator.space import grid_point
 from sweep_operator.trials import ObservedTrial, TrialState
-from tests.unit.sweep_helpers import T0, raw_spec
+from tests.unit.sweep_helpers import T0, raw_spec, trial_parameters
 
 S = TrialState
 SWEEP = SweepRef(name="sw", namespace="ns", uid="uid-1")
@@ -72,7 +71,7 @@ def trial(spec: SweepSpec, index: int, state: TrialState, **fields: Any) -> Obse
     return ObservedTrial(
         name=trial_name("sw", index),
         index=index,
-        parameters=planned_parameters(spec, index),
+        parameters=suggester(spec).fixed(index),
         state=state,
         start_time=T0,
         finish_time=None if state.active else T0 + timedelta(minutes=10),
@@ -82,13 +81,13 @@ def trial(spec: SweepSpec, index: int, state: TrialState, **fields: Any) -> Obse
 
 def test_a_grid_runs_only_the_points_that_fit_under_their_own_index():
     spec = spec_of(constrained())
-    run = trial_indices(spec)
+    run = suggester(spec).indices()
     assert list(run.indices) == [0, 1, 4, 5, 8, 9, 12, 13]
     assert run.skipped == 8
     for index in range(16):
         assert (index in run.indices) == fits(spec, grid_point(spec.parameters, index))
     # maxTrials takes the first points that fit; the ones passed over are the skipped ones.
-    capped = trial_indices(spec_of(constrained(maxTrials=3)))
+    capped = suggester(spec_of(constrained(maxTrials=3))).indices()
     assert (list(capped.indices), capped.skipped) == ([0, 1, 4], 2)
 
 
@@ -105,7 +104,7 @@ def test_the_grid_walk_equals_checking_every_point():
     spec = spec_of(raw)
     every = [i for i in range(81) if estimate_for(spec, trial_parameters(spec, i)).gib <= 15]
     assert 0 < len(every) < 81
-    assert list(trial_indices(spec).indices) == every
+    assert list(suggester(spec).indices().indices) == every
 
 
 def test_the_planner_creates_only_fitting_trials_and_counts_the_rest_infeasible():
@@ -149,9 +148,9 @@ def test_random_trials_draw_again_until_they_fit_the_same_way_every_time():
     unconstrained = spec.model_copy(update={"constraints": None})
     redrawn = 0
     for index in range(30):
-        chosen = planned_parameters(spec, index)
+        chosen = suggester(spec).fixed(index)
         assert fits(spec, chosen)
-        assert planned_parameters(spec, index) == chosen  # a restart plans the same
+        assert suggester(spec).fixed(index) == chosen  # a restart plans the same
         first = trial_parameters(unconstrained, index)
         if fits(spec, first):
             assert chosen == first  # a draw that fits is the sweep's usual one
@@ -209,7 +208,7 @@ def tpe_raw(limit: float = 16) -> dict[str, Any]:
 def test_tpe_proposes_only_points_that_fit():
     spec = spec_of(tpe_raw())
     history = [
-        trial(spec, i, S.SUCCEEDED, value=float(planned_parameters(spec, i)["lora_rank"]))
+        trial(spec, i, S.SUCCEEDED, value=float(suggester(spec).fixed(i)["lora_rank"]))
         for i in range(4)
     ]
     for index in range(4, 10):

@@ -6,9 +6,8 @@ from datetime import timedelta
 
 from sweep_operator.api import SweepSpec
 from sweep_operator.plan import Plan, failed_status, plan
-from sweep_operator.space import trial_parameters
 from sweep_operator.trials import FetchState, ObservedFetch, ObservedTrial, TrialState
-from tests.unit.sweep_helpers import T0, make_spec, observed_trial, raw_spec
+from tests.unit.sweep_helpers import T0, make_spec, observed_trial, raw_spec, trial_parameters
 
 S = TrialState
 

@@ -31,7 +31,7 @@ def test_a_custom_trainer_gets_its_args_rendered_per_trial() -> None:
     (snippet,) = readme_blocks("Bring your own training program", "yaml")
     sweep = yaml.safe_load(EXAMPLE.read_text())
     sweep["spec"]["trainer"] = yaml.safe_load(snippet)["trainer"]
-    jobs = render_sweep(sweep)
+    jobs = render_sweep(sweep).objects
     container = jobs[0]["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "registry.example.com/my-trainer:1.0"
     assert container["command"] == ["python", "train.py"]

@@ -28,9 +28,8 @@ from sweep_operator.report import (
     spearman,
     trials_summary_csv,
 )
-from sweep_operator.space import trial_parameters
 from sweep_operator.trials import ObservedTrial, Point, TrialState
-from tests.unit.sweep_helpers import T0, make_spec, observed_trial
+from tests.unit.sweep_helpers import T0, make_spec, observed_trial, trial_parameters
 
 S = TrialState
 SPEC = make_spec(maxTrials=None)  # the 3 x 2 grid of lora_rank and learning_rate

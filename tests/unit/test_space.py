@@ -1,21 +1,16 @@
-"""Grid expansion and seeded random sampling."""
+"""Grid expansion and seeded random sampling, and the search algorithms built on them."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import get_args
 
 import pytest
 
-from sweep_operator.api import ParameterSpec
-from sweep_operator.space import (
-    SpaceError,
-    grid_point,
-    grid_size,
-    random_point,
-    target_trials,
-    trial_parameters,
-)
+from sweep_operator.api import Algorithm, ParameterSpec
+from sweep_operator.search import ALGORITHMS, suggester
+from sweep_operator.space import grid_point, grid_size, random_point
 from tests.unit.sweep_helpers import make_spec
 
 
@@ -50,16 +45,18 @@ def test_grid_index_out_of_range():
         grid_point(values(a=[1, 2], b=[1, 2]), 4)
 
 
-def test_grid_refuses_a_range_with_the_field_named():
-    space = {"lora_dropout": ParameterSpec(type="uniform", min=0.0, max=0.2)}
-    with pytest.raises(SpaceError, match=r"spec.parameters.lora_dropout: grid search needs values"):
-        grid_size(space)
+def test_every_algorithm_the_api_accepts_has_a_suggester():
+    names = get_args(Algorithm.model_fields["name"].annotation)
+    assert sorted(ALGORITHMS) == sorted(names)
 
 
 def test_grid_target_is_capped_by_max_trials():
-    assert target_trials(make_spec(maxTrials=None)) == 6
-    assert target_trials(make_spec(maxTrials=4)) == 4
-    assert target_trials(make_spec(maxTrials=100)) == 6
+    def target(spec):
+        return len(suggester(spec).indices().indices)
+
+    assert target(make_spec(maxTrials=None)) == 6
+    assert target(make_spec(maxTrials=4)) == 4
+    assert target(make_spec(maxTrials=100)) == 6
 
 
 RANDOM_SPACE = {
@@ -92,8 +89,8 @@ def test_random_trial_depends_only_on_seed_and_index():
         parameters={"lora_dropout": {"type": "uniform", "min": 0, "max": 0.2}},
     )
     large = small.model_copy(update={"max_trials": 50})
-    assert [trial_parameters(small, i) for i in range(3)] == [
-        trial_parameters(large, i) for i in range(3)
+    assert [suggester(small).fixed(i) for i in range(3)] == [
+        suggester(large).fixed(i) for i in range(3)
     ]
 
 
@@ -123,5 +120,14 @@ def test_random_values_stay_in_their_ranges():
 
 def test_random_target_is_max_trials():
     spec = make_spec(algorithm={"name": "random", "seed": 1}, maxTrials=25)
-    assert target_trials(spec) == 25
-    assert trial_parameters(spec, 24) == random_point(spec.parameters, 1, 24)
+    assert list(suggester(spec).indices().indices) == list(range(25))
+    assert suggester(spec).fixed(24) == random_point(spec.parameters, 1, 24)
+
+
+def test_tpe_fixes_its_startup_trials_and_leaves_the_rest_to_the_model():
+    spec = make_spec(algorithm={"name": "tpe", "seed": 1, "startupTrials": 3}, maxTrials=10)
+    tpe = suggester(spec)
+    assert tpe.fixed(2) == random_point(spec.parameters, 1, 2)
+    assert tpe.fixed(3) is None
+    # A warm start's trials stand in for startup trials: here all of them.
+    assert suggester(spec, warm_trials=3).fixed(0) is None

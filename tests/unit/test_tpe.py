@@ -12,17 +12,18 @@ from pydantic import ValidationError
 from sweep_operator.naming import trial_name
 from sweep_operator.objective import scorer
 from sweep_operator.plan import plan
-from sweep_operator.space import in_space, trial_parameters
-from sweep_operator.tpe import (
+from sweep_operator.search.bohb import BohbSearch
+from sweep_operator.search.tpe import (
     BEST_KEPT,
     HISTORY_LIMIT,
+    TpeSearch,
     build_study,
     learnt_from,
-    model_budget,
     suggest,
 )
+from sweep_operator.space import in_space
 from sweep_operator.trials import ObservedTrial, Point, TrialState
-from tests.unit.sweep_helpers import make_spec
+from tests.unit.sweep_helpers import make_spec, trial_parameters
 
 S = TrialState
 T0 = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -199,10 +200,10 @@ def test_bohb_learns_at_the_highest_rung_enough_trials_reached():
     spec = bohb_spec()  # 4 searched dimensions: a rung needs 5 trials; rungs 10, 30, 90
     trials = [stopped_at(i, trial_parameters(spec, i), 2.0, 1.5, 1.2) for i in range(4)]
     trials += [stopped_at(4 + i, trial_parameters(spec, 4 + i), 2.0) for i in range(3)]
-    assert model_budget(spec, trials) == 10  # 7 trials at step 10, only 4 at step 30
+    assert BohbSearch(spec).budget(trials) == 10  # 7 trials at step 10, only 4 at step 30
     trials.append(stopped_at(7, trial_parameters(spec, 7), 2.0, 1.4, 1.1))
-    assert model_budget(spec, trials) == 30
-    assert model_budget(tpe_spec(), trials) is None  # tpe learns from final values only
+    assert BohbSearch(spec).budget(trials) == 30
+    assert TpeSearch(tpe_spec()).budget(trials) is None  # tpe learns from final values only
 
 
 def test_bohb_is_guided_by_trials_that_never_finished():
@@ -213,10 +214,10 @@ def test_bohb_is_guided_by_trials_that_never_finished():
     for i in range(30):
         p = trial_parameters(spec, i)
         trials.append(stopped_at(i, p, loss(p) + 1.0, loss(p) + 0.5))
-    study = build_study(spec, trials)
+    study = build_study(spec, trials, BohbSearch(spec).budget(trials))
     values = sorted(t.values[0] for t in study.trials)
     assert len(values) == 30 and values[0] == min(loss(t.parameters) for t in trials) + 1.0
-    near_best = [suggest(spec, trials, 30 + i) for i in range(5)]
+    near_best = [BohbSearch(spec).propose(30 + i, trials) for i in range(5)]
     random_draws = [trial_parameters(spec, 30 + i) for i in range(5)]
     assert sum(map(loss, near_best)) < sum(map(loss, random_draws))
 

@@ -10,12 +10,12 @@ from pydantic import ValidationError
 from sweep_operator.naming import trial_name
 from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
+from sweep_operator.search.tpe import startup_trials, suggest
 from sweep_operator.semantic import check_spec
-from sweep_operator.space import in_space, trial_parameters
-from sweep_operator.tpe import suggest
+from sweep_operator.space import in_space
 from sweep_operator.trials import ObservedTrial, TrialState
-from sweep_operator.warm_start import Source, startup_trials, warm_start
-from tests.unit.sweep_helpers import T0, make_spec
+from sweep_operator.warm_start import Source, warm_start
+from tests.unit.sweep_helpers import T0, make_spec, trial_parameters
 from tests.unit.test_tpe import loss
 
 S = TrialState

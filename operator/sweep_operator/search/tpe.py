@@ -9,9 +9,9 @@ parameters, before or after an operator restart.
 Trials still running are added as RUNNING; with `constant_liar` TPE treats them as bad
 results, so trials asked for in parallel do not all land on the same point.
 
-Algorithm bohb is the same sampler fitted on other values: each trial's objective at one
-rung of the early-stopping schedule (`model_budget`), so that the many trials Hyperband stops
-early teach the model as much as the few it trains in full.
+Algorithm bohb (bohb.py) is the same sampler fitted on other values: each trial's objective
+at one rung of the early-stopping schedule, so that the many trials Hyperband stops early
+teach the model as much as the few it trains in full.
 
 Past HISTORY_LIMIT trials TPE learns from a bounded selection (`learnt_from`): every active
 trial, the BEST_KEPT best scored ones and the most recent others. optuna's TPE models the good
@@ -47,12 +47,14 @@ from sweep_operator.api import ParameterSpec, SweepSpec
 from sweep_operator.constraints import (
     MAX_DRAWS,
     NoFeasibleConfiguration,
+    drawn_parameters,
     estimate_for,
     memory_limit,
     too_big,
 )
-from sweep_operator.early_stopping import arrival, rungs_of
+from sweep_operator.early_stopping import arrival
 from sweep_operator.objective import Scorer, minimizing, objective_values, scorer
+from sweep_operator.search.base import Suggester
 from sweep_operator.space import SIGNIFICANT_DIGITS, in_space, searched, with_derived
 from sweep_operator.trials import ObservedTrial, TrialState
 
@@ -86,22 +88,6 @@ def _directions(spec: SweepSpec) -> list[str]:
     if spec.objective.mode == "pareto" and spec.objective.metrics:
         return [m.goal for m in spec.objective.metrics]
     return [spec.objective.goal]
-
-
-def model_budget(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> int | None:
-    """bohb: the rung TPE learns at: the highest one that at least (searched dimensions + 1)
-    trials reached, as in BOHB (Falkner et al., 2018). None: TPE learns from final values
-    (algorithm tpe, or no rung has enough trials yet)."""
-    if spec.algorithm.name != "bohb" or spec.early_stopping is None:
-        return None
-    score = scorer(spec, trials)
-    curves = [score.curve(t) for t in trials]
-    last = max((c[-1].step for c in curves if c), default=0)
-    needed = len(searched(spec.parameters)) + 1
-    for rung in reversed(rungs_of(spec.early_stopping, last)):
-        if sum(arrival(c, rung) is not None for c in curves) >= needed:
-            return rung
-    return None
 
 
 def _at_budget(
@@ -166,9 +152,12 @@ def _frozen(
     return None
 
 
-def build_study(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> optuna.Study:
-    """An in-memory study holding the trials' history (sampler: a plain seeded TPE)."""
-    return _study(spec, trials, _sampler(spec, 0))
+def build_study(
+    spec: SweepSpec, trials: Sequence[ObservedTrial], budget: int | None = None
+) -> optuna.Study:
+    """An in-memory study holding the trials' history (sampler: a plain seeded TPE); with a
+    `budget`, each trial as what it scored at that step."""
+    return _study(spec, trials, _sampler(spec, 0), budget=budget)
 
 
 def _sampler(spec: SweepSpec, index: int) -> optuna.samplers.TPESampler:
@@ -212,12 +201,12 @@ def _study(
     trials: Sequence[ObservedTrial],
     sampler: optuna.samplers.BaseSampler,
     prior: Sequence[ObservedTrial] = (),
+    budget: int | None = None,
 ) -> optuna.Study:
     """The study of the sweep's trials (by index), after `prior`: earlier sweeps' trials of a
     warm start, in their given order, scored with the sweep's own (one objective scale)."""
     dists = distributions(spec)
     study = optuna.create_study(directions=_directions(spec), sampler=sampler)
-    budget = model_budget(spec, trials)
     score = scorer(spec, [*prior, *trials])
     ordered = [*prior, *learnt_from(spec, trials, score)]
     history = [_frozen(spec, t, dists, budget, score) for t in ordered]
@@ -238,15 +227,17 @@ def suggest(
     trials: Sequence[ObservedTrial],
     index: int,
     prior: Sequence[ObservedTrial] = (),
+    budget: int | None = None,
 ) -> dict[str, Any]:
     """Parameters of new trial `index` given every trial so far (derived parameters included).
 
     `trials` holds the finished trials (their results teach the model) and the active ones
     (treated as running, so that parallel asks spread out); `prior` the warm-start trials of
-    earlier sweeps, learnt from first. With a memory limit, a point over it is told to the
-    study as infeasible and the model asked again.
+    earlier sweeps, learnt from first; `budget` the step whose values the model is fitted on
+    (None: final values). With a memory limit, a point over it is told to the study as
+    infeasible and the model asked again.
     """
-    study = _study(spec, trials, _sampler(spec, index), prior)
+    study = _study(spec, trials, _sampler(spec, index), prior, budget)
     dists = distributions(spec)
     limit = memory_limit(spec)
     smallest: tuple[float, dict[str, Any]] | None = None
@@ -269,3 +260,48 @@ def suggest(
     raise NoFeasibleConfiguration(
         too_big(spec, smallest, f"none of the {MAX_DRAWS} points TPE proposed for trial {index}")
     )
+
+
+def startup_trials(spec: SweepSpec, warm_trials: int) -> int:
+    """Random trials before TPE guides: startupTrials, less one per warm-start trial."""
+    return max(0, spec.algorithm.startup_trials - warm_trials)
+
+
+class TpeSearch(Suggester):
+    """startupTrials random draws (fewer by a warm start's trials), then TPE's proposals."""
+
+    def fixed(self, index: int) -> dict[str, Any] | None:
+        if index < startup_trials(self.spec, self.warm_trials):
+            return drawn_parameters(self.spec, index)
+        return None
+
+    def budget(self, trials: Sequence[ObservedTrial]) -> int | None:
+        """The step whose objective values the model is fitted on; None: final values."""
+        return None
+
+    def propose(
+        self,
+        index: int,
+        history: Sequence[ObservedTrial],
+        prior: Sequence[ObservedTrial] = (),
+    ) -> dict[str, Any]:
+        parameters = self.fixed(index)
+        if parameters is not None:
+            return parameters
+        return suggest(self.spec, history, index, prior, self.budget(history))
+
+    def mismatch(self, trial: ObservedTrial) -> str | None:
+        # A warm-started sweep has fewer random trials, fewer by the size of its warm-start
+        # history, which a deleted earlier sweep changes: any of its trials may be TPE's.
+        if self.spec.algorithm.warm_start is None and self.fixed(trial.index) is not None:
+            return super().mismatch(trial)
+        # TPE's trials depend on the results at the time they were created: only check that
+        # they are a point of the space and that the derived parameters follow from it.
+        problem = in_space(self.spec.parameters, trial.parameters)
+        if problem:
+            return f"which are not in the current search space ({problem})"
+        point = {name: trial.parameters[name] for name in searched(self.spec.parameters)}
+        expected = with_derived(self.spec, point)
+        if expected != trial.parameters:
+            return f"but the current search space gives {expected} for index {trial.index}"
+        return None
