@@ -49,7 +49,7 @@ HUB_ID_PATTERN = f"^{_HUB_NAME}(/{_HUB_NAME})?$"
 # trial's parameters must fit on a command line and in an MLflow param.
 Scalar = bool | int | float | str
 
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
 
 
 def _cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
@@ -1172,7 +1172,7 @@ class MlflowStatus(_Model):
 class SweepStatus(_Model):
     """Observed state of a HyperparameterSweep, derived from its trials."""
 
-    phase: Phase = Field("Pending", description="Pending, Running, Succeeded, Failed or Stopped.")
+    phase: Phase = Field("Pending", description="Pending, Running, Succeeded or Failed.")
     observed_generation: int | None = Field(
         None, description="The sweep generation this status was computed from."
     )

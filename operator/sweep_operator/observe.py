@@ -158,7 +158,6 @@ def observe_trial(
     pods: list[Summary],
     metric: str,
     tracked: dict[str, Any] | None = None,
-    curves: dict[str, list[tuple[int, float]]] | None = None,
 ) -> ObservedTrial:
     """One trial from its Job, its pods, and (optionally) its MLflow run's metrics.
 
@@ -208,5 +207,4 @@ def observe_trial(
         start_time=_time(job["started_at"]),
         finish_time=_time(job["finished_at"]),
         message=message,
-        curves=curves or {},
     )

@@ -232,7 +232,6 @@ class _Sandbox(ImmutableSandboxedEnvironment):
 
 _ENV = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
 _ENV.filters["yaml"] = yaml_flow
-_ENV.filters["tojson"] = params_json
 _ENV.globals["range"] = _template_range
 # lipsum(n) writes n paragraphs of filler text: nothing a Job needs, and unbounded.
 del _ENV.globals["lipsum"]
@@ -303,19 +302,30 @@ def container_command(
             for i, arg in enumerate(trainer.args or [])
         ]
         return trainer.command, args
+    settings = trainer_settings(spec, trial.parameters, cached_model_path(trainer))
+    args = []
+    for name, value in settings.items():
+        args += ["--set", f"{name}={yaml_scalar(value)}"]
+    return _bundled_command(trainer, _master_addr(sweep, trial)), args
+
+
+def trainer_settings(
+    spec: SweepSpec, parameters: dict[str, Any], model_path: str | None = None
+) -> dict[str, Any]:
+    """The bundled trainer's settings for a trial with these parameters: the model (read from
+    `model_path` when given), the data files, spec.trainer.config, then the parameters, in
+    that order so that a trial's parameters win."""
+    trainer = spec.trainer
     settings: dict[str, Any] = {}
     if trainer.model is not None:
-        settings[MODEL_FIELD] = cached_model_path(trainer) or trainer.model
+        settings[MODEL_FIELD] = model_path or trainer.model
     if trainer.data is not None:
         settings[TRAIN_FILE_FIELD] = trainer.data.train
         if trainer.data.eval is not None:
             settings[EVAL_FILE_FIELD] = trainer.data.eval
     settings.update(sorted(trainer.config.items()))
-    settings.update(sorted(trial.parameters.items()))
-    args = []
-    for name, value in settings.items():
-        args += ["--set", f"{name}={yaml_scalar(value)}"]
-    return _bundled_command(trainer, _master_addr(sweep, trial)), args
+    settings.update(sorted(parameters.items()))
+    return settings
 
 
 def cached_model_path(trainer: TrainerSpec) -> str | None:

@@ -23,6 +23,7 @@ import yaml
 
 from sweep_operator.api import BestTrial, ParameterImportance, ParameterSpec, SweepSpec
 from sweep_operator.objective import minimizing, scorer
+from sweep_operator.render import trainer_settings
 from sweep_operator.space import searched
 from sweep_operator.trials import Curve, ObservedTrial, TrialState
 
@@ -32,7 +33,9 @@ SENSITIVITY_BINS = 5
 
 
 def best_config_yaml(spec: SweepSpec, best: BestTrial | None, *, sweep_name: str) -> str:
-    """The best trial's full training config: the fixed settings plus its parameters."""
+    """The best trial's full training config, as the bundled trainer's settings: the model, the
+    data files and the fixed settings plus its parameters. Its `config` mapping is what
+    `python -m lora_trainer --config` reads, to train the winner again outside the sweep."""
     document: dict[str, Any] = {
         "sweep": sweep_name,
         "objective": {"metric": spec.objective.metric, "goal": spec.objective.goal},
@@ -46,11 +49,7 @@ def best_config_yaml(spec: SweepSpec, best: BestTrial | None, *, sweep_name: str
             "value": best.value,
             "mlflow_run_id": best.mlflow_run_id,
         }
-        config: dict[str, Any] = {}
-        if spec.trainer.model is not None:
-            config["model_name_or_path"] = spec.trainer.model
-        config.update(spec.trainer.config)
-        config.update(best.parameters)
+        config = trainer_settings(spec, best.parameters)
         document["parameters"] = dict(sorted(best.parameters.items()))
         document["config"] = dict(sorted(config.items()))
     return yaml.safe_dump(document, sort_keys=False)

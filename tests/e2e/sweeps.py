@@ -36,6 +36,20 @@ def wait_for_phase(
         raise AssertionError(f"{error}; status: {status}") from None
 
 
+def replanned_with_room(custom, namespace: str, name: str, parallelism: int) -> dict:
+    """Raise the sweep's parallelism and wait until the operator has planned the new spec
+    (status.observedGeneration): a reconcile that had slots for more trials has run since."""
+    patch = {"spec": {"parallelism": parallelism}}
+    sweep = custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, patch)
+    generation = sweep["metadata"]["generation"]
+
+    def planned() -> dict | None:
+        sweep = get_sweep(custom, namespace, name)
+        return sweep if sweep["status"].get("observedGeneration") == generation else None
+
+    return wait_for(planned, 30, f"the operator to plan generation {generation} of {name}")
+
+
 def trial_jobs(batch, namespace: str, sweep: str) -> list[client.V1Job]:
     return batch.list_namespaced_job(namespace, label_selector=f"{LABEL_SWEEP}={sweep}").items
 

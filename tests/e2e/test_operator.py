@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -13,7 +12,13 @@ from kubernetes.client.exceptions import ApiException
 
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.trials import LABEL_SWEEP
-from tests.e2e.sweeps import sim_spec, sweep_manifest, trial_jobs, wait_for_phase
+from tests.e2e.sweeps import (
+    replanned_with_room,
+    sim_spec,
+    sweep_manifest,
+    trial_jobs,
+    wait_for_phase,
+)
 from tests.support import free_port, wait_for
 
 TRIAL_PROGRAM = Path(__file__).with_name("trial_program.py")
@@ -120,7 +125,7 @@ def test_failure_budget_fails_the_sweep(operator, custom, batch, namespace):
     # and the second failure, while the budget still held.)
     created = len(trial_jobs(batch, namespace, "doomed"))
     assert created <= 3
-    time.sleep(3)
+    assert replanned_with_room(custom, namespace, "doomed", 6)["status"]["phase"] == "Failed"
     assert len(trial_jobs(batch, namespace, "doomed")) == created
 
 

@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -23,7 +22,13 @@ from mlflow import artifacts as mlflow_artifacts
 from sweep_operator.api import GROUP, PLURAL, VERSION, HyperparameterSweep
 from sweep_operator.space import in_space
 from tests.cluster import devcluster
-from tests.e2e.sweeps import get_sweep, sweep_manifest, trial_jobs, wait_for_phase
+from tests.e2e.sweeps import (
+    get_sweep,
+    replanned_with_room,
+    sweep_manifest,
+    trial_jobs,
+    wait_for_phase,
+)
 from tests.support import wait_for
 from tests.unit.sweep_helpers import trial_parameters
 
@@ -184,6 +189,5 @@ def test_a_warm_start_from_a_missing_sweep_fails_without_a_job(
     assert wait_for(
         lambda: events(kube_client, namespace, "orphan", "WarmStartNotFound"), 30, "the Warning"
     )
-    time.sleep(3)  # a few reconciles later, still nothing
+    assert replanned_with_room(custom, namespace, "orphan", 4)["status"]["phase"] == "Failed"
     assert trial_jobs(batch, namespace, "orphan") == []
-    assert get_sweep(custom, namespace, "orphan")["status"]["phase"] == "Failed"

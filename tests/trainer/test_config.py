@@ -232,10 +232,12 @@ def test_every_setting_is_described() -> None:
     assert undocumented == []
 
 
-def test_config_module_imports_neither_torch_nor_transformers() -> None:
+# Settings and data files are checked before the trainer pays for importing torch (seconds),
+# and the operator reads the config model without having torch at all.
+@pytest.mark.parametrize("module", ["lora_trainer.config", "lora_trainer.data"])
+def test_config_and_data_import_neither_torch_nor_transformers(module: str) -> None:
     code = (
-        "import sys, lora_trainer.config as c; "
-        "assert 'lora_rank' in c.TrainConfig.model_fields; "
+        f"import sys, {module}; "
         "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -54,4 +58,45 @@ def test_image_runs_the_trainer_as_non_root_with_caches_under_tmp() -> None:
         value = re.search(rf"\b{variable}=(\S+)", text)
         assert value and value[1].startswith("/tmp/"), variable
     assert 'ENTRYPOINT ["python", "-m", "lora_trainer"]' in text
-    assert (IMAGE / "lora_trainer" / "__main__.py").exists()
+
+
+def test_the_entrypoint_runs_from_what_the_image_copies(tmp_path: Path) -> None:
+    """The Dockerfile's COPY lines laid out under a scratch root with the image's PYTHONPATH:
+    `python -m lora_trainer` runs, and none of the project's code comes from outside them."""
+    text = dockerfile()
+    root = tmp_path / "image"
+    for source, target in re.findall(r"^COPY\s+(\S+)\s+(\S+)$", text, re.MULTILINE):
+        destination = root / target.lstrip("/")
+        if (IMAGE / source).is_dir():
+            shutil.copytree(IMAGE / source, destination)
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(IMAGE / source, destination)
+    path = re.search(r"\bPYTHONPATH=(\S+)", text)
+    assert path, "the image puts its code on PYTHONPATH"
+    # A module of the project read from the checkout, not the copy, is one the image lacks
+    # (the virtual environment, under the checkout here, holds the dependencies).
+    probe = f"""
+import runpy, sys
+sys.argv = ["lora_trainer", "--help-config"]
+try:
+    runpy.run_module("lora_trainer", run_name="__main__", alter_sys=True)
+finally:
+    files = {{name: getattr(m, "__file__", None) or "" for name, m in list(sys.modules.items())}}
+    outside = sorted(
+        name for name, file in files.items()
+        if file.startswith({str(ROOT)!r}) and not file.startswith(sys.prefix)
+    )
+    print("OUTSIDE", outside, file=sys.stderr)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root / path[1].lstrip("/"))},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lora_rank" in result.stdout
+    assert "OUTSIDE []" in result.stderr, result.stderr[-2000:]

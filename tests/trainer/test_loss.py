@@ -10,14 +10,9 @@ import pytest
 import torch
 
 from lora_trainer import tiny
+from lora_trainer.collate import REAL_TOKENS, PackingCollator, PaddingCollator
 from lora_trainer.config import load_config
-from lora_trainer.data import (
-    REAL_TOKENS,
-    PackingCollator,
-    PaddingCollator,
-    encode_all,
-    parse_record,
-)
+from lora_trainer.data import encode_all, parse_record
 from lora_trainer.stopping import StopFlag
 from lora_trainer.train import LoraTrainer, hf_arguments, load_model
 

@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from lora_trainer import tiny
-from lora_trainer.data import (
-    IGNORE_INDEX,
-    REAL_TOKENS,
-    PackingCollator,
-    PaddingCollator,
-    encode_all,
-    parse_record,
-)
+from lora_trainer.collate import REAL_TOKENS, PackingCollator, PaddingCollator
+from lora_trainer.data import IGNORE_INDEX, encode_all, parse_record
 
 LOSS_TOLERANCE = 1e-5
 

@@ -12,6 +12,7 @@ from datetime import timedelta
 import pytest
 import yaml
 
+from lora_trainer.config import load_config
 from sweep_operator.api import SweepSpec
 from sweep_operator.importance import IMPORTANCE_MIN_TRIALS, parameter_importance
 from sweep_operator.plan import best_trial
@@ -61,12 +62,23 @@ def test_best_config_is_the_fixed_config_with_the_best_parameters():
     }
     assert document["parameters"] == {"learning_rate": 2e-4, "lora_rank": 8}
     assert document["config"] == {
+        "eval_file": "/data/val.jsonl",
         "learning_rate": 2e-4,
         "lora_rank": 8,
         "model_name_or_path": "/models/tiny",
         "num_train_epochs": 1,
+        "train_file": "/data/train.jsonl",
     }
     assert yaml.safe_load(best_config_yaml(SPEC, None, sweep_name="sw"))["best_trial"] is None
+
+
+def test_the_best_config_trains_the_winner_again_with_the_trainer(tmp_path):
+    document = yaml.safe_load(best_config_yaml(SPEC, best_trial(SPEC, TRIALS), sweep_name="sw"))
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump(document["config"]))
+    config = load_config(path, environ={})
+    assert (config.model_name_or_path, config.train_file) == ("/models/tiny", "/data/train.jsonl")
+    assert (config.lora_rank, config.learning_rate) == (8, 2e-4)
 
 
 def test_trials_summary_has_one_row_per_trial():

@@ -31,17 +31,9 @@ from transformers import (
 from transformers import TrainingArguments as HFTrainingArguments
 
 from lora_trainer.checkpoints import checkpoint_step, latest_complete
+from lora_trainer.collate import REAL_TOKENS, PackingCollator, PaddingCollator
 from lora_trainer.config import TrainConfig, check_hardware
-from lora_trainer.data import (
-    IGNORE_INDEX,
-    REAL_TOKENS,
-    DataError,
-    Example,
-    PackingCollator,
-    PaddingCollator,
-    PreparedData,
-    prepare,
-)
+from lora_trainer.data import IGNORE_INDEX, DataError, Example, PreparedData, prepare
 from lora_trainer.isolation import check_isolation
 from lora_trainer.shape import ShapeError, model_shape, shape_tags, shape_yaml
 from lora_trainer.stopping import StopFlag, Stopped
