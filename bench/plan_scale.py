@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from sweep_operator.api import SweepSpec  # noqa: E402
 from sweep_operator.naming import trial_name  # noqa: E402
+from sweep_operator.observation import Observation  # noqa: E402
 from sweep_operator.plan import plan  # noqa: E402
 from sweep_operator.trials import ObservedTrial, Point, TrialState  # noqa: E402
 from tests.unit.sweep_helpers import trial_parameters  # noqa: E402
@@ -88,7 +89,7 @@ def seconds_per_plan(spec: SweepSpec, trials: list[ObservedTrial], repeats: int)
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
-        result = plan(spec, trials, now, sweep_name="scale")
+        result = plan(spec, Observation(sweep="scale", generation=None, trials=trials), None, now)
         times.append(time.perf_counter() - started)
     assert result.status.trials.total >= len(trials)
     return min(times)

@@ -1,9 +1,10 @@
 """Search efficiency: trial-steps to a near-optimal configuration, per search strategy.
 
-Every strategy runs through the operator's own planner (`sweep_operator.plan.plan`) with a
-fake clock, exactly as the operator would: every reconcile, each running trial has trained
-RECONCILE_STEPS more steps and logged its eval loss at the surface's eval cadence, and the
-planner decides what to create and what to stop. Two surfaces:
+Every strategy runs through the operator's own trial planner
+(`sweep_operator.trial_plan.plan_trials`) with a fake clock, exactly as the operator would:
+every reconcile, each running trial has trained RECONCILE_STEPS more steps and logged its eval
+loss at the surface's eval cadence, and the planner decides what to create and what to stop.
+Two surfaces:
 
 - recorded: real learning curves of the bundled trainer, one per configuration of a grid
   (`bench/data/lora_curves.json.gz`, written by `bench/record_curves.py`). The sweep searches
@@ -48,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "operator"))
 
 from sweep_operator.api import SweepSpec  # noqa: E402
-from sweep_operator.plan import plan  # noqa: E402
+from sweep_operator.trial_plan import plan_trials  # noqa: E402
 from sweep_operator.trials import ObservedTrial, Point, TrialState  # noqa: E402
 
 RECORDING = REPO / "bench" / "data" / "lora_curves.json.gz"
@@ -286,8 +287,8 @@ def simulate(surface: Surface, strategy: str, seed: int) -> Run:
     reconcile_steps = surface.eval_every  # a reconcile per eval, as the operator is woken
     while True:
         now = T0 + timedelta(seconds=tick)
-        result = plan(spec, [t.observed() for t in trials.values()], now, sweep_name="bench")
-        for name in result.delete:
+        result = plan_trials(spec, [t.observed() for t in trials.values()], now, sweep_name="bench")
+        for name in result.stop:
             trials[name].state = TrialState.PRUNED
         for new in result.create:
             curve = surface.curve(new.parameters, seed * 100_003 + new.index)

@@ -78,3 +78,13 @@ def label_value(name: str) -> str:
 def experiment_name(namespace: str, sweep: str, configured: str | None = None) -> str:
     """The MLflow experiment of a sweep: spec.mlflow.experimentName or `<namespace>/<sweep>`."""
     return configured or f"{namespace}/{sweep}"
+
+
+def experiment_url(tracking_uri: str, experiment_id: str) -> str:
+    """An experiment's page in the MLflow UI."""
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}"
+
+
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """A run's page in the MLflow UI."""
+    return f"{experiment_url(tracking_uri, experiment_id)}/runs/{run_id}"

@@ -1,429 +1,284 @@
-"""The planner: observed trials in, actions and the desired status out. Pure, no I/O.
+"""The whole policy of one reconcile: an Observation in, a Plan out. Pure, no I/O.
 
-Like Katib's experiment controller, the status is derived from the trials on every call rather
-than remembered, so the reconcile is level-based: whatever happened while the operator was
-down, re-planning from what is in the cluster gives the right answer. Trials are identified
-by their index; the plan only creates indices that are not observed, so it never duplicates
-a trial after a restart.
+The adapters gather what the cluster and MLflow hold (`observation.Observation`, with what the
+reconciler remembers of its own earlier reconciles); `plan` decides everything from it: the
+trials to create and stop (`trial_plan.plan_trials`), the complete status, the Events, whether
+the report is due, the MLflow work (closing the parent run, tagging stopped trials' runs,
+registering the best adapter). The reconciler carries the Plan out and nothing else.
 
-The returned status describes the sweep as it will be once the plan is carried out: trials
-to create count as pending (queued, for a sweep with a Kueue queue) and trials to delete as
-pruned. Queued trials are active: they hold a parallelism slot but no GPU.
-
-With spec.trainer.modelCache, no trial is created before the sweep's model download has
-succeeded: the plan asks for the download Job (`Plan.fetch_model`) while there is none, and a
-failed download fails the sweep.
-
-With spec.constraints, configurations over the memory limit never become trials
-(`constraints`), and a trial that ran out of GPU memory is infeasible: counted apart, never
-against maxFailedTrials.
-
-Stopping a trial (early stopping, the time budget, a failed sweep) puts its name in
-`Plan.delete` with a reason in `Plan.stop_reasons`. The stopped trial must stay observable as
-PRUNED afterwards (its index is then never planned again, and TPE learns from its curve).
+A restarted operator remembers nothing: it observes the same cluster, plans the same trials
+and status, and at worst posts an Event or publishes a report again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sweep_operator.api import (
-    BestTrial,
-    Condition,
-    ParetoTrial,
-    Phase,
-    SweepSpec,
-    SweepStatus,
-    TrialCounts,
-    parse_duration,
-)
-from sweep_operator.constraints import ConstraintError
-from sweep_operator.early_stopping import Progress, stop_decisions
-from sweep_operator.naming import model_fetch_name, trial_name
-from sweep_operator.objective import (
-    metric_values,
-    minimizing,
-    normalisation_note,
-    objective_values,
-    pareto_front,
-    scorer,
-)
-from sweep_operator.search import Suggester, suggester
-from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
-from sweep_operator.warm_start import NOT_FOUND, WAITING, WarmStart, refusal
+from sweep_operator.api import SweepSpec, SweepStatus
+from sweep_operator.naming import model_fetch_name, run_url
+from sweep_operator.observation import Observation
+from sweep_operator.trial_plan import conditions, plan_trials
+from sweep_operator.trials import FetchState, NewTrial, ObservedTrial, TrialState
+from sweep_operator.warm_start import NOT_FOUND
 
-CONDITION_TYPES = ("Running", "Succeeded", "Failed")
+# The report (ConfigMap, MLflow artifacts, plots) costs up to a second or two to make.
+REPORT_INTERVAL_SECONDS = 60.0
+IMPORTANCE_IN_STATUS = 5
+TERMINAL = ("Succeeded", "Failed")
+
+
+@dataclass(frozen=True)
+class SweepEvent:
+    """A Kubernetes Event to post on the sweep: about one of its trials or its model download
+    (`subject`, named in the message), or about the sweep itself (subject None)."""
+
+    reason: str
+    subject: str | None
+    detail: str
+    type: str = "Normal"
 
 
 @dataclass(frozen=True)
 class Plan:
     create: list[NewTrial] = field(default_factory=list)  # in index order
-    delete: list[str] = field(default_factory=list)  # Job names of trials to stop
+    # Trials to stop (Job names, in index order) and why, for their MLflow runs and Events.
+    stop: dict[str, str] = field(default_factory=dict)
     status: SweepStatus = field(default_factory=SweepStatus)
-    # Why each trial in `delete` is stopped (for its MLflow run's tag and an Event).
-    stop_reasons: dict[str, str] = field(default_factory=dict)
     # When the time budget runs out: the operator should reconcile again by then.
     deadline: datetime | None = None
     # Create the Job that downloads the model into spec.trainer.modelCache.
     fetch_model: bool = False
-
-
-def best_trial(spec: SweepSpec, observed: Sequence[ObservedTrial]) -> BestTrial | None:
-    """The succeeded trial with the best finite objective value; ties go to the lower index.
-
-    With a weighted objective the value is the weighted sum of the normalised metrics
-    (objective.metrics, normalised over `observed`), and metrics holds every raw one.
-    """
-    score = scorer(spec, observed)
-    scored = [
-        (value, t)
-        for t in observed
-        if t.state == TrialState.SUCCEEDED and (value := score.value(t)) is not None
-    ]
-    if not scored:
-        return None
-    sign = 1.0 if minimizing(spec) else -1.0
-    value, best = min(scored, key=lambda vt: (sign * vt[0], vt[1].index))
-    return BestTrial(
-        name=best.name,
-        index=best.index,
-        parameters=best.parameters,
-        value=value,
-        metrics=metric_values(spec, best) if score.weighted else best.metrics,
-        mlflow_run_id=best.mlflow_run_id,
-    )
-
-
-PARETO_IN_STATUS = 20
-
-
-def pareto_status(
-    spec: SweepSpec, observed: Sequence[ObservedTrial]
-) -> tuple[list[ParetoTrial], int]:
-    """The Pareto-optimal trials for status and how many there are (none unless
-    objective.mode is pareto). The status stays small at any size: past PARETO_IN_STATUS, the
-    trials of the front best by the primary metric, in index order."""
-    if spec.objective.mode != "pareto" or not spec.objective.metrics:
-        return [], 0
-    front = pareto_front(spec, observed)
-    shown = front
-    if len(front) > PARETO_IN_STATUS:
-        sign = 1.0 if minimizing(spec) else -1.0
-        metric = spec.objective.metric
-
-        def rank(trial: ObservedTrial) -> tuple[float, int]:
-            return (sign * (objective_values(spec, trial) or {})[metric], trial.index)
-
-        shown = sorted(sorted(front, key=rank)[:PARETO_IN_STATUS], key=lambda t: t.index)
-    entries = [
-        ParetoTrial(
-            name=t.name,
-            index=t.index,
-            parameters=t.parameters,
-            values=objective_values(spec, t) or {},
-        )
-        for t in shown
-    ]
-    return entries, len(front)
-
-
-def _space_changed(search: Suggester, observed: Sequence[ObservedTrial]) -> str | None:
-    """A message when an existing trial's parameters no longer match its index."""
-    for trial in sorted(observed, key=lambda t: t.index):
-        mismatch = search.mismatch(trial)
-        if mismatch:
-            return (
-                f"trial {trial.name} ran with parameters {trial.parameters}, {mismatch}: "
-                "spec.parameters or spec.algorithm changed after the sweep started; create a "
-                "new sweep instead"
-            )
-    return None
-
-
-def _conditions(
-    phase: Phase,
-    reason: str,
-    message: str,
-    now: datetime,
-    generation: int | None,
-    previous: SweepStatus | None,
-) -> list[Condition]:
-    """Running/Succeeded/Failed conditions, keeping lastTransitionTime while a status holds."""
-    before = {c.type: c for c in previous.conditions} if previous else {}
-    conditions = []
-    for kind in CONDITION_TYPES:
-        status = "True" if kind == phase else "False"
-        old = before.get(kind)
-        since = old.last_transition_time if old and old.status == status else now
-        conditions.append(
-            Condition(
-                type=kind,
-                status=status,
-                reason=reason if status == "True" else f"Not{kind}",
-                message=message if status == "True" else "",
-                last_transition_time=since,
-                observed_generation=generation,
-            )
-        )
-    return conditions
-
-
-def _times(
-    observed: Sequence[ObservedTrial], previous: SweepStatus | None, now: datetime
-) -> tuple[datetime, datetime]:
-    """(start, completion if the sweep ended now): earliest trial start, latest trial finish."""
-    starts = [t.start_time for t in observed if t.start_time]
-    if previous and previous.start_time:
-        starts.append(previous.start_time)
-    finishes = [t.finish_time for t in observed if t.finish_time and not t.state.active]
-    return (min(starts) if starts else now, max(finishes) if finishes else now)
-
-
-def _early_stops(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> dict[str, str]:
-    """Running trials that early stopping stops -> why."""
-    if spec.early_stopping is None:
-        return {}
-    score = scorer(spec, trials)
-    progress = {t.name: Progress(t.index, t.state, score.curve(t)) for t in trials}
-    return stop_decisions(spec.early_stopping, progress, minimize=minimizing(spec))
+    events: list[SweepEvent] = field(default_factory=list)
+    # Publish the report (ConfigMap, parent run artifacts) now: (finished trials, phase), what
+    # it reports, for Memory.reported.
+    report: tuple[int, str] | None = None
+    # Tag the MLflow runs of these stopped trials with why (trial -> reason).
+    tag_stopped: dict[str, str] = field(default_factory=dict)
+    # Register this trial's adapter as a version of spec.mlflow.registeredModel.
+    register_adapter: str | None = None
+    close_parent_run: bool = False
 
 
 def plan(
-    spec: SweepSpec,
-    observed: Sequence[ObservedTrial],
-    now: datetime,
-    *,
-    sweep_name: str,
-    generation: int | None = None,
-    previous: SweepStatus | None = None,
-    fetch: ObservedFetch | None = None,
-    warm: WarmStart | None = None,
+    spec: SweepSpec, observation: Observation, previous: SweepStatus | None, now: datetime
 ) -> Plan:
-    """Decide which trials to create or stop, and the sweep's status.
-
-    `fetch` is the model download of a sweep with spec.trainer.modelCache (none observed when
-    omitted); `warm` the warm-start history of spec.algorithm.warmStart (warm_start.py).
-    `previous` is the status currently stored on the sweep; it is read to keep condition
-    transition times and the start time stable, so that an unchanged sweep plans to an
-    unchanged status (and the operator can skip the patch), and the time budget counts from
-    the stored start time.
-    """
-    now = now.replace(microsecond=0)
-    warm = warm or WarmStart()
-    search = suggester(spec, len(warm.trials))
-    # With a memory limit a grid skips the points over it: they are never trials.
-    planned = search.indices()
-    target = len(planned.indices)
-    by_index = {t.index: t for t in observed}
-    trials = sorted(by_index.values(), key=lambda t: t.index)
-    start, end = _times(trials, previous, now)
-    budget_time = parse_duration(spec.time_budget, "timeBudget") if spec.time_budget else None
-    deadline = start + budget_time if budget_time else None
-    active = [t for t in trials if t.state.active]
-    failed = [t for t in trials if t.state == TrialState.FAILED]
-    infeasible = sum(t.state == TrialState.INFEASIBLE for t in trials) + planned.skipped
-    infeasible_text = f", {infeasible} infeasible" if infeasible else ""
-    succeeded = [t for t in trials if t.state == TrialState.SUCCEEDED]
-    unscored = [t for t in succeeded if objective_values(spec, t) is None]
-    best = best_trial(spec, trials)
-    metric = spec.objective.metric
-    best_text = f"; best {metric}={best.value:g} ({best.name})" if best else ""
-    if best and spec.objective.metrics and spec.objective.mode == "weighted":
-        best_text = (
-            f"; best weighted objective={best.value:g} ({best.name}; "
-            f"{normalisation_note(spec, trials)})"
-        )
-
-    create: list[NewTrial] = []
-    stops: dict[str, str] = {}
-    # With a queue a new trial's Job starts suspended, waiting for Kueue to admit it.
-    new_state = TrialState.QUEUED if spec.trainer.queue_name else TrialState.PENDING
-    phase: Phase
-    changed = _space_changed(search, trials)
-    budget = spec.max_failed_trials
-    cache = spec.trainer.model_cache
-    fetch_state = (fetch.state if fetch else FetchState.MISSING) if cache else None
-    if changed:
-        phase, reason, message = "Failed", "SearchSpaceChanged", changed
-        stops = {t.name: "the sweep failed: its search space changed" for t in active}
-    elif refused := refusal(warm, trials, previous):
-        phase, reason, message = "Failed", NOT_FOUND, refused
-        end = previous_completion(previous) or now
-    elif fetch and fetch_state == FetchState.FAILED:
-        phase, reason = "Failed", "ModelFetchFailed"
-        message = (
-            f"downloading model {spec.trainer.model} into spec.trainer.modelCache "
-            f"(Job {model_fetch_name(sweep_name)}) failed: {fetch.message}"
-        )
-        stops = {t.name: "the sweep failed: its model download failed" for t in active}
-        end = fetch.finish_time or previous_completion(previous) or now
-    elif budget is not None and len(failed) > budget:
-        phase, reason = "Failed", "TooManyFailedTrials"
-        names = ", ".join(t.name for t in failed)
-        message = (
-            f"{len(failed)} trials failed ({names}), more than spec.maxFailedTrials={budget}; "
-            f"first failure: {failed[0].message or 'no message'}"
-        )
-        stops = {t.name: "the sweep failed: too many failed trials" for t in active}
-    elif deadline is not None and now >= deadline:
-        # The best so far is the result; without any scored trial there is none.
-        phase, reason = ("Succeeded" if best else "Failed"), "BudgetExhausted"
-        stops = {t.name: f"timeBudget {spec.time_budget} exhausted" for t in active}
-        message = (
-            f"timeBudget {spec.time_budget} exhausted: {len(succeeded)}/{target} trials "
-            f"succeeded, {len(stops)} stopped at the deadline" + best_text
-        )
-        end = deadline  # stable across replans, unlike now
-    else:
-        stops = _early_stops(spec, trials)
-        going_on = [t for t in active if t.name not in stops]
-        # No trial before the model is on the claim (a trial would download it on its own).
-        fetching = cache is not None and fetch_state != FetchState.SUCCEEDED
-        slots = 0 if fetching or warm.waiting else max(0, spec.parallelism - len(going_on))
-        # TPE learns from the trials stopped just now as pruned ones, and sees the trials
-        # created in this plan as running.
-        history = [
-            t.model_copy(update={"state": TrialState.PRUNED}) if t.name in stops else t
-            for t in trials
-        ]
-        missing = (i for i in planned.indices if i not in by_index)
-        unplannable: ConstraintError | None = None
-        for index in missing:
-            if len(create) == slots:
-                break
-            try:
-                parameters = search.propose(index, history, warm.trials)
-            except ConstraintError as error:
-                unplannable = error
-                break
-            new = NewTrial(index=index, name=trial_name(sweep_name, index), parameters=parameters)
-            create.append(new)
-            history.append(
-                ObservedTrial(
-                    name=new.name,
-                    index=index,
-                    parameters=new.parameters,
-                    state=new_state,
-                )
-            )
-        finished = not going_on and not create and all(i in by_index for i in planned.indices)
-        if unplannable is not None:
-            phase, reason, message, create = "Failed", unplannable.reason, str(unplannable), []
-            stops |= {t.name: f"the sweep failed: {reason}" for t in going_on}
-        elif finished and best is not None:
-            phase, reason = "Succeeded", "AllTrialsDone"
-            message = f"{len(succeeded)}/{target} trials succeeded{infeasible_text}" + best_text
-        elif finished:
-            phase = "Failed"
-            if succeeded:
-                reason = "NoScoredTrial"
-                message = f"no trial reported the objective metric {metric}"
-            else:
-                reason = "NoTrialSucceeded"
-                message = f"all {len(trials)} trials failed or were stopped{infeasible_text}"
-        elif warm.waiting and not trials:
-            phase, reason, message = "Pending", WAITING, warm.waiting
-        elif fetching and cache is not None and not trials:
-            phase, reason = "Pending", "FetchingModel"
-            message = (
-                f"downloading model {spec.trainer.model} into PersistentVolumeClaim "
-                f"{cache.claim_name} (Job {model_fetch_name(sweep_name)}); trials start once "
-                "it is there"
-            )
-        else:
-            waiting = (TrialState.QUEUED, TrialState.PENDING)
-            started = any(t.state not in waiting for t in trials)
-            phase, reason = ("Running", "TrialsRunning") if started else ("Pending", "Waiting")
-            running = sum(t.state == TrialState.RUNNING for t in going_on)
-            queued = sum(t.state == TrialState.QUEUED for t in going_on)
-            queued += len(create) if new_state == TrialState.QUEUED else 0
-            pending = len(going_on) - running + len(create) - queued
-            pruned = sum(t.state == TrialState.PRUNED for t in trials) + len(stops)
-            message = (
-                f"{len(succeeded)}/{target} trials succeeded, {running} running, "
-                + (f"{queued} queued, " if spec.trainer.queue_name else "")
-                + f"{pending} pending, {len(failed)} failed"
-                + (f", {pruned} pruned" if pruned else "")
-                + infeasible_text
-                + best_text
-            )
-    if unscored:
-        message += (
-            f"; {len(unscored)} succeeded trials did not report {spec.objective.metric}: "
-            + ", ".join(t.name for t in unscored)
-        )
-
-    def count(state: TrialState) -> int:
-        created = len(create) if state == new_state else 0
-        return sum(t.state == state and t.name not in stops for t in trials) + created
-
-    counts = TrialCounts(
-        total=len(trials) + len(create),
-        queued=count(TrialState.QUEUED),
-        pending=count(TrialState.PENDING),
-        running=count(TrialState.RUNNING),
-        succeeded=len(succeeded),
-        failed=len(failed),
-        pruned=count(TrialState.PRUNED) + len(stops),
-        infeasible=infeasible,
-        unscored=len(unscored),
-        target=target,
+    """Every decision of one reconcile. `previous` is the status stored on the sweep."""
+    seen = observation.memory
+    trials = _with_unindexed(spec, observation)
+    decided = plan_trials(
+        spec,
+        trials,
+        now,
+        sweep_name=observation.sweep,
+        generation=observation.generation,
+        previous=previous,
+        fetch=observation.fetch,
+        warm=observation.warm,
     )
-    terminal = phase in ("Succeeded", "Failed")
-    shown_front, front_size = pareto_status(spec, trials)
-    status = SweepStatus(
-        phase=phase,
-        observed_generation=generation,
-        conditions=_conditions(phase, reason, message, now, generation, previous),
-        trials=counts,
-        progress=f"{counts.succeeded}/{target}",
-        best_trial=best,
-        pareto_front=shown_front,
-        pareto_front_size=front_size,
-        parameter_importance=previous.parameter_importance if previous else None,
-        mlflow=previous.mlflow if previous else None,
-        start_time=start if trials or create else None,
-        completion_time=end if terminal else None,
-        message=message,
-    )
-    delete = [t.name for t in trials if t.name in stops]
+    registered = _registered(observation, previous, decided.status)
+    status = _complete_status(observation, decided.status, registered)
+    tracked = observation.tracking_uri is not None
+    register = _to_register(spec, observation, status, registered)
+    if register is not None:
+        status = _registering(spec, status, register, now, previous)
+    terminal = status.phase in TERMINAL
+    parent = status.mlflow.parent_run_id if status.mlflow else None
     return Plan(
-        create=create,
-        delete=delete,
+        create=decided.create,
+        stop=decided.stop,
         status=status,
-        stop_reasons={name: stops[name] for name in delete},
-        deadline=None if terminal else deadline,
-        fetch_model=fetch_state == FetchState.MISSING and not terminal,
+        deadline=decided.deadline,
+        fetch_model=decided.fetch_model,
+        events=_events(spec, observation, previous, status),
+        report=_report_due(trials, status, observation),
+        tag_stopped={
+            t.name: t.message or "stopped by the operator"
+            for t in trials
+            if t.state == TrialState.PRUNED
+            and t.name in observation.runs
+            and t.name not in seen.tagged
+        }
+        if tracked
+        else {},
+        register_adapter=register,
+        close_parent_run=terminal and tracked and parent is not None and not seen.parent_closed,
     )
 
 
-def previous_completion(previous: SweepStatus | None) -> datetime | None:
-    """The stored completion time of a sweep that had already failed (kept on replans)."""
-    return previous.completion_time if previous and previous.phase == "Failed" else None
+def _with_unindexed(spec: SweepSpec, observation: Observation) -> list[ObservedTrial]:
+    """The observed trials, and those created by this operator that the index has not shown
+    yet as waiting: not missing, else they would be planned again, past parallelism."""
+    indexed = {t.name for t in observation.trials}
+    state = TrialState.QUEUED if spec.trainer.queue_name else TrialState.PENDING
+    return [
+        *observation.trials,
+        *(
+            ObservedTrial(name=t.name, index=t.index, parameters=t.parameters, state=state)
+            for t in observation.unindexed
+            if t.name not in indexed
+        ),
+    ]
 
 
-def failed_status(
-    reason: str,
-    message: str,
-    now: datetime,
-    *,
-    generation: int | None = None,
-    previous: SweepStatus | None = None,
+def _registered(
+    observation: Observation, previous: SweepStatus | None, status: SweepStatus
+) -> str | None:
+    """The models:/ URI the best trial's adapter was registered as, by this operator or (from
+    the stored status) before a restart."""
+    best = status.best_trial
+    if best is None:
+        return None
+    if best.name in observation.memory.registered:
+        return observation.memory.registered[best.name]
+    stored = previous.best_trial if previous else None
+    if stored and stored.name == best.name and (stored.adapter_uri or "").startswith("models:/"):
+        return stored.adapter_uri
+    return None
+
+
+def _to_register(
+    spec: SweepSpec, observation: Observation, status: SweepStatus, registered: str | None
+) -> str | None:
+    """The trial whose adapter to register now: the best of a succeeded sweep with
+    spec.mlflow.registeredModel, once its run has the adapter, unless it is registered."""
+    model = spec.mlflow.registered_model if spec.mlflow else None
+    best = status.best_trial
+    if not model or observation.tracking_uri is None or best is None or registered:
+        return None
+    run = observation.runs.get(best.name)
+    if status.phase != "Succeeded" or run is None or not run.adapter:
+        return None
+    return best.name
+
+
+def _registering(
+    spec: SweepSpec, status: SweepStatus, trial: str, now: datetime, previous: SweepStatus | None
 ) -> SweepStatus:
-    """The status of a sweep refused before any trial ran (invalid spec, bad template)."""
-    now = now.replace(microsecond=0)
-    completed = previous.completion_time if previous and previous.phase == "Failed" else None
-    return SweepStatus(
-        phase="Failed",
-        observed_generation=generation,
-        conditions=_conditions("Failed", reason, message, now, generation, previous),
-        trials=previous.trials if previous else TrialCounts(),
-        progress=previous.progress if previous else "0/0",
-        best_trial=previous.best_trial if previous else None,
-        mlflow=previous.mlflow if previous else None,
-        start_time=previous.start_time if previous else None,
-        completion_time=completed or now,
-        message=message,
+    """A sweep whose trials are done succeeds once its best adapter is registered (the
+    reconciler registers it and plans again at once): its result is then in the registry."""
+    model = spec.mlflow.registered_model if spec.mlflow else None
+    message = f"{status.message}; registering the adapter of {trial} as a version of {model}"
+    generation = status.observed_generation
+    return status.model_copy(
+        update={
+            "phase": "Running",
+            "message": message,
+            "completion_time": None,
+            "conditions": conditions(
+                "Running",
+                "RegisteringAdapter",
+                message,
+                now.replace(microsecond=0),
+                generation,
+                previous,
+            ),
+        }
     )
+
+
+def _complete_status(
+    observation: Observation, status: SweepStatus, registered: str | None
+) -> SweepStatus:
+    """The trials' status with what MLflow and the reconciler's background work add: the
+    parent run, the best trial's link and adapter, parameter importance."""
+    mlflow = observation.mlflow
+    update: dict = {"mlflow": mlflow}
+    best = status.best_trial
+    if best is not None:
+        best_update = {}
+        uri = observation.tracking_uri
+        if uri and mlflow and mlflow.experiment_id and best.mlflow_run_id:
+            best_update["url"] = run_url(uri, mlflow.experiment_id, best.mlflow_run_id)
+        run = observation.runs.get(best.name)
+        if registered:
+            best_update["adapter_uri"] = registered
+        elif run is not None and run.adapter:
+            best_update["adapter_uri"] = f"runs:/{run.run_id}/{run.adapter}"
+        update["best_trial"] = best.model_copy(update=best_update)
+    importance = observation.memory.importance
+    if importance is not None:
+        update["parameter_importance"] = importance.model_copy(
+            update={"parameters": importance.parameters[:IMPORTANCE_IN_STATUS]}
+        )
+    return status.model_copy(update=update)
+
+
+def _report_due(
+    trials: list[ObservedTrial], status: SweepStatus, observation: Observation
+) -> tuple[int, str] | None:
+    """As trials finish, at most every REPORT_INTERVAL_SECONDS, and once more at the end."""
+    seen = observation.memory
+    key = (sum(not t.state.active for t in trials), status.phase)
+    if not key[0] or key == seen.reported:
+        return None
+    due = status.phase in TERMINAL or seen.report_age >= REPORT_INTERVAL_SECONDS
+    return key if due else None
+
+
+def _events(
+    spec: SweepSpec,
+    observation: Observation,
+    previous: SweepStatus | None,
+    status: SweepStatus,
+) -> list[SweepEvent]:
+    """Events for what changed since the last reconcile: trial transitions, a new best trial,
+    the model download's end, the warm start. The first reconcile after a start knows no
+    earlier trial states and posts no transitions."""
+    seen = observation.memory
+    events: list[SweepEvent] = []
+    if seen.states is not None:
+        for trial in observation.trials:
+            before = seen.states.get(trial.name)
+            if before != trial.state:
+                event = _transition(spec, trial, known=before is not None)
+                if event is not None:
+                    events.append(event)
+    best, before_best = status.best_trial, previous.best_trial if previous else None
+    if best is not None and (before_best is None or before_best.name != best.name):
+        detail = f"{best.value:g} with {format_parameters(best.parameters)}"
+        events.append(SweepEvent("NewBestTrial", best.name, detail))
+    fetch = observation.fetch
+    if fetch is not None and seen.fetch_state not in (None, fetch.state):
+        name = model_fetch_name(observation.sweep)
+        if fetch.state == FetchState.SUCCEEDED:
+            detail = f"model {spec.trainer.model} is on the claim"
+            events.append(SweepEvent("ModelFetched", name, detail))
+        elif fetch.state == FetchState.FAILED:
+            events.append(SweepEvent("ModelFetchFailed", name, fetch.message, "Warning"))
+    warm = observation.warm
+    if warm is not None:
+        reason = next((c.reason for c in status.conditions if c.status == "True"), None)
+        if reason == NOT_FOUND and not (previous and previous.phase == "Failed"):
+            events.append(SweepEvent(NOT_FOUND, None, status.message, "Warning"))
+        if warm.summary and warm.summary != seen.warm_summary:
+            events.append(SweepEvent("WarmStart", None, warm.summary))
+    return events
+
+
+def _transition(spec: SweepSpec, trial: ObservedTrial, known: bool) -> SweepEvent | None:
+    """The Event of a trial that reached its state since the last reconcile; `known`: it was
+    seen before (a trial queued again was preempted)."""
+    state = trial.state
+    if state == TrialState.RUNNING:
+        return SweepEvent("TrialStarted", trial.name, "running")
+    if state == TrialState.SUCCEEDED:
+        value = (
+            "no objective" if trial.value is None else f"{spec.objective.metric}={trial.value:g}"
+        )
+        return SweepEvent("TrialSucceeded", trial.name, value)
+    if state == TrialState.FAILED:
+        return SweepEvent("TrialFailed", trial.name, trial.message or "failed", "Warning")
+    if state == TrialState.INFEASIBLE:
+        detail = "ran out of GPU memory: " + (trial.message or "exit code 4")
+        return SweepEvent("TrialInfeasible", trial.name, detail, "Warning")
+    if state == TrialState.PRUNED:
+        return SweepEvent("TrialStopped", trial.name, trial.message)
+    if state == TrialState.QUEUED and known:
+        detail = "suspended by Kueue (preempted); it waits for quota to run again"
+        return SweepEvent("TrialRequeued", trial.name, detail)
+    return None
+
+
+def format_parameters(parameters: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in parameters.items())

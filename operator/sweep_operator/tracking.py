@@ -171,9 +171,3 @@ class Tracker:
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
         version = self.client.create_model_version(model_name, source, run_id=run_id, tags=tags)
         return f"models:/{model_name}/{version.version}"
-
-    def run_url(self, experiment_id: str, run_id: str) -> str:
-        return f"{self.uri}/#/experiments/{experiment_id}/runs/{run_id}"
-
-    def experiment_url(self, experiment_id: str) -> str:
-        return f"{self.uri}/#/experiments/{experiment_id}"

@@ -10,10 +10,10 @@ from pydantic import ValidationError
 from sweep_operator.api import parse_duration
 from sweep_operator.expr import ExprError, check_expressions, derive, evaluate
 from sweep_operator.objective import scorer
-from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
 from sweep_operator.semantic import check_spec
 from sweep_operator.space import grid_size
+from sweep_operator.trial_plan import plan_trials
 from sweep_operator.trials import ObservedTrial, TrialState
 from tests.unit.sweep_helpers import T0, make_spec, observed_trial, trial_parameters
 
@@ -41,7 +41,7 @@ def test_bad_durations_name_the_field(text):
 
 def test_before_the_deadline_the_sweep_runs_and_tells_when_to_wake():
     spec = make_spec(timeBudget="2h")
-    p = plan(spec, [trial(spec, 0, S.RUNNING)], T0 + timedelta(minutes=119), sweep_name="sw")
+    p = plan_trials(spec, [trial(spec, 0, S.RUNNING)], T0 + timedelta(minutes=119), sweep_name="sw")
     assert p.status.phase == "Running" and [t.index for t in p.create] == [1]
     assert p.deadline == T0 + timedelta(hours=2)
 
@@ -51,10 +51,10 @@ def test_at_the_deadline_running_trials_stop_and_the_best_so_far_wins():
     seen = [trial(spec, 0, S.SUCCEEDED, 0.5), trial(spec, 1, S.SUCCEEDED, 0.4)]
     seen += [trial(spec, 2, S.RUNNING), trial(spec, 3, S.PENDING)]
     late = T0 + timedelta(hours=2, minutes=5)
-    p = plan(spec, seen, late, sweep_name="sw")
+    p = plan_trials(spec, seen, late, sweep_name="sw")
     assert p.create == []
-    assert p.delete == ["sw-0002", "sw-0003"]
-    assert p.stop_reasons == {n: "timeBudget 2h exhausted" for n in p.delete}
+    assert list(p.stop) == ["sw-0002", "sw-0003"]
+    assert set(p.stop.values()) == {"timeBudget 2h exhausted"}
     s = p.status
     assert (s.phase, s.best_trial.name, s.trials.pruned) == ("Succeeded", "sw-0001", 2)
     succeeded = next(c for c in s.conditions if c.type == "Succeeded")
@@ -66,18 +66,18 @@ def test_at_the_deadline_running_trials_stop_and_the_best_so_far_wins():
     assert s.completion_time == T0 + timedelta(hours=2) and p.deadline is None
     # Once the stopped trials are observed as pruned, nothing is created again.
     after = [*seen[:2], trial(spec, 2, S.PRUNED), trial(spec, 3, S.PRUNED)]
-    again = plan(spec, after, late + timedelta(minutes=1), sweep_name="sw", previous=s)
-    assert again.create == [] and again.delete == [] and again.status.phase == "Succeeded"
+    again = plan_trials(spec, after, late + timedelta(minutes=1), sweep_name="sw", previous=s)
+    assert again.create == [] and list(again.stop) == [] and again.status.phase == "Succeeded"
     assert again.status.completion_time == s.completion_time
 
 
 def test_the_budget_counts_from_the_stored_start_time():
     spec = make_spec(timeBudget="1h")
-    first = plan(spec, [], T0, sweep_name="sw")
+    first = plan_trials(spec, [], T0, sweep_name="sw")
     # The first trial is still pending (no start time), an hour later.
     pending = [trial(spec, 0, S.PENDING).model_copy(update={"start_time": None})]
-    p = plan(spec, pending, T0 + timedelta(hours=1), sweep_name="sw", previous=first.status)
-    assert p.status.phase == "Failed" and p.delete == ["sw-0000"]
+    p = plan_trials(spec, pending, T0 + timedelta(hours=1), sweep_name="sw", previous=first.status)
+    assert p.status.phase == "Failed" and list(p.stop) == ["sw-0000"]
     assert next(c for c in p.status.conditions if c.type == "Failed").reason == "BudgetExhausted"
 
 
@@ -109,7 +109,7 @@ def test_weighted_objective_normalises_each_metric_before_weighting():
         trial(spec, 2, S.SUCCEEDED, 0.6, metrics={"accuracy": 0.88}),  # 0.15 + 0.7 * 0.4
         trial(spec, 3, S.SUCCEEDED, 0.1),  # no accuracy: unscored
     ]
-    s = plan(spec, seen, T0, sweep_name="sw").status
+    s = plan_trials(spec, seen, T0, sweep_name="sw").status
     assert (s.best_trial.name, s.best_trial.value) == ("sw-0000", pytest.approx(0.3))
     assert s.best_trial.metrics == {"eval_loss": 0.8, "accuracy": 0.90}  # the raw values
     assert s.trials.unscored == 1
@@ -118,7 +118,7 @@ def test_weighted_objective_normalises_each_metric_before_weighting():
         "min-max normalised over the 3 scored trials)" in s.message
     )
     # Deterministic from the observed trials: their order does not matter.
-    again = plan(spec, list(reversed(seen)), T0, sweep_name="sw").status
+    again = plan_trials(spec, list(reversed(seen)), T0, sweep_name="sw").status
     assert again.best_trial == s.best_trial
     scores = scorer(spec, seen)
     assert [scores.value(t) for t in seen] == pytest.approx([0.3, 0.7, 0.43, None])
@@ -127,7 +127,7 @@ def test_weighted_objective_normalises_each_metric_before_weighting():
 def test_a_weighted_metric_without_spread_counts_nothing():
     spec = make_spec(objective=WEIGHTED, maxTrials=2)
     one = [trial(spec, 0, S.SUCCEEDED, 0.5, metrics={"tokens_per_s": 100.0})]
-    assert plan(spec, one, T0, sweep_name="sw").status.best_trial.value == 0.0
+    assert plan_trials(spec, one, T0, sweep_name="sw").status.best_trial.value == 0.0
 
 
 def test_weighted_curves_feed_early_stopping():
@@ -147,7 +147,7 @@ def test_weighted_curves_feed_early_stopping():
         trial(spec, 2, S.RUNNING, curves=curves(0.6, 100)),  # 1.0 > median 0.5: stopped
         trial(spec, 3, S.RUNNING, curves=curves(0.5, 200)),  # 0.0
     ]
-    assert plan(spec, seen, T0, sweep_name="sw").delete == ["sw-0002"]
+    assert list(plan_trials(spec, seen, T0, sweep_name="sw").stop) == ["sw-0002"]
 
 
 def test_pareto_front_in_status_and_best_by_the_primary_metric():
@@ -159,12 +159,12 @@ def test_pareto_front_in_status_and_best_by_the_primary_metric():
         trial(spec, 3, S.SUCCEEDED, 0.5, metrics={"tokens_per_s": 100.0}),  # ties with 0
         trial(spec, 4, S.RUNNING),
     ]
-    s = plan(spec, seen, T0, sweep_name="sw").status
+    s = plan_trials(spec, seen, T0, sweep_name="sw").status
     assert [t.name for t in s.pareto_front] == ["sw-0000", "sw-0001", "sw-0003"]
     assert s.pareto_front[1].values == {"eval_loss": 0.4, "tokens_per_s": 50.0}
     assert s.best_trial.name == "sw-0001"
     single = make_spec(maxTrials=5)
-    assert plan(single, seen, T0, sweep_name="sw").status.pareto_front == []
+    assert plan_trials(single, seen, T0, sweep_name="sw").status.pareto_front == []
 
 
 def test_a_large_pareto_front_keeps_the_status_small():
@@ -181,7 +181,7 @@ def test_a_large_pareto_front_keeps_the_status_small():
         for i in range(150)
     ]
     seen.append(trial(spec, 150, S.SUCCEEDED, 2.0, metrics={"tokens_per_s": 10.0}))
-    s = plan(spec, seen, T0, sweep_name="sw").status
+    s = plan_trials(spec, seen, T0, sweep_name="sw").status
     assert s.pareto_front_size == 150
     assert [t.index for t in s.pareto_front] == list(range(20))
 

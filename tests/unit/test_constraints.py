@@ -16,12 +16,12 @@ from sweep_operator.constraints import (
 )
 from sweep_operator.naming import trial_name
 from sweep_operator.observe import job_summary, observe_trial, pod_summary
-from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
 from sweep_operator.search import suggester
 from sweep_operator.search.tpe import MEMORY_CONSTRAINT, build_study, suggest
 from sweep_operator.semantic import SweepInvalid, parse_spec, validate_sweep
 from sweep_operator.space import grid_point
+from sweep_operator.trial_plan import plan_trials
 from sweep_operator.trials import ObservedTrial, TrialState
 from tests.unit.sweep_helpers import T0, raw_spec, trial_parameters
 
@@ -109,7 +109,7 @@ def test_the_grid_walk_equals_checking_every_point():
 
 def test_the_planner_creates_only_fitting_trials_and_counts_the_rest_infeasible():
     spec = spec_of(constrained(parallelism=8))
-    first = plan(spec, [], T0, sweep_name="sw")
+    first = plan_trials(spec, [], T0, sweep_name="sw")
     assert [t.index for t in first.create] == [0, 1, 4, 5, 8, 9, 12, 13]
     assert all(fits(spec, t.parameters) for t in first.create)
     counts = first.status.trials
@@ -117,7 +117,7 @@ def test_the_planner_creates_only_fitting_trials_and_counts_the_rest_infeasible(
     assert "8 infeasible" in first.status.message
 
     done = [trial(spec, t.index, S.SUCCEEDED, value=1.0 + t.index) for t in first.create]
-    last = plan(spec, done, T0 + timedelta(hours=1), sweep_name="sw")
+    last = plan_trials(spec, done, T0 + timedelta(hours=1), sweep_name="sw")
     assert last.create == []
     assert last.status.phase == "Succeeded"
     assert last.status.message.startswith("8/8 trials succeeded, 8 infeasible; best eval_loss=1")
@@ -130,7 +130,7 @@ def test_a_trial_out_of_gpu_memory_is_infeasible_not_failed():
         trial(spec, 0, S.INFEASIBLE, message="out of GPU memory with ..."),
         trial(spec, 1, S.RUNNING),
     ]
-    p = plan(spec, seen, T0, sweep_name="sw")
+    p = plan_trials(spec, seen, T0, sweep_name="sw")
     assert p.status.phase == "Running"  # the failure budget of 0 is untouched
     assert [t.index for t in p.create] == [2]
     counts = p.status.trials

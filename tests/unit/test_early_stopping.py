@@ -23,7 +23,7 @@ from sweep_operator.early_stopping import (
     rung_steps,
     stop_decisions,
 )
-from sweep_operator.plan import plan
+from sweep_operator.trial_plan import plan_trials
 from sweep_operator.trials import ObservedTrial, Point, TrialState
 from tests.unit.sweep_helpers import make_spec, observed_trial
 
@@ -262,22 +262,22 @@ def test_plan_prunes_and_gives_the_slot_to_a_new_trial():
         trial(spec, 2, S.RUNNING, (1.2, 1.1)),  # best 1.1 vs median(0.8, 0.9) at step 20
         trial(spec, 3, S.RUNNING, (0.9, 0.7)),
     ]
-    p = plan(spec, seen, T0, sweep_name="sw")
-    assert p.delete == ["sw-0002"]
-    assert p.stop_reasons["sw-0002"].startswith("median stopping at step 20")
+    p = plan_trials(spec, seen, T0, sweep_name="sw")
+    assert list(p.stop) == ["sw-0002"]
+    assert p.stop["sw-0002"].startswith("median stopping at step 20")
     assert [t.index for t in p.create] == [4]  # the freed slot
     assert (p.status.trials.pruned, p.status.trials.running, p.status.trials.pending) == (1, 1, 1)
     assert "1 pruned" in p.status.message
     # Afterwards the trial is observed as pruned: its index is never created again.
     after = [*seen[:2], trial(spec, 2, S.PRUNED, (1.2, 1.1)), seen[3]]
-    again = plan(spec, after, T0, sweep_name="sw")
-    assert [t.index for t in again.create] == [4] and again.delete == []
+    again = plan_trials(spec, after, T0, sweep_name="sw")
+    assert [t.index for t in again.create] == [4] and list(again.stop) == []
     assert again.status.trials.pruned == 1
 
 
 def test_a_pruned_only_sweep_ends_without_recreating_pruned_indices():
     spec = make_spec(maxTrials=2, earlyStopping={"algorithm": "median"})
     seen = [trial(spec, 0, S.SUCCEEDED, (0.5,), value=0.5), trial(spec, 1, S.PRUNED, (2.0,))]
-    p = plan(spec, seen, T0, sweep_name="sw")
+    p = plan_trials(spec, seen, T0, sweep_name="sw")
     assert p.create == [] and p.status.phase == "Succeeded"
     assert (p.status.trials.succeeded, p.status.trials.pruned) == (1, 1)

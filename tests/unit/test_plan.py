@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from sweep_operator.api import SweepSpec
-from sweep_operator.plan import Plan, failed_status, plan
+from sweep_operator.trial_plan import TrialPlan, failed_status, plan_trials
 from sweep_operator.trials import FetchState, ObservedFetch, ObservedTrial, TrialState
 from tests.unit.sweep_helpers import T0, make_spec, observed_trial, raw_spec, trial_parameters
 
@@ -26,11 +26,11 @@ def obs(spec: SweepSpec, index: int, state: TrialState, value: float | None = No
     )
 
 
-def run(spec: SweepSpec, observed, now=T0, **kw) -> Plan:
-    return plan(spec, observed, now, sweep_name="sw", **kw)
+def run(spec: SweepSpec, observed, now=T0, **kw) -> TrialPlan:
+    return plan_trials(spec, observed, now, sweep_name="sw", **kw)
 
 
-def condition(p: Plan, kind: str):
+def condition(p: TrialPlan, kind: str):
     return next(c for c in p.status.conditions if c.type == kind)
 
 
@@ -39,7 +39,7 @@ def test_a_new_sweep_starts_parallelism_trials():
     p = run(spec, [])
     assert [(t.index, t.name) for t in p.create] == [(0, "sw-0000"), (1, "sw-0001")]
     assert p.create[1].parameters == {"learning_rate": 1e-4, "lora_rank": 16}
-    assert p.delete == []
+    assert list(p.stop) == []
     s = p.status
     assert s.phase == "Pending"
     assert (s.trials.total, s.trials.pending, s.trials.target) == (2, 2, 6)
@@ -74,8 +74,8 @@ def test_a_missing_index_is_recreated_first():
     assert [t.index for t in run(spec, seen).create] == [1, 3]
 
 
-def simulate(spec: SweepSpec, objective, finish_order=None) -> tuple[Plan, int, list[int]]:
-    """Drive plan() like the operator would: create what it asks, finish one trial per tick."""
+def simulate(spec: SweepSpec, objective, finish_order=None) -> tuple[TrialPlan, int, list[int]]:
+    """Drive plan_trials() as the operator would: create what it asks, one trial ends per tick."""
     trials: dict[int, ObservedTrial] = {}
     created: list[int] = []
     peak = 0
@@ -145,7 +145,7 @@ def test_parallelism_changes_take_effect_without_killing_running_trials():
     wider = run(make_spec(parallelism=4), seen)
     assert [t.index for t in wider.create] == [2, 3]
     narrower = run(make_spec(parallelism=1), seen)
-    assert narrower.create == [] and narrower.delete == []
+    assert narrower.create == [] and list(narrower.stop) == []
 
 
 def test_failures_within_the_budget_are_replaced():
@@ -166,7 +166,7 @@ def test_past_the_failure_budget_the_sweep_fails_and_stops_its_trials():
     ]
     p = run(spec, seen)
     assert p.create == []
-    assert p.delete == ["sw-0002"]
+    assert list(p.stop) == ["sw-0002"]
     s = p.status
     assert s.phase == "Failed"
     assert (s.trials.failed, s.trials.running, s.trials.pruned) == (2, 0, 1)
@@ -215,7 +215,7 @@ def test_a_changed_search_space_fails_the_sweep():
         parameters={"lora_rank": {"values": [4, 8]}, "learning_rate": {"values": [1e-4]}}
     )
     p = run(new, seen)
-    assert p.status.phase == "Failed" and p.create == [] and p.delete == ["sw-0001"]
+    assert p.status.phase == "Failed" and p.create == [] and list(p.stop) == ["sw-0001"]
     assert condition(p, "Failed").reason == "SearchSpaceChanged"
     assert "spec.parameters or spec.algorithm changed" in p.status.message
 

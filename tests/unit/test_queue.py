@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from sweep_operator.defaults import ENV_QUEUE_NAME, TrialDefaults
 from sweep_operator.observe import job_summary, observe_trial
-from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef, render_trial_job
+from sweep_operator.trial_plan import plan_trials
 from sweep_operator.trials import NewTrial, TrialState
 from tests.unit.sweep_helpers import T0, make_spec, observed_trial, raw_spec
 
@@ -93,7 +93,7 @@ def test_queued_trials_are_counted_apart_and_hold_a_parallelism_slot():
         observed_trial(spec, 0, TrialState.RUNNING),
         observed_trial(spec, 1, TrialState.QUEUED),
     ]
-    result = plan(spec, trials, T0, sweep_name="sw")
+    result = plan_trials(spec, trials, T0, sweep_name="sw")
     assert result.create == []  # parallelism 2: both slots taken
     counts = result.status.trials
     assert (counts.queued, counts.pending, counts.running) == (1, 0, 1)
@@ -103,17 +103,17 @@ def test_queued_trials_are_counted_apart_and_hold_a_parallelism_slot():
 
 def test_new_trials_of_a_queued_sweep_count_as_queued_and_it_waits_until_one_runs():
     spec = queued_spec(queueName="team-a")
-    result = plan(spec, [], T0, sweep_name="sw")
+    result = plan_trials(spec, [], T0, sweep_name="sw")
     assert len(result.create) == 2
     assert (result.status.trials.queued, result.status.trials.pending) == (2, 0)
     waiting = [observed_trial(spec, i, TrialState.QUEUED) for i in range(2)]
-    assert plan(spec, waiting, T0, sweep_name="sw").status.phase == "Pending"
+    assert plan_trials(spec, waiting, T0, sweep_name="sw").status.phase == "Pending"
 
 
 def test_a_preempted_trial_is_neither_failed_nor_pruned():
     spec = queued_spec(queueName="team-a")
     trials = [observed_trial(spec, i, TrialState.SUCCEEDED, 0.5) for i in range(5)]
     trials.append(observed_trial(spec, 5, TrialState.QUEUED))
-    status = plan(spec, trials, T0, sweep_name="sw").status
+    status = plan_trials(spec, trials, T0, sweep_name="sw").status
     assert status.phase == "Running"
     assert (status.trials.failed, status.trials.pruned, status.trials.queued) == (0, 0, 1)

@@ -15,7 +15,6 @@ import yaml
 from lora_trainer.config import load_config
 from sweep_operator.api import SweepSpec
 from sweep_operator.importance import IMPORTANCE_MIN_TRIALS, parameter_importance
-from sweep_operator.plan import best_trial
 from sweep_operator.report import (
     best_config_yaml,
     best_so_far,
@@ -29,6 +28,7 @@ from sweep_operator.report import (
     spearman,
     trials_summary_csv,
 )
+from sweep_operator.trial_plan import best_trial
 from sweep_operator.trials import ObservedTrial, Point, TrialState
 from tests.unit.sweep_helpers import T0, make_spec, observed_trial, trial_parameters
 

@@ -11,7 +11,6 @@ from pydantic import ValidationError
 
 from sweep_operator.naming import trial_name
 from sweep_operator.objective import scorer
-from sweep_operator.plan import plan
 from sweep_operator.search.bohb import BohbSearch
 from sweep_operator.search.tpe import (
     BEST_KEPT,
@@ -22,6 +21,7 @@ from sweep_operator.search.tpe import (
     suggest,
 )
 from sweep_operator.space import in_space
+from sweep_operator.trial_plan import plan_trials
 from sweep_operator.trials import ObservedTrial, Point, TrialState
 from tests.unit.sweep_helpers import make_spec, trial_parameters
 
@@ -124,31 +124,31 @@ def test_history_keeps_complete_pruned_and_running_and_drops_failed():
 
 def test_plan_creates_random_startup_then_model_guided_trials():
     spec = tpe_spec(parallelism=3)
-    first = plan(spec, [], T0, sweep_name="sw")
+    first = plan_trials(spec, [], T0, sweep_name="sw")
     assert [t.parameters for t in first.create] == [trial_parameters(spec, i) for i in range(3)]
     trials = history(spec, 8)
-    later = plan(spec, trials, T0, sweep_name="sw")
+    later = plan_trials(spec, trials, T0, sweep_name="sw")
     assert [t.index for t in later.create] == [8, 9, 10]
     asked = [t.parameters for t in later.create]
     assert asked[0] == suggest(spec, trials, 8)
     assert len({str(p) for p in asked}) == 3  # the three parallel asks differ
     # Replanning the same observations gives the same trials (restart safety).
-    assert plan(spec, trials, T0, sweep_name="sw").create == later.create
+    assert plan_trials(spec, trials, T0, sweep_name="sw").create == later.create
     # Once created, a trial's parameters are read back, never re-sampled.
     seen = [*trials, done(8, asked[0], state=S.RUNNING)]
-    assert [t.index for t in plan(spec, seen, T0, sweep_name="sw").create] == [9, 10]
+    assert [t.index for t in plan_trials(spec, seen, T0, sweep_name="sw").create] == [9, 10]
 
 
 def test_plan_accepts_tpe_trials_in_the_space_and_refuses_others():
     spec = tpe_spec()
     trials = history(spec, 8)
-    assert plan(spec, trials, T0, sweep_name="sw").status.phase == "Running"
+    assert plan_trials(spec, trials, T0, sweep_name="sw").status.phase == "Running"
     moved = [*trials[:7], done(7, {**trials[7].parameters, "lora_rank": 100, "lora_alpha": 200})]
-    p = plan(spec, moved, T0, sweep_name="sw")
+    p = plan_trials(spec, moved, T0, sweep_name="sw")
     assert p.status.phase == "Failed"
     assert "lora_rank=100 is outside [4, 64]" in p.status.message
     wrong = [*trials[:7], done(7, {**trials[7].parameters, "lora_alpha": 1})]
-    assert plan(spec, wrong, T0, sweep_name="sw").status.phase == "Failed"
+    assert plan_trials(spec, wrong, T0, sweep_name="sw").status.phase == "Failed"
 
 
 def test_tpe_maximize_and_pareto_studies():

@@ -8,11 +8,11 @@ import pytest
 from pydantic import ValidationError
 
 from sweep_operator.naming import trial_name
-from sweep_operator.plan import plan
 from sweep_operator.render import SweepRef
 from sweep_operator.search.tpe import startup_trials, suggest
 from sweep_operator.semantic import check_spec
 from sweep_operator.space import in_space
+from sweep_operator.trial_plan import plan_trials
 from sweep_operator.trials import ObservedTrial, TrialState
 from sweep_operator.warm_start import Source, warm_start
 from tests.unit.sweep_helpers import T0, make_spec, trial_parameters
@@ -86,7 +86,7 @@ def test_startup_trials_are_fewer_by_the_warm_start_trials():
 def test_a_warm_started_sweep_proposes_from_the_earlier_trials_at_once():
     spec = refined_spec()
     history = warm(spec)
-    first = plan(spec, [], T0, sweep_name="fine", warm=history)
+    first = plan_trials(spec, [], T0, sweep_name="fine", warm=history)
     assert [t.name for t in first.create] == ["fine-0000", "fine-0001", "fine-0002"]
     proposed = [t.parameters for t in first.create]
     assert proposed[0] == suggest(spec, [], 0, prior=history.trials)
@@ -96,7 +96,7 @@ def test_a_warm_started_sweep_proposes_from_the_earlier_trials_at_once():
     random_draws = [loss(trial_parameters(spec, i)) for i in range(30)]
     assert statistics.median(loss(p) for p in proposed) < statistics.median(random_draws)
     # The same history after a restart proposes the same trials.
-    assert plan(spec, [], T0, sweep_name="fine", warm=warm(spec)).create == first.create
+    assert plan_trials(spec, [], T0, sweep_name="fine", warm=warm(spec)).create == first.create
     # The earlier trials are history only: no counts, no best trial, no trial of this sweep.
     s = first.status
     assert (s.trials.total, s.trials.succeeded, s.best_trial) == (3, 0, None)
@@ -107,7 +107,7 @@ def test_with_few_warm_start_trials_the_first_ones_stay_random():
     few = [t for t in coarse_trials() if in_space(spec.parameters, t.parameters) is None][:3]
     history = warm(spec, few)
     assert len(history.trials) == 3
-    created = plan(spec, [], T0, sweep_name="fine", warm=history).create
+    created = plan_trials(spec, [], T0, sweep_name="fine", warm=history).create
     assert [t.parameters for t in created] == [trial_parameters(spec, i) for i in range(3)]
     # Trial 5 (= 8 - 3) is TPE's, learning from the warm-start trials and trials 0-4.
     seen = [
@@ -120,7 +120,7 @@ def test_with_few_warm_start_trials_the_first_ones_stay_random():
         )
         for i in range(5)
     ]
-    later = plan(
+    later = plan_trials(
         spec.model_copy(update={"parallelism": 1}), seen, T0, sweep_name="fine", warm=history
     )
     assert later.create[0].parameters == suggest(spec, seen, 5, prior=history.trials)
@@ -130,21 +130,21 @@ def test_with_few_warm_start_trials_the_first_ones_stay_random():
 def test_trials_tpe_proposed_before_startup_trials_are_no_space_change():
     spec = refined_spec(startup=10)
     history = warm(spec)
-    created = plan(spec, [], T0, sweep_name="fine", warm=history).create
+    created = plan_trials(spec, [], T0, sweep_name="fine", warm=history).create
     running = [
         ObservedTrial(name=t.name, index=t.index, parameters=t.parameters, state=S.RUNNING)
         for t in created
     ]
     # The earlier sweep was deleted since: its trials are gone, the sweep goes on.
     gone = warm_start(spec, [Source("coarse", None)], ["other"])
-    again = plan(spec, running, T0, sweep_name="fine", warm=gone)
-    assert again.status.phase == "Running" and again.delete == []
+    again = plan_trials(spec, running, T0, sweep_name="fine", warm=gone)
+    assert again.status.phase == "Running" and list(again.stop) == []
 
 
 def test_a_missing_sweep_fails_the_sweep_before_any_trial_for_good():
     spec = refined_spec()
     history = warm_start(spec, [Source("coarse", None)], ["coarse-1", "other"])
-    failed = plan(spec, [], T0, sweep_name="fine", warm=history)
+    failed = plan_trials(spec, [], T0, sweep_name="fine", warm=history)
     assert failed.create == [] and failed.status.phase == "Failed"
     condition = next(c for c in failed.status.conditions if c.status == "True")
     assert condition.reason == "WarmStartNotFound"
@@ -154,13 +154,13 @@ def test_a_missing_sweep_fails_the_sweep_before_any_trial_for_good():
         "coarse-1?"
     )
     # Creating the sweep afterwards does not revive it.
-    later = plan(spec, [], T0, sweep_name="fine", warm=warm(spec), previous=failed.status)
+    later = plan_trials(spec, [], T0, sweep_name="fine", warm=warm(spec), previous=failed.status)
     assert later.create == [] and later.status == failed.status
 
 
 def test_the_sweep_waits_for_the_earlier_sweeps_to_end():
     spec = refined_spec()
-    running = plan(spec, [], T0, sweep_name="fine", warm=warm(spec, phase="Running"))
+    running = plan_trials(spec, [], T0, sweep_name="fine", warm=warm(spec, phase="Running"))
     assert running.create == []
     assert (running.status.phase, running.status.message) == (
         "Pending",
@@ -169,7 +169,7 @@ def test_the_sweep_waits_for_the_earlier_sweeps_to_end():
     )
     assert next(c for c in running.status.conditions if c.type == "Running").status == "False"
     unread = warm(spec, trials=[], unreadable="cannot read its trials' results from MLflow yet")
-    assert plan(spec, [], T0, sweep_name="fine", warm=unread).create == []
+    assert plan_trials(spec, [], T0, sweep_name="fine", warm=unread).create == []
     assert "sweep coarse: cannot read its trials' results" in unread.waiting
 
 

@@ -1,0 +1,176 @@
+"""The Kubernetes writes of a reconcile: trial Jobs created and stopped, the headless Service
+and the model download Job, the sweep's status, its Events and its report ConfigMap.
+
+Every write may meet what an earlier operator did before it stopped (409: created already;
+404: gone already): those are not errors.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import kopf
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from sweep_operator.api import GROUP, PLURAL, VERSION, SweepSpec, SweepStatus
+from sweep_operator.naming import label_value
+from sweep_operator.plan import SweepEvent
+from sweep_operator.render import (
+    SweepRef,
+    render_model_fetch_job,
+    render_trial_job,
+    render_trial_service,
+)
+from sweep_operator.trials import ANNOTATION_STOPPED, LABEL_SWEEP, NewTrial
+
+API_WORKERS = 16
+CREATE_CHUNK = 256
+# Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
+EVENT_BURST = 5
+
+_api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
+
+
+class SweepWriter:
+    """Writes one sweep's objects; remembers only that its Service exists."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.has_service = False
+
+    def create_trials(
+        self,
+        sweep: SweepRef,
+        spec: SweepSpec,
+        trials: list[NewTrial],
+        tracking_uri: str | None,
+        parent_run_id: str | None,
+    ) -> list[NewTrial]:
+        """Create the trials' Jobs (rendered a few hundred at a time: 10,000 rendered Jobs
+        hold about 140 MiB); the ones this call created, not those that existed already."""
+        if trials:
+            self.ensure_service(sweep, spec)
+        created: list[NewTrial] = []
+        for start in range(0, len(trials), CREATE_CHUNK):
+            chunk = trials[start : start + CREATE_CHUNK]
+            jobs = [
+                render_trial_job(
+                    sweep, spec, trial, tracking_uri=tracking_uri, parent_run_id=parent_run_id
+                )
+                for trial in chunk
+            ]
+            answers = _api_pool.map(lambda job: self.create_job(sweep.namespace, job), jobs)
+            created += [t for t, new in zip(chunk, answers, strict=True) if new]
+        return created
+
+    def ensure_service(self, sweep: SweepRef, spec: SweepSpec) -> None:
+        """The headless Service that gives the pods of multi-node trials their DNS names for
+        the rendezvous: one per sweep, owned by it, created before its first trial."""
+        service = render_trial_service(sweep, spec)
+        if service is None or self.has_service:
+            return
+        try:
+            self.core.create_namespaced_service(sweep.namespace, service, _preload_content=False)
+        except ApiException as error:
+            if error.status != 409:  # created before a restart
+                raise
+        self.has_service = True
+
+    def create_fetch_job(self, sweep: SweepRef, spec: SweepSpec) -> str | None:
+        """The Job that downloads the model into spec.trainer.modelCache; its name when this
+        call created it."""
+        job = render_model_fetch_job(sweep, spec)
+        if job is None or not self.create_job(sweep.namespace, job):
+            return None
+        return job["metadata"]["name"]
+
+    def create_job(self, namespace: str, job: dict) -> bool:
+        try:
+            # The reply is not needed; decoding it into models costs more than the request.
+            self.batch.create_namespaced_job(namespace, job, _preload_content=False)
+        except ApiException as error:
+            if error.status == 409:  # created before a restart, or not yet in the index
+                return False
+            raise
+        return True
+
+    def stop_trials(self, namespace: str, stop: dict[str, str], queued: bool) -> None:
+        """Stop trials: suspending a Job ends its pod (SIGTERM, then the grace period), and
+        the annotation keeps it observed as stopped, so it is never planned again.
+
+        Kueue owns the suspension of a queued Job (it would undo ours): such a Job only gets
+        the annotation here, and kueue.Kueue.release has Kueue suspend it for good."""
+
+        def one(name: str) -> None:
+            patch: dict[str, Any] = {"metadata": {"annotations": {ANNOTATION_STOPPED: stop[name]}}}
+            if not queued:
+                patch["spec"] = {"suspend": True}
+            try:
+                self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+
+        list(_api_pool.map(one, stop))
+
+    def patch_status(
+        self, body: kopf.Body, status: SweepStatus, previous: SweepStatus | None
+    ) -> bool:
+        """Write the status when it changed; whether it did."""
+        if previous is not None and previous == status:
+            return False
+        meta = body["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            meta["namespace"],
+            PLURAL,
+            meta["name"],
+            {"status": status.model_dump(mode="json", by_alias=True, exclude_none=True)},
+        )
+        return True
+
+    def write_report(self, sweep: SweepRef, files: dict[str, str]) -> None:
+        """The ConfigMap `<sweep>-report`, owned by the sweep."""
+        configmap = {
+            "metadata": {
+                "name": f"{sweep.name}-report",
+                "labels": {LABEL_SWEEP: label_value(sweep.name)},
+                "ownerReferences": [sweep.owner_reference()],
+            },
+            "data": files,
+        }
+        try:
+            self.core.create_namespaced_config_map(
+                sweep.namespace, configmap, _preload_content=False
+            )
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            self.core.patch_namespaced_config_map(
+                f"{sweep.name}-report", sweep.namespace, {"data": files}, _preload_content=False
+            )
+
+
+def post_events(body: kopf.Body, events: list[SweepEvent]) -> None:
+    """Kubernetes Events on the sweep: one per trial, or one per reason for a burst (a large
+    sweep starting at once must not cost the apiserver an Event per trial)."""
+    by_reason: dict[str, list[SweepEvent]] = defaultdict(list)
+    for event in events:
+        by_reason[event.reason].append(event)
+    for reason, group in by_reason.items():
+        if len(group) <= EVENT_BURST:
+            for event in group:
+                message = (
+                    event.detail if event.subject is None else f"{event.subject}: {event.detail}"
+                )
+                kopf.event(body, type=event.type, reason=reason, message=message[:1000])
+        else:
+            names = [e.subject or "" for e in group]
+            message = f"{len(group)} trials: {', '.join(names[:3])}, ..., {names[-1]}"
+            kopf.event(body, type=group[0].type, reason=reason, message=message)

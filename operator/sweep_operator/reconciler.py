@@ -1,0 +1,324 @@
+"""One sweep's reconcile: gather an Observation, `plan.plan` it, carry the Plan out.
+
+Reconcile is level-based: whatever happened while the operator was down, the same cluster and
+MLflow give the same plan, and a trial created twice is refused by the apiserver (its name is
+deterministic), so none is duplicated. The reconciler's fields are caches and memory of what it
+already said or did, never state a restart would lose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes import client
+from pydantic import ValidationError
+
+from sweep_operator.api import SweepSpec, SweepStatus
+from sweep_operator.defaults import trial_defaults
+from sweep_operator.kube_writes import SweepWriter, post_events
+from sweep_operator.kueue import Kueue
+from sweep_operator.mlflow_runs import SweepRuns, results_of
+from sweep_operator.naming import label_value
+from sweep_operator.objective import objective_values
+from sweep_operator.observation import Memory, Observation
+from sweep_operator.observe import observe_trial
+from sweep_operator.plan import Plan, SweepEvent, format_parameters, plan
+from sweep_operator.render import RenderError, SweepRef
+from sweep_operator.report_publisher import ReportPublisher
+from sweep_operator.semantic import SweepInvalid, validate_sweep
+from sweep_operator.trial_plan import failed_status
+from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
+from sweep_operator.warm_start import ENDED, Source, WarmStart, warm_start
+
+# Default tracking server for sweeps that name none (set by the Helm chart).
+DEFAULT_TRACKING_URI_ENV = "LORASWEEP_MLFLOW_TRACKING_URI"
+
+
+@dataclass(frozen=True)
+class Indexes:
+    """The kopf indexes of every sweep, its trial Jobs and their pods, for what a sweep reads
+    of other sweeps (its warm start)."""
+
+    sweeps: Any
+    jobs: Any
+    pods: Any
+
+
+class Reconciler:
+    def __init__(self, api: client.ApiClient, logger: logging.Logger) -> None:
+        self.logger = logger
+        self.writer = SweepWriter(api)
+        self.kueue = Kueue(api, logger)
+        self.report = ReportPublisher(logger)
+        self.runs: SweepRuns | None = None
+        self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
+        self.deadline: datetime | None = None  # when the time budget runs out
+        self.again = False  # plan again at once: the last one's outcome changes the status
+        # What it already saw and said (Memory), field by field.
+        self.states: dict[str, TrialState] | None = None
+        self.fetch_state: FetchState | None = None
+        self.warm_summary = ""
+        self.reported: tuple[int, str] | None = None
+        self.reported_at = -float("inf")
+        # MLflow results of warm-start sweeps' trials, by sweep: read once (they have ended).
+        self.warm_results: dict[str, dict[str, dict[str, Any]]] = {}
+
+    def reconcile(
+        self,
+        body: kopf.Body,
+        jobs: list[dict],
+        pods: list[dict],
+        fetch: ObservedFetch,
+        indexes: Indexes,
+    ) -> None:
+        now = datetime.now(UTC)
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        previous = _stored_status(body)
+        sweep = SweepRef(name=name, namespace=namespace, uid=meta["uid"])
+        try:
+            raw_spec = trial_defaults().apply(_plain(body.get("spec") or {}))
+            spec = validate_sweep(raw_spec, sweep)
+        except SweepInvalid as error:
+            self._refuse(body, error.reason, str(error), now, previous)
+            return
+
+        observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
+        result = plan(spec, observation, previous, now)
+        try:
+            self._carry_out(body, sweep, spec, observation, result, jobs)
+        except RenderError as error:
+            self._refuse(body, "InvalidTemplate", str(error), now, previous)
+            return
+        self._remember(observation, result)
+        self.writer.patch_status(body, result.status, previous)
+
+    # --- observe ---------------------------------------------------------------------------
+
+    def _observe(
+        self,
+        spec: SweepSpec,
+        body: kopf.Body,
+        previous: SweepStatus | None,
+        jobs: list[dict],
+        pods: list[dict],
+        fetch: ObservedFetch,
+        indexes: Indexes,
+    ) -> Observation:
+        meta = body["metadata"]
+        name, namespace = meta["name"], meta["namespace"]
+        tracking_uri = spec.mlflow.tracking_uri if spec.mlflow else None
+        tracking_uri = tracking_uri or os.environ.get(DEFAULT_TRACKING_URI_ENV)
+        runs = self._runs(tracking_uri)
+        mlflow = previous.mlflow if previous and previous.mlflow else None
+        if runs and not (mlflow and mlflow.parent_run_id):
+            mlflow = runs.parent_run(spec, name, namespace, meta["uid"])
+        pods_by_trial: dict[str, list[dict]] = defaultdict(list)
+        for pod in pods:
+            pods_by_trial[pod["trial"]].append(pod)
+        metric = spec.objective.metric
+
+        def observe(results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
+            return [
+                observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
+                for job in jobs
+            ]
+
+        if runs:
+            experiment = mlflow.experiment_id if mlflow else None
+            trials = runs.observe(spec, name, experiment, observe)
+        else:
+            trials = observe({})
+        indexed = {job["name"] for job in jobs}
+        self.created = {n: t for n, t in self.created.items() if n not in indexed}
+        if self.report.collect_importance():
+            self.reported = None  # published again, with the new importance
+        return Observation(
+            sweep=name,
+            generation=meta.get("generation"),
+            trials=trials,
+            unindexed=list(self.created.values()),
+            fetch=fetch if spec.trainer.model_cache is not None else None,
+            warm=self._warm_start(spec, namespace, name, indexes),
+            mlflow=mlflow,
+            tracking_uri=tracking_uri if runs else None,
+            runs=runs.runs() if runs else {},
+            memory=Memory(
+                states=self.states,
+                fetch_state=self.fetch_state,
+                warm_summary=self.warm_summary,
+                reported=self.reported,
+                report_age=time.monotonic() - self.reported_at,
+                importance=self.report.importance,
+                registered=dict(runs.registered) if runs else {},
+                tagged=frozenset(runs.tagged) if runs else frozenset(),
+                parent_closed=runs.parent_closed if runs else False,
+            ),
+        )
+
+    def _runs(self, uri: str | None) -> SweepRuns | None:
+        if not uri:
+            return None
+        if self.runs is None or self.runs.uri != uri:
+            self.runs = SweepRuns(uri, self.logger)
+        return self.runs
+
+    def _warm_start(
+        self, spec: SweepSpec, namespace: str, name: str, indexes: Indexes
+    ) -> WarmStart | None:
+        """The warm-start history of spec.algorithm.warmStart, from the indexes (and MLflow for
+        results no pod holds any more); None without a warm start."""
+        if spec.algorithm.warm_start is None:
+            return None
+        sources = [
+            self._warm_source(spec, namespace, source, indexes)
+            for source in spec.algorithm.warm_start.sweeps
+        ]
+        others = [n for ns, n in indexes.sweeps if ns == namespace and n != name]
+        return warm_start(spec, sources, others)
+
+    def _warm_source(self, spec: SweepSpec, namespace: str, name: str, indexes: Indexes) -> Source:
+        """One earlier sweep's trials, observed as the sweep's own are, scored by this sweep's
+        objective."""
+        summaries = list(indexes.sweeps.get((namespace, name), []))
+        if not summaries:
+            return Source(name=name, phase=None)
+        summary = summaries[0]
+        key = (namespace, label_value(name))
+        jobs = list(indexes.jobs.get(key, []))
+        pods_by_trial: dict[str, list[dict]] = defaultdict(list)
+        for pod in indexes.pods.get(key, []):
+            pods_by_trial[pod["trial"]].append(pod)
+        metric = spec.objective.metric
+
+        def observe(results: dict[str, dict[str, Any]]) -> list[ObservedTrial]:
+            return [
+                observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
+                for job in jobs
+            ]
+
+        trials = observe(self.warm_results.get(name, {}))
+        # A result that is in no pod (deleted pods) may be in MLflow: asked once, after the
+        # sweep ended, when its results are final.
+        unscored = any(
+            t.state == TrialState.SUCCEEDED and objective_values(spec, t) is None for t in trials
+        )
+        uri = summary["tracking_uri"] or os.environ.get(DEFAULT_TRACKING_URI_ENV)
+        experiment = summary["experiment_id"]
+        ended = summary["phase"] in ENDED
+        if ended and unscored and name not in self.warm_results and uri and experiment:
+            try:
+                self.warm_results[name] = results_of(uri, experiment, name)
+            except Exception as error:
+                return Source(
+                    name=name,
+                    phase=summary["phase"],
+                    unreadable=f"cannot read its trials' results from MLflow yet: {error}",
+                )
+            trials = observe(self.warm_results[name])
+        return Source(name=name, phase=summary["phase"], trials=trials)
+
+    # --- act -------------------------------------------------------------------------------
+
+    def _carry_out(
+        self,
+        body: kopf.Body,
+        sweep: SweepRef,
+        spec: SweepSpec,
+        observation: Observation,
+        result: Plan,
+        jobs: list[dict],
+    ) -> None:
+        events: list[SweepEvent] = []
+        if result.fetch_model:
+            fetch_job = self.writer.create_fetch_job(sweep, spec)
+            if fetch_job:
+                claim = spec.trainer.model_cache.claim_name if spec.trainer.model_cache else ""
+                detail = (
+                    f"downloading model {spec.trainer.model} into PersistentVolumeClaim {claim}"
+                )
+                events.append(SweepEvent("FetchingModel", fetch_job, detail))
+        mlflow = result.status.mlflow
+        parent = mlflow.parent_run_id if mlflow else None
+        created = self.writer.create_trials(
+            sweep, spec, result.create, observation.tracking_uri, parent
+        )
+        self.created.update({trial.name: trial for trial in result.create})
+        # Only what this call created: a 409 is a trial created before a restart.
+        events += [
+            SweepEvent("TrialCreated", t.name, format_parameters(t.parameters)) for t in created
+        ]
+        post_events(body, events)
+        queued = bool(spec.trainer.queue_name)
+        self.writer.stop_trials(sweep.namespace, result.stop, queued)
+        if queued:
+            self.kueue.release(sweep.namespace, jobs, list(result.stop))
+            self.kueue.waiting_event(body, spec, sweep.namespace, jobs, list(observation.trials))
+        runs = self.runs if observation.tracking_uri else None
+        if runs is not None:
+            runs.tag_stopped(result.tag_stopped)
+            if result.register_adapter and spec.mlflow and spec.mlflow.registered_model:
+                runs.register_adapter(
+                    spec.mlflow.registered_model,
+                    result.register_adapter,
+                    sweep.name,
+                    sweep.namespace,
+                )
+        post_events(body, result.events)
+        if result.report is not None and self.report.publish(
+            self.writer, runs, sweep, spec, list(observation.trials), result.status
+        ):
+            self.reported = result.report
+            self.reported_at = time.monotonic()
+        if runs is not None and result.close_parent_run:
+            runs.close_parent_run(result.status)
+
+    def _remember(self, observation: Observation, result: Plan) -> None:
+        self.deadline = result.deadline
+        self.again = result.register_adapter is not None
+        self.states = {t.name: t.state for t in observation.trials}
+        if observation.fetch is not None:
+            self.fetch_state = observation.fetch.state
+        if observation.warm is not None and observation.warm.summary:
+            self.warm_summary = observation.warm.summary
+
+    def _refuse(
+        self,
+        body: kopf.Body,
+        reason: str,
+        message: str,
+        now: datetime,
+        previous: SweepStatus | None,
+    ) -> None:
+        status = failed_status(
+            reason, message, now, generation=body["metadata"].get("generation"), previous=previous
+        )
+        if self.writer.patch_status(body, status, previous):
+            kopf.warn(body, reason=reason, message=message)
+
+
+def _stored_status(body: kopf.Body) -> SweepStatus | None:
+    stored = body.get("status")
+    if not stored:
+        return None
+    try:
+        return SweepStatus.model_validate(dict(stored))
+    except ValidationError:
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """kopf's live body views as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
