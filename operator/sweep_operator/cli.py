@@ -32,7 +32,7 @@ from sweep_operator.crd import crd_yaml
 from sweep_operator.defaults import DefaultsError, trial_defaults
 from sweep_operator.naming import label_value, trial_name
 from sweep_operator.objective import objective_values
-from sweep_operator.observe import job_summary, observe_trial, pod_summary
+from sweep_operator.observe import job_summary, pod_summary, trials_observer
 from sweep_operator.refine import REFINE_MARGIN, REFINE_TOP, RefineError, refined_sweep
 from sweep_operator.render import (
     SweepRef,
@@ -185,25 +185,15 @@ def read_sweep(namespace: str, name: str) -> tuple[dict[str, Any], list[Observed
         if error.status == 404:
             raise CliError(f"there is no {KIND} {name} in namespace {namespace}") from None
         raise CliError(f"cannot read {KIND} {name}: {error.reason}") from None
-    summaries = [job_summary(api.sanitize_for_serialization(j)) for j in jobs.items]
-    by_trial: dict[str, list[dict[str, Any]]] = {}
-    for pod in pods.items:
-        summary = pod_summary(api.sanitize_for_serialization(pod))
-        if summary:
-            by_trial.setdefault(summary["trial"], []).append(summary)
+    job_summaries = [job_summary(api.sanitize_for_serialization(j)) for j in jobs.items]
+    pod_summaries = [pod_summary(api.sanitize_for_serialization(p)) for p in pods.items]
     try:
         spec = parse_spec(sweep.get("spec") or {})
     except SweepInvalid as error:
         raise CliError(f"{KIND} {name} is invalid: {error}") from None
-
-    def observe(results: dict[str, dict[str, Any]]) -> list[ObservedTrial]:
-        return [
-            observe_trial(
-                job, by_trial.get(job["name"], []), spec.objective.metric, results.get(job["name"])
-            )
-            for job in summaries
-            if job
-        ]
+    observe = trials_observer(
+        [s for s in job_summaries if s], [s for s in pod_summaries if s], spec.objective.metric
+    )
 
     trials = observe({})
     experiment = ((sweep.get("status") or {}).get("mlflow") or {}).get("experimentId")

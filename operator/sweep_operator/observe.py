@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections import defaultdict
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -208,3 +210,20 @@ def observe_trial(
         finish_time=_time(job["finished_at"]),
         message=message,
     )
+
+
+def trials_observer(
+    jobs: list[Summary], pods: list[Summary], metric: str
+) -> Callable[[Mapping[str, dict[str, Any]]], list[ObservedTrial]]:
+    """`observe_trial` of every trial Job with its pods, given MLflow's results by trial."""
+    pods_by_trial: dict[str, list[Summary]] = defaultdict(list)
+    for pod in pods:
+        pods_by_trial[pod["trial"]].append(pod)
+
+    def observe(results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
+        return [
+            observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
+            for job in jobs
+        ]
+
+    return observe

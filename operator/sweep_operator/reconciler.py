@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,13 +28,13 @@ from sweep_operator.mlflow_runs import SweepRuns, results_of
 from sweep_operator.naming import label_value
 from sweep_operator.objective import objective_values
 from sweep_operator.observation import Memory, Observation
-from sweep_operator.observe import observe_trial
+from sweep_operator.observe import trials_observer
 from sweep_operator.plan import Plan, SweepEvent, format_parameters, plan
 from sweep_operator.render import RenderError, SweepRef
 from sweep_operator.report_publisher import ReportPublisher
 from sweep_operator.semantic import SweepInvalid, validate_sweep
 from sweep_operator.trial_plan import failed_status
-from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedTrial, TrialState
+from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, TrialState
 from sweep_operator.warm_start import ENDED, Source, WarmStart, warm_start
 
 # Default tracking server for sweeps that name none (set by the Helm chart).
@@ -121,17 +120,7 @@ class Reconciler:
         mlflow = previous.mlflow if previous and previous.mlflow else None
         if runs and not (mlflow and mlflow.parent_run_id):
             mlflow = runs.parent_run(spec, name, namespace, meta["uid"])
-        pods_by_trial: dict[str, list[dict]] = defaultdict(list)
-        for pod in pods:
-            pods_by_trial[pod["trial"]].append(pod)
-        metric = spec.objective.metric
-
-        def observe(results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
-            return [
-                observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
-                for job in jobs
-            ]
-
+        observe = trials_observer(jobs, pods, spec.objective.metric)
         if runs:
             experiment = mlflow.experiment_id if mlflow else None
             trials = runs.observe(spec, name, experiment, observe)
@@ -193,17 +182,9 @@ class Reconciler:
             return Source(name=name, phase=None)
         summary = summaries[0]
         key = (namespace, label_value(name))
-        jobs = list(indexes.jobs.get(key, []))
-        pods_by_trial: dict[str, list[dict]] = defaultdict(list)
-        for pod in indexes.pods.get(key, []):
-            pods_by_trial[pod["trial"]].append(pod)
-        metric = spec.objective.metric
-
-        def observe(results: dict[str, dict[str, Any]]) -> list[ObservedTrial]:
-            return [
-                observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
-                for job in jobs
-            ]
+        observe = trials_observer(
+            list(indexes.jobs.get(key, [])), list(indexes.pods.get(key, [])), spec.objective.metric
+        )
 
         trials = observe(self.warm_results.get(name, {}))
         # A result that is in no pod (deleted pods) may be in MLflow: asked once, after the
