@@ -109,14 +109,23 @@ def test_tpe_with_median_stopping(
     assert math.isclose(best["value"], finals[best["name"]], rel_tol=1e-6)
 
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
-    sweep_runs = mlflow.search_runs(
-        [status["mlflow"]["experimentId"]], filter_string="tags.`lorasweep.sweep` = 'tpe'"
-    )
-    runs = {
-        r.data.tags["lorasweep.trial"]: r for r in sweep_runs if "lorasweep.trial" in r.data.tags
-    }
-    for name in stopped:
-        assert runs[name].data.tags["lorasweep.stopped_reason"]
+
+    def tagged():
+        """The trial runs, once every stopped one says why. A run is tagged once its Job shows
+        the stop (a trial that completes as it is stopped stays a success): the trials stopped
+        by the sweep's last plan are tagged by the reconcile after it."""
+        sweep_runs = mlflow.search_runs(
+            [status["mlflow"]["experimentId"]], filter_string="tags.`lorasweep.sweep` = 'tpe'"
+        )
+        runs = {
+            r.data.tags["lorasweep.trial"]: r
+            for r in sweep_runs
+            if "lorasweep.trial" in r.data.tags
+        }
+        reasons = [runs[n].data.tags.get("lorasweep.stopped_reason") for n in stopped]
+        return runs if all(reasons) else None
+
+    runs = wait_for(tagged, 30, "the stopped trials' runs to say why")
     for name in interrupted:
         assert runs[name].info.status == "KILLED"
 
