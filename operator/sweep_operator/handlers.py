@@ -27,6 +27,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from lora_trainer.contract import TAG_NAMESPACE, TAG_SWEEP, TAG_TRIAL
 from sweep_operator.api import (
     GROUP,
     KIND,
@@ -68,7 +69,7 @@ from sweep_operator.report import (
     trials_summary_csv,
 )
 from sweep_operator.semantic import SweepInvalid, validate_sweep
-from sweep_operator.tracking import TAG_NAMESPACE, TAG_SWEEP, TAG_TRIAL, Tracker
+from sweep_operator.tracking import Tracker
 from sweep_operator.trials import (
     ANNOTATION_STOPPED,
     LABEL_MODEL_FETCH,

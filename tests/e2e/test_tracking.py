@@ -6,7 +6,8 @@ import uuid
 
 from mlflow import MlflowClient
 
-from sweep_operator.tracking import TAG_SWEEP, TAG_TRIAL, Tracker
+from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL
+from sweep_operator.tracking import Tracker
 
 
 def test_parent_run_is_found_again_after_a_restart(mlflow_uri):

@@ -18,13 +18,13 @@ import traceback
 from collections.abc import Mapping, Sequence
 
 from lora_trainer.config import ConfigError, describe_fields, load_config
+from lora_trainer.contract import ENV_PARAMS, EXIT_OUT_OF_MEMORY, result_path
 from lora_trainer.stopping import StopFlag, Stopped
-from lora_trainer.tracking import Tracker, result_path, write_result
+from lora_trainer.tracking import Tracker, write_result
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_DATA = 3
-EXIT_OOM = 4
 
 log = logging.getLogger("lora_trainer")
 
@@ -34,7 +34,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="lora-trainer",
         description="Fine-tune a LoRA adapter on a causal language model, logging to MLflow.",
         epilog="Settings come from the YAML config file, then the JSON object in "
-        "LORASWEEP_PARAMS, then --set, later ones winning. --help-config lists them all.",
+        f"{ENV_PARAMS}, then --set, later ones winning. --help-config lists them all.",
     )
     parser.add_argument("--config", help="YAML file with settings (flat keys)")
     parser.add_argument(
@@ -97,15 +97,10 @@ def run(
         report(error=str(exc))
         return EXIT_CONFIG
 
-    sweep = environ.get("LORASWEEP_SWEEP", "")
-    trial = environ.get("LORASWEEP_TRIAL", "")
     tracker = Tracker(environ if main_process else {})
     tracker.start(
-        run_name=trial or "lora-trainer",
         tags={
-            "lorasweep.sweep": sweep,
-            "lorasweep.trial": trial,
-            "lorasweep.params": environ.get("LORASWEEP_PARAMS", "")[:5000],
+            "lorasweep.params": environ.get(ENV_PARAMS, "")[:5000],
             "env.world_size": environ.get("WORLD_SIZE", "1"),
             **environment_tags(),
         },
@@ -132,7 +127,7 @@ def run(
         error = stop_message(stop)
         log.warning("%s", error)
     except torch.OutOfMemoryError:
-        code, error = EXIT_OOM, _oom_message(cfg)
+        code, error = EXIT_OUT_OF_MEMORY, _oom_message(cfg)
         log.error("%s", error)
     except DataError as exc:
         code, error = EXIT_DATA, str(exc)

@@ -32,6 +32,7 @@ from transformers import TrainingArguments as HFTrainingArguments
 
 from lora_trainer.checkpoints import checkpoint_step, latest_complete
 from lora_trainer.config import TrainConfig, check_hardware
+from lora_trainer.contract import TAG_ADAPTER
 from lora_trainer.data import (
     IGNORE_INDEX,
     REAL_TOKENS,
@@ -49,9 +50,8 @@ from lora_trainer.tracking import Tracker
 
 log = logging.getLogger("lora_trainer")
 
-# The MLflow artifact path of the trained adapter, and the tag that says it was uploaded.
+# The MLflow artifact path of the trained adapter (TAG_ADAPTER says it was uploaded).
 ADAPTER_ARTIFACT = "adapter"
-ADAPTER_ARTIFACT_TAG = "lorasweep.adapter_artifact"
 
 # "on", or "off: <why>" when packing was asked for but this model lets packed examples mix.
 TAG_PACKING = "lorasweep.packing"
@@ -629,7 +629,7 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
         log.info("adapter saved to %s", adapter_dir)
         # The operator reads the tag as "the adapter is there", so it comes after the upload.
         if cfg.log_adapter and tracker.log_artifacts(adapter_dir, ADAPTER_ARTIFACT):
-            tracker.set_tags({ADAPTER_ARTIFACT_TAG: ADAPTER_ARTIFACT})
+            tracker.set_tags({TAG_ADAPTER: ADAPTER_ARTIFACT})
     return metrics
 
 
