@@ -69,7 +69,7 @@ from sweep_operator.report import (
     trials_summary_csv,
 )
 from sweep_operator.semantic import SweepInvalid, validate_sweep
-from sweep_operator.tracking import Tracker
+from sweep_operator.tracking import SweepRuns
 from sweep_operator.trials import (
     ANNOTATION_STOPPED,
     LABEL_MODEL_FETCH,
@@ -278,7 +278,7 @@ class Reconciler:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.logger = logger
-        self.tracker: Tracker | None = None
+        self.tracker: SweepRuns | None = None
         self.results: dict[str, dict[str, Any]] = {}  # MLflow results of finished trials
         self.searched: set[str] = set()  # finished trials MLflow was already asked about
         self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
@@ -378,15 +378,15 @@ class Reconciler:
 
     # --- observe ---------------------------------------------------------------------------
 
-    def _tracker(self, uri: str | None) -> Tracker | None:
+    def _tracker(self, uri: str | None) -> SweepRuns | None:
         if not uri:
             return None
         if self.tracker is None or self.tracker.uri != uri.rstrip("/"):
-            self.tracker = Tracker(uri)
+            self.tracker = SweepRuns(uri)
         return self.tracker
 
     def _parent_run(
-        self, tracker: Tracker, spec: SweepSpec, name: str, namespace: str, uid: str
+        self, tracker: SweepRuns, spec: SweepSpec, name: str, namespace: str, uid: str
     ) -> MlflowStatus | None:
         experiment = experiment_name(
             namespace, name, spec.mlflow.experiment_name if spec.mlflow else None
@@ -408,7 +408,7 @@ class Reconciler:
         name: str,
         jobs: list[dict],
         pods: list[dict],
-        tracker: Tracker | None,
+        tracker: SweepRuns | None,
         mlflow_status: MlflowStatus | None,
     ) -> list[ObservedTrial]:
         pods_by_trial: dict[str, list[dict]] = defaultdict(list)
@@ -458,7 +458,7 @@ class Reconciler:
         spec: SweepSpec,
         name: str,
         observed: list[ObservedTrial],
-        tracker: Tracker,
+        tracker: SweepRuns,
         mlflow_status: MlflowStatus | None,
     ) -> list[ObservedTrial]:
         """Intermediate objective values from MLflow (one bulk read per 100 runs per metric),
@@ -537,7 +537,7 @@ class Reconciler:
         ended = summary["phase"] in ENDED
         if ended and unscored and name not in self.warm_results and uri and experiment:
             try:
-                self.warm_results[name] = Tracker(uri).trial_results(experiment, name)
+                self.warm_results[name] = SweepRuns(uri).trial_results(experiment, name)
             except Exception as error:
                 return Source(
                     name=name,
@@ -764,7 +764,7 @@ class Reconciler:
         return self.cluster_queue
 
     def _adapter(
-        self, spec: SweepSpec, sweep: SweepRef, status: SweepStatus, tracker: Tracker | None
+        self, spec: SweepSpec, sweep: SweepRef, status: SweepStatus, tracker: SweepRuns | None
     ) -> SweepStatus:
         """Where the best trial's adapter is: an artifact of its MLflow run and, once the sweep
         has succeeded with spec.mlflow.registeredModel, that model's version registered here."""
@@ -787,7 +787,7 @@ class Reconciler:
             update={"best_trial": best.model_copy(update={"adapter_uri": uri})}
         )
 
-    def _mark_stopped_runs(self, tracker: Tracker, observed: list[ObservedTrial]) -> None:
+    def _mark_stopped_runs(self, tracker: SweepRuns, observed: list[ObservedTrial]) -> None:
         """Tag the MLflow run of each stopped trial with why (once its Job shows the stop: a
         trial that completed just as it was stopped stays a success)."""
         for trial in observed:
@@ -874,7 +874,7 @@ class Reconciler:
         spec: SweepSpec,
         observed: list[ObservedTrial],
         status: SweepStatus,
-        tracker: Tracker | None,
+        tracker: SweepRuns | None,
     ) -> SweepStatus:
         """best_config.yaml, trials_summary.csv, importance.csv, sensitivity.csv and
         correlations.csv in the ConfigMap `<sweep>-report`, those and the plots as artifacts of
@@ -934,7 +934,7 @@ class Reconciler:
         spec: SweepSpec,
         observed: list[ObservedTrial],
         status: SweepStatus,
-        tracker: Tracker | None,
+        tracker: SweepRuns | None,
     ) -> None:
         files: dict[str, str | bytes] = {
             "best_config.yaml": best_config_yaml(spec, status.best_trial, sweep_name=sweep.name),
@@ -972,7 +972,7 @@ class Reconciler:
             tracker.log_report(parent, files, {share.name: share.percent for share in shares})
 
     def _close_parent(
-        self, tracker: Tracker, mlflow_status: MlflowStatus, status: SweepStatus
+        self, tracker: SweepRuns, mlflow_status: MlflowStatus, status: SweepStatus
     ) -> None:
         if self.parent_closed or not mlflow_status.parent_run_id:
             return

@@ -38,7 +38,10 @@ HISTORY_MAX_POINTS = 2500  # per run: the server's maximum
 HTTP_TIMEOUT_SECONDS = 10
 
 
-class Tracker:
+class SweepRuns:
+    """A sweep's runs in MLflow: its parent run, which the operator keeps, and its trials'
+    runs, which the trials log and the operator reads."""
+
     def __init__(self, tracking_uri: str) -> None:
         self.uri = tracking_uri.rstrip("/")
         self.client = MlflowClient(tracking_uri=tracking_uri)

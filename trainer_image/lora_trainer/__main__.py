@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from lora_trainer.config import ConfigError, describe_fields, load_config
 from lora_trainer.contract import ENV_PARAMS, EXIT_OUT_OF_MEMORY, result_path
 from lora_trainer.stopping import StopFlag, Stopped
-from lora_trainer.tracking import Tracker, write_result
+from lora_trainer.tracking import TrialRun, write_result
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
@@ -97,8 +97,8 @@ def run(
         report(error=str(exc))
         return EXIT_CONFIG
 
-    tracker = Tracker(environ if main_process else {})
-    tracker.start(
+    trial_run = TrialRun(environ if main_process else {})
+    trial_run.start(
         tags={
             "lorasweep.params": environ.get(ENV_PARAMS, "")[:5000],
             "env.world_size": environ.get("WORLD_SIZE", "1"),
@@ -107,19 +107,19 @@ def run(
     )
     world_size = int(environ.get("WORLD_SIZE") or 1)
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    tracker.log_params({**cfg.model_dump(), "effective_batch_size": batch})
+    trial_run.log_params({**cfg.model_dump(), "effective_batch_size": batch})
 
     def stopping() -> None:
         # The result as known now, before anything can block on MLflow; the end of the stop
         # rewrites it with the final figures if it gets there before SIGKILL.
-        tracker.hold()
-        report(tracker.latest, stop_message(stop))
+        trial_run.hold()
+        report(trial_run.latest, stop_message(stop))
 
     stop.on_signal = stopping
 
     status, code, metrics, error = "FAILED", EXIT_ERROR, {}, None
     try:
-        metrics = train(cfg, tracker, stop)
+        metrics = train(cfg, trial_run, stop)
         status, code = "FINISHED", 0
     except Stopped as exc:
         metrics = exc.metrics
@@ -143,7 +143,7 @@ def run(
         # The result first: MLflow may hang, and the kubelet reads the termination message
         # however the process ends, even by SIGKILL at the end of the grace period.
         report(metrics, error)
-        tracker.end(status)
+        trial_run.end(status)
     if code == 0:
         log.info("done: %s", json.dumps(metrics))
     return code

@@ -28,7 +28,7 @@ log = logging.getLogger("lora_trainer")
 MAX_CONSECUTIVE_FAILURES = 3
 
 
-class Tracker:
+class TrialRun:
     """The trial's one MLflow run, under the sweep's parent run and tagged with the sweep and
     trial the operator named in the environment. Every call is best effort: a tracking outage
     costs the record, never the training, and the termination message still carries the
