@@ -113,12 +113,12 @@ def finite_or_none(value: float) -> float | None:
     return round(value, 6) if math.isfinite(value) else None
 
 
-def curve_tracker() -> Any:
-    """A Tracker without MLflow that keeps every eval_loss as logged, non-finite ones too (the
+def curve_run() -> Any:
+    """A TrialRun without MLflow that keeps every eval_loss as logged, non-finite ones too (the
     MLflow record drops those)."""
-    from lora_trainer.tracking import Tracker
+    from lora_trainer.tracking import TrialRun
 
-    class CurveTracker(Tracker):
+    class CurveRun(TrialRun):
         def __init__(self) -> None:
             super().__init__({})
             self.curve: list[tuple[int, float]] = []
@@ -128,7 +128,7 @@ def curve_tracker() -> Any:
                 self.curve.append((step, float(metrics["eval_loss"])))
             super().log_metrics(metrics, step)
 
-    return CurveTracker()
+    return CurveRun()
 
 
 def record_one(base: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,11 +137,11 @@ def record_one(base: Mapping[str, Any], parameters: Mapping[str, Any]) -> dict[s
     from lora_trainer.train import train
 
     cfg = TrainConfig(**base, **parameters)
-    tracker = curve_tracker()
+    trial_run = curve_run()
     start, cpu_start = time.perf_counter(), time.process_time()
-    train(cfg, tracker, StopFlag())
+    train(cfg, trial_run, StopFlag())
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-    curve = [[step, finite_or_none(loss)] for step, loss in tracker.curve]
+    curve = [[step, finite_or_none(loss)] for step, loss in trial_run.curve]
     if not curve or curve[-1][0] != cfg.max_steps:
         raise RuntimeError(f"{dict(parameters)}: no evaluation at step {cfg.max_steps}: {curve}")
     return {

@@ -204,10 +204,10 @@ def read_sweep(namespace: str, name: str) -> tuple[dict[str, Any], list[Observed
         t.state == TrialState.SUCCEEDED and objective_values(spec, t) is None for t in trials
     )
     if unscored and experiment and uri:
-        from sweep_operator.tracking import Tracker
+        from sweep_operator.tracking import SweepRuns
 
         try:
-            trials = observe(Tracker(uri).trial_results(experiment, name))
+            trials = observe(SweepRuns(uri).trial_results(experiment, name))
         except Exception as error:
             print(f"lorasweep: results only from the pods; MLflow: {error}", file=sys.stderr)
     return sweep, trials

@@ -12,22 +12,23 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+from lora_trainer.contract import TAG_NAMESPACE, TAG_SWEEP, TAG_TRIAL
 from sweep_operator.api import MlflowStatus, SweepSpec, SweepStatus
 from sweep_operator.naming import experiment_name, experiment_url
 from sweep_operator.observation import TrialRun
-from sweep_operator.tracking import TAG_NAMESPACE, TAG_SWEEP, TAG_TRIAL, Tracker
+from sweep_operator.tracking import SweepRuns
 from sweep_operator.trials import Curve, ObservedTrial, TrialState
 
 # Observes a sweep's trials given MLflow's results by trial (observe.observe_trial per Job).
 Observe = Callable[[dict[str, dict[str, Any]]], list[ObservedTrial]]
 
 
-class SweepRuns:
+class RunsCache:
     """One sweep's MLflow runs as the operator sees them."""
 
     def __init__(self, uri: str, logger: logging.Logger) -> None:
         self.uri = uri
-        self.tracker = Tracker(uri)
+        self.tracker = SweepRuns(uri)
         self.logger = logger
         self.results: dict[str, dict[str, Any]] = {}  # MLflow results by trial
         self.searched: set[str] = set()  # finished trials MLflow was already asked about
@@ -166,4 +167,4 @@ class SweepRuns:
 
 def results_of(uri: str, experiment_id: str, sweep: str) -> dict[str, dict[str, Any]]:
     """Every trial run's results of another sweep (a warm start's), read once."""
-    return Tracker(uri).trial_results(experiment_id, sweep)
+    return SweepRuns(uri).trial_results(experiment_id, sweep)

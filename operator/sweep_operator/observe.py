@@ -8,17 +8,16 @@ for results a pod no longer holds) on every reconcile.
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
+from lora_trainer.contract import EXIT_OUT_OF_MEMORY, ResultError, TrialResult
 from sweep_operator.trials import (
     ANNOTATION_INDEX,
     ANNOTATION_PARAMETERS,
     ANNOTATION_STOPPED,
-    EXIT_OUT_OF_MEMORY,
     LABEL_QUEUE_NAME,
     LABEL_TRIAL,
     FetchState,
@@ -140,19 +139,12 @@ def observe_fetch(jobs: list[Summary], pods: list[Summary]) -> ObservedFetch:
 
 
 def parse_result(message: str) -> dict[str, float]:
-    """The metrics of a `{"metrics": {...}}` termination message; {} for anything else."""
+    """The metrics of a TrialResult termination message; {} for any other message (a program
+    that writes no result, or the log tail the kubelet keeps in its place)."""
     try:
-        document = json.loads(message)
-    except (TypeError, ValueError):
+        return TrialResult.from_json(message).metrics
+    except ResultError:
         return {}
-    metrics = document.get("metrics") if isinstance(document, dict) else None
-    if not isinstance(metrics, dict):
-        return {}
-    return {
-        str(k): float(v)
-        for k, v in metrics.items()
-        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-    }
 
 
 def observe_trial(

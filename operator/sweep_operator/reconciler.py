@@ -24,7 +24,7 @@ from sweep_operator.api import SweepSpec, SweepStatus
 from sweep_operator.defaults import trial_defaults
 from sweep_operator.kube_writes import SweepWriter, post_events
 from sweep_operator.kueue import Kueue
-from sweep_operator.mlflow_runs import SweepRuns, results_of
+from sweep_operator.mlflow_runs import RunsCache, results_of
 from sweep_operator.naming import label_value
 from sweep_operator.objective import objective_values
 from sweep_operator.observation import Memory, Observation
@@ -57,7 +57,7 @@ class Reconciler:
         self.writer = SweepWriter(api)
         self.kueue = Kueue(api, logger)
         self.report = ReportPublisher(logger)
-        self.runs: SweepRuns | None = None
+        self.runs: RunsCache | None = None
         self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
         self.deadline: datetime | None = None  # when the time budget runs out
         self.again = False  # plan again at once: the last one's outcome changes the status
@@ -153,11 +153,11 @@ class Reconciler:
             ),
         )
 
-    def _runs(self, uri: str | None) -> SweepRuns | None:
+    def _runs(self, uri: str | None) -> RunsCache | None:
         if not uri:
             return None
         if self.runs is None or self.runs.uri != uri:
-            self.runs = SweepRuns(uri, self.logger)
+            self.runs = RunsCache(uri, self.logger)
         return self.runs
 
     def _warm_start(

@@ -23,6 +23,8 @@ import yaml
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from lora_trainer import contract
+from lora_trainer.contract import RESERVED_ENV_PREFIX, RESULT_PATH
 from sweep_operator.api import API_VERSION, KIND, SweepSpec, TrainerSpec
 from sweep_operator.host_access import host_access, refusal
 from sweep_operator.naming import (
@@ -43,7 +45,6 @@ from sweep_operator.trials import (
     LABEL_SWEEP,
     LABEL_TRIAL,
     MODEL_CACHE_VOLUME,
-    RESULT_PATH,
     NewTrial,
 )
 
@@ -61,7 +62,6 @@ FATAL_EXIT_CODES = [2, 3, 4]
 MODEL_FIELD = "model_name_or_path"
 TRAIN_FILE_FIELD = "train_file"
 EVAL_FILE_FIELD = "eval_file"
-RESERVED_ENV_PREFIX = "LORASWEEP_"
 SCRATCH_VOLUME = "lorasweep-tmp"
 SCRATCH_PATH = "/tmp"
 # The model download Job (lora_trainer.fetch). Its exit code 2 means the model cannot be had
@@ -377,32 +377,32 @@ def trial_env(
     distributed = trainer.gpus > 1 or trainer.nodes > 1
     multi_node = trainer.nodes > 1
     checkpoints = trainer.checkpoints
-    contract = {
-        "LORASWEEP_SWEEP": sweep.name,
-        "LORASWEEP_NAMESPACE": sweep.namespace,
-        "LORASWEEP_TRIAL": trial.name,
-        "LORASWEEP_TRIAL_INDEX": str(trial.index),
-        "LORASWEEP_PARAMS": params_json(trial.parameters),
-        "LORASWEEP_OBJECTIVE": spec.objective.metric,
-        "LORASWEEP_RESULT_PATH": RESULT_PATH,
-        "LORASWEEP_NNODES": str(trainer.nodes) if distributed else None,
-        "LORASWEEP_NPROC_PER_NODE": str(trainer.gpus) if distributed else None,
-        "LORASWEEP_MASTER_ADDR": _master_addr(sweep, trial) if multi_node else None,
-        "LORASWEEP_MASTER_PORT": str(RENDEZVOUS_PORT) if multi_node else None,
-        "LORASWEEP_CHECKPOINT_DIR": checkpoints.mount_path if checkpoints else None,
-        "LORASWEEP_CHECKPOINT_STEPS": str(checkpoints.interval_steps) if checkpoints else None,
-        "LORASWEEP_MODEL_PATH": cached_model_path(trainer),
-        "MLFLOW_TRACKING_URI": spec.mlflow.tracking_uri or tracking_uri,
-        "MLFLOW_EXPERIMENT_NAME": experiment_name(
+    operators = {
+        contract.ENV_SWEEP: sweep.name,
+        contract.ENV_NAMESPACE: sweep.namespace,
+        contract.ENV_TRIAL: trial.name,
+        contract.ENV_TRIAL_INDEX: str(trial.index),
+        contract.ENV_PARAMS: params_json(trial.parameters),
+        contract.ENV_OBJECTIVE: spec.objective.metric,
+        contract.ENV_RESULT_PATH: RESULT_PATH,
+        contract.ENV_NNODES: str(trainer.nodes) if distributed else None,
+        contract.ENV_NPROC_PER_NODE: str(trainer.gpus) if distributed else None,
+        contract.ENV_MASTER_ADDR: _master_addr(sweep, trial) if multi_node else None,
+        contract.ENV_MASTER_PORT: str(RENDEZVOUS_PORT) if multi_node else None,
+        contract.ENV_CHECKPOINT_DIR: checkpoints.mount_path if checkpoints else None,
+        contract.ENV_CHECKPOINT_STEPS: str(checkpoints.interval_steps) if checkpoints else None,
+        contract.ENV_MODEL_PATH: cached_model_path(trainer),
+        contract.ENV_MLFLOW_TRACKING_URI: spec.mlflow.tracking_uri or tracking_uri,
+        contract.ENV_MLFLOW_EXPERIMENT_NAME: experiment_name(
             sweep.namespace, sweep.name, spec.mlflow.experiment_name
         ),
-        "MLFLOW_PARENT_RUN_ID": parent_run_id,
+        contract.ENV_MLFLOW_PARENT_RUN_ID: parent_run_id,
     }
     user = [v for v in trainer.env if not v["name"].startswith(RESERVED_ENV_PREFIX)]
     overridden = {v["name"] for v in user}
     env = [
         {"name": name, "value": value}
-        for name, value in contract.items()
+        for name, value in operators.items()
         if value is not None and name not in overridden
     ]
     return env + user

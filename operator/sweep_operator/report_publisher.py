@@ -9,7 +9,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from sweep_operator.api import ParameterImportance, SweepSpec, SweepStatus
 from sweep_operator.importance import parameter_importance
 from sweep_operator.kube_writes import SweepWriter
-from sweep_operator.mlflow_runs import SweepRuns
+from sweep_operator.mlflow_runs import RunsCache
 from sweep_operator.objective import scorer
 from sweep_operator.render import SweepRef
 from sweep_operator.report import (
@@ -56,7 +56,7 @@ class ReportPublisher:
     def publish(
         self,
         writer: SweepWriter,
-        runs: SweepRuns | None,
+        runs: RunsCache | None,
         sweep: SweepRef,
         spec: SweepSpec,
         observed: list[ObservedTrial],

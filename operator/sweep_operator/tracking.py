@@ -18,24 +18,30 @@ from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+from lora_trainer.contract import (
+    ROLE_PARENT,
+    TAG_ADAPTER,
+    TAG_BEST_TRIAL,
+    TAG_NAMESPACE,
+    TAG_ROLE,
+    TAG_STOPPED,
+    TAG_SWEEP,
+    TAG_SWEEP_UID,
+    TAG_TRIAL,
+)
 from sweep_operator.trials import Curve, Point
 
 log = logging.getLogger(__name__)
 
-TAG_SWEEP = "lorasweep.sweep"
-TAG_NAMESPACE = "lorasweep.namespace"
-TAG_SWEEP_UID = "lorasweep.sweep_uid"
-TAG_ROLE = "lorasweep.role"
-TAG_TRIAL = "lorasweep.trial"
-TAG_STOPPED = "lorasweep.stopped_reason"
-# Set by the bundled trainer once its adapter is uploaded: the artifact path of the adapter.
-TAG_ADAPTER = "lorasweep.adapter_artifact"
 HISTORY_BATCH = 100  # run ids per bulk history request: the tracking server's maximum
 HISTORY_MAX_POINTS = 2500  # per run: the server's maximum
 HTTP_TIMEOUT_SECONDS = 10
 
 
-class Tracker:
+class SweepRuns:
+    """A sweep's runs in MLflow: its parent run, which the operator keeps, and its trials'
+    runs, which the trials log and the operator reads."""
+
     def __init__(self, tracking_uri: str) -> None:
         self.uri = tracking_uri.rstrip("/")
         self.client = MlflowClient(tracking_uri=tracking_uri)
@@ -46,7 +52,9 @@ class Tracker:
         experiment_id = found.experiment_id if found else self.client.create_experiment(experiment)
         runs = self.client.search_runs(
             [experiment_id],
-            filter_string=f"tags.`{TAG_SWEEP_UID}` = '{uid}' and tags.`{TAG_ROLE}` = 'parent'",
+            filter_string=(
+                f"tags.`{TAG_SWEEP_UID}` = '{uid}' and tags.`{TAG_ROLE}` = '{ROLE_PARENT}'"
+            ),
             max_results=1,
         )
         if runs:
@@ -58,7 +66,7 @@ class Tracker:
                 TAG_SWEEP: sweep,
                 TAG_NAMESPACE: namespace,
                 TAG_SWEEP_UID: uid,
-                TAG_ROLE: "parent",
+                TAG_ROLE: ROLE_PARENT,
             },
         )
         return experiment_id, run.info.run_id
@@ -149,7 +157,7 @@ class Tracker:
             for name, value in best["parameters"].items():
                 self.client.log_param(run_id, f"best.{name}", value)
             self.client.log_metric(run_id, "best_value", best["value"])
-            self.client.set_tag(run_id, "lorasweep.best_trial", best["name"])
+            self.client.set_tag(run_id, TAG_BEST_TRIAL, best["name"])
         status = "FINISHED" if phase == "Succeeded" else "FAILED"
         self.client.set_terminated(run_id, status)
 

@@ -37,13 +37,6 @@ class Point(NamedTuple):
 # A learning curve: one metric's points in step order.
 Curve = list[Point]
 
-# Where a trial writes its result; the container's terminationMessagePath.
-RESULT_PATH = "/dev/termination-log"
-
-# The exit code of a trial that ran out of GPU memory (the bundled trainer's, and the trial
-# contract's): its configuration is infeasible rather than failed.
-EXIT_OUT_OF_MEMORY = 4
-
 # The extended resource the operator sets to spec.trainer.gpus in the trainer's limits.
 GPU_RESOURCE = "nvidia.com/gpu"
 # The pod volume of spec.trainer.checkpoints; a user volume may not take its name.

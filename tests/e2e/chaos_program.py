@@ -19,6 +19,8 @@ import time
 from mlflow import MlflowClient
 from trial_contract import start_child_run, write_result
 
+from lora_trainer.contract import ENV_MLFLOW_TRACKING_URI, ENV_TRIAL
+
 # Fail at once while the server is down (MLflow reads these per request): the trial must not
 # wait for it.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -34,7 +36,7 @@ parser.add_argument("--worker", action="store_true")
 parser.add_argument("--start-after", default="")
 args = parser.parse_args()
 
-trial = os.environ["LORASWEEP_TRIAL"]
+trial = os.environ[ENV_TRIAL]
 lines = [f"start {trial} {os.getpid()}"]
 if args.worker:
     worker = subprocess.Popen([sys.executable, "-c", DEAF_WORKER])
@@ -46,7 +48,7 @@ while args.start_after and not os.path.exists(args.start_after):
     time.sleep(0.1)
 loss = (args.rank - 3) ** 2 / 10 + 0.1
 run_id = None
-if os.environ.get("MLFLOW_TRACKING_URI"):
+if os.environ.get(ENV_MLFLOW_TRACKING_URI):
     mlflow = MlflowClient()
     try:
         run_id = start_child_run(mlflow)

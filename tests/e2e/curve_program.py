@@ -14,6 +14,8 @@ import time
 from mlflow import MlflowClient
 from trial_contract import start_child_run, write_result
 
+from lora_trainer.contract import ENV_TRIAL
+
 STEPS = 12
 
 parser = argparse.ArgumentParser()
@@ -28,7 +30,7 @@ def final_loss(lr: float, rank: int) -> float:
     return (math.log10(lr) + 3) ** 2 + (math.log2(rank) - 4) ** 2 / 4 + 0.1
 
 
-trial = os.environ["LORASWEEP_TRIAL"]
+trial = os.environ[ENV_TRIAL]
 with open(args.trace, "a") as trace:
     trace.write(f"start {trial} {os.getpid()}\n")
 mlflow = MlflowClient()

@@ -6,16 +6,17 @@ import uuid
 
 from mlflow import MlflowClient
 
-from sweep_operator.tracking import TAG_SWEEP, TAG_TRIAL, Tracker
+from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL
+from sweep_operator.tracking import SweepRuns
 
 
 def test_parent_run_is_found_again_after_a_restart(mlflow_uri):
     experiment, uid = f"tracking-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
-    first = Tracker(mlflow_uri).ensure_parent_run(experiment, "s", "ns", uid)
-    # A new Tracker is what a restarted operator has: nothing in memory.
-    again = Tracker(mlflow_uri).ensure_parent_run(experiment, "s", "ns", uid)
+    first = SweepRuns(mlflow_uri).ensure_parent_run(experiment, "s", "ns", uid)
+    # A new SweepRuns is what a restarted operator has: nothing in memory.
+    again = SweepRuns(mlflow_uri).ensure_parent_run(experiment, "s", "ns", uid)
     assert again == first
-    other = Tracker(mlflow_uri).ensure_parent_run(experiment, "s", "ns", str(uuid.uuid4()))
+    other = SweepRuns(mlflow_uri).ensure_parent_run(experiment, "s", "ns", str(uuid.uuid4()))
     assert other[0] == first[0] and other[1] != first[1]
 
 
@@ -30,13 +31,13 @@ def test_trial_results_and_intermediate_values_in_bulk(mlflow_uri):
         for step, value in curve:
             mlflow.log_metric(run.info.run_id, "eval_loss", value, step=step)
         curves[run.info.run_id] = curve
-    tracker = Tracker(mlflow_uri)
+    runs = SweepRuns(mlflow_uri)
 
-    results = tracker.trial_results(experiment, "s")
+    results = runs.trial_results(experiment, "s")
     assert len(results) == 105
     assert results["s-0007"]["metrics"]["eval_loss"] == curves[results["s-0007"]["run_id"]][-1][1]
 
-    got = tracker.intermediate_values(list(curves), "eval_loss")
+    got = runs.intermediate_values(list(curves), "eval_loss")
     assert {run: [(p.step, p.value) for p in points] for run, points in got.items()} == curves
     # ASHA orders the trials that reached a rung by when they logged their value there.
     assert all(p.time > 1.7e9 for points in got.values() for p in points)

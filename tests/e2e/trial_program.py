@@ -17,6 +17,8 @@ import time
 from mlflow import MlflowClient
 from trial_contract import start_child_run, write_result
 
+from lora_trainer.contract import ENV_TRIAL, EXIT_OUT_OF_MEMORY
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--rank", type=int, required=True)
 parser.add_argument("--lr", type=float, required=True)
@@ -25,7 +27,7 @@ parser.add_argument("--seconds", type=float, default=1.0)
 parser.add_argument("--out-of-memory-from-rank", type=int)
 args = parser.parse_args()
 
-trial = os.environ["LORASWEEP_TRIAL"]
+trial = os.environ[ENV_TRIAL]
 with open(args.trace, "a") as trace:
     trace.write(f"start {trial} {time.time()}\n")
 
@@ -36,9 +38,8 @@ mlflow.log_param(run_id, "lora_rank", args.rank)
 mlflow.log_param(run_id, "learning_rate", args.lr)
 if args.out_of_memory_from_rank is not None and args.rank >= args.out_of_memory_from_rank:
     mlflow.set_terminated(run_id, "FAILED")
-    with open(os.environ["LORASWEEP_RESULT_PATH"], "w") as result:
-        result.write('{"metrics": {}, "error": "out of GPU memory"}')
-    sys.exit(4)
+    write_result({}, "out of GPU memory")
+    sys.exit(EXIT_OUT_OF_MEMORY)
 for step in range(3):
     time.sleep(args.seconds / 3)
     mlflow.log_metric(run_id, "eval_loss", loss * (3 - step), step=step)

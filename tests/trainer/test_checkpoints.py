@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from transformers import TrainerControl, TrainerState
 
 from lora_trainer.checkpoints import latest_complete
-from lora_trainer.tracking import Tracker
+from lora_trainer.tracking import TrialRun
 from lora_trainer.train import RunCallback
 from tests.trainer.helpers import cli, runs_of, steps
 
@@ -124,7 +124,7 @@ def test_a_killed_trial_resumes_from_its_last_complete_checkpoint_as_if_never_st
 
 
 def test_early_stopping_patience_continues_from_the_checkpoints_evaluations() -> None:
-    callback = RunCallback(trainer=None, tracker=Tracker({}), patience=2)  # type: ignore[arg-type]
+    callback = RunCallback(trainer=None, trial_run=TrialRun({}), patience=2)  # type: ignore[arg-type]
     resumed = TrainerState(log_history=[{"eval_loss": 1.0, "step": 10}, {"eval_loss": 1.1}])
     control = callback.on_train_begin(None, resumed, TrainerControl())
     assert not control.should_training_stop

@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from lora_trainer.__main__ import EXIT_CONFIG, EXIT_DATA, EXIT_OOM
+from lora_trainer.__main__ import EXIT_CONFIG, EXIT_DATA
 from lora_trainer.config import parse_set
+from lora_trainer.contract import EXIT_OUT_OF_MEMORY
 from sweep_operator.render import (
     FATAL_EXIT_CODES,
     RenderError,
@@ -484,7 +485,7 @@ def test_lost_pods_are_retried_and_hopeless_trials_fail_at_once():
 
 
 def test_fatal_exit_codes_are_the_bundled_trainers():
-    assert FATAL_EXIT_CODES == [EXIT_CONFIG, EXIT_DATA, EXIT_OOM]
+    assert FATAL_EXIT_CODES == [EXIT_CONFIG, EXIT_DATA, EXIT_OUT_OF_MEMORY]
 
 
 def test_checkpoints_get_a_directory_per_trial_on_the_claim():

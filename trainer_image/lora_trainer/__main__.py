@@ -18,13 +18,13 @@ import traceback
 from collections.abc import Mapping, Sequence
 
 from lora_trainer.config import ConfigError, describe_fields, load_config
+from lora_trainer.contract import ENV_PARAMS, EXIT_OUT_OF_MEMORY, result_path
 from lora_trainer.stopping import StopFlag, Stopped
-from lora_trainer.tracking import Tracker, result_path, write_result
+from lora_trainer.tracking import TrialRun, write_result
 
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_DATA = 3
-EXIT_OOM = 4
 
 log = logging.getLogger("lora_trainer")
 
@@ -34,7 +34,7 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="lora-trainer",
         description="Fine-tune a LoRA adapter on a causal language model, logging to MLflow.",
         epilog="Settings come from the YAML config file, then the JSON object in "
-        "LORASWEEP_PARAMS, then --set, later ones winning. --help-config lists them all.",
+        f"{ENV_PARAMS}, then --set, later ones winning. --help-config lists them all.",
     )
     parser.add_argument("--config", help="YAML file with settings (flat keys)")
     parser.add_argument(
@@ -97,34 +97,29 @@ def run(
         report(error=str(exc))
         return EXIT_CONFIG
 
-    sweep = environ.get("LORASWEEP_SWEEP", "")
-    trial = environ.get("LORASWEEP_TRIAL", "")
-    tracker = Tracker(environ if main_process else {})
-    tracker.start(
-        run_name=trial or "lora-trainer",
+    trial_run = TrialRun(environ if main_process else {})
+    trial_run.start(
         tags={
-            "lorasweep.sweep": sweep,
-            "lorasweep.trial": trial,
-            "lorasweep.params": environ.get("LORASWEEP_PARAMS", "")[:5000],
+            "lorasweep.params": environ.get(ENV_PARAMS, "")[:5000],
             "env.world_size": environ.get("WORLD_SIZE", "1"),
             **environment_tags(),
         },
     )
     world_size = int(environ.get("WORLD_SIZE") or 1)
     batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
-    tracker.log_params({**cfg.model_dump(), "effective_batch_size": batch})
+    trial_run.log_params({**cfg.model_dump(), "effective_batch_size": batch})
 
     def stopping() -> None:
         # The result as known now, before anything can block on MLflow; the end of the stop
         # rewrites it with the final figures if it gets there before SIGKILL.
-        tracker.hold()
-        report(tracker.latest, stop_message(stop))
+        trial_run.hold()
+        report(trial_run.latest, stop_message(stop))
 
     stop.on_signal = stopping
 
     status, code, metrics, error = "FAILED", EXIT_ERROR, {}, None
     try:
-        metrics = train(cfg, tracker, stop)
+        metrics = train(cfg, trial_run, stop)
         status, code = "FINISHED", 0
     except Stopped as exc:
         metrics = exc.metrics
@@ -132,7 +127,7 @@ def run(
         error = stop_message(stop)
         log.warning("%s", error)
     except torch.OutOfMemoryError:
-        code, error = EXIT_OOM, _oom_message(cfg)
+        code, error = EXIT_OUT_OF_MEMORY, _oom_message(cfg)
         log.error("%s", error)
     except DataError as exc:
         code, error = EXIT_DATA, str(exc)
@@ -148,7 +143,7 @@ def run(
         # The result first: MLflow may hang, and the kubelet reads the termination message
         # however the process ends, even by SIGKILL at the end of the grace period.
         report(metrics, error)
-        tracker.end(status)
+        trial_run.end(status)
     if code == 0:
         log.info("done: %s", json.dumps(metrics))
     return code

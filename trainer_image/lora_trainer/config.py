@@ -17,9 +17,14 @@ from typing import Any, Literal, Self
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PARAMS_ENV = "LORASWEEP_PARAMS"
-CHECKPOINT_DIR_ENV = "LORASWEEP_CHECKPOINT_DIR"
-CHECKPOINT_STEPS_ENV = "LORASWEEP_CHECKPOINT_STEPS"
+from lora_trainer.contract import (
+    ENV_CHECKPOINT_DIR,
+    ENV_CHECKPOINT_STEPS,
+    ENV_NAMESPACE,
+    ENV_PARAMS,
+    ENV_TRIAL,
+)
+
 DEFAULT_OUTPUT_DIR = "/tmp/lorasweep/output"
 # The words transformers accepts in its `fsdp` training argument.
 FSDP_OPTIONS = (
@@ -282,7 +287,7 @@ class TrainConfig(
         if self.checkpoint_dir and not self.save_steps:
             raise ValueError(
                 f"checkpoint_dir={self.checkpoint_dir!r} needs save_steps (or "
-                f"{CHECKPOINT_STEPS_ENV}): how many steps between checkpoints"
+                f"{ENV_CHECKPOINT_STEPS}): how many steps between checkpoints"
             )
         targets = self.lora_target_modules()
         if isinstance(targets, list) and "" in targets:
@@ -338,15 +343,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _read_params_env(environ: Mapping[str, str]) -> dict[str, Any]:
-    text = environ.get(PARAMS_ENV, "").strip()
+    text = environ.get(ENV_PARAMS, "").strip()
     if not text:
         return {}
     try:
         params = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{PARAMS_ENV}: not valid JSON: {exc}") from exc
+        raise ConfigError(f"{ENV_PARAMS}: not valid JSON: {exc}") from exc
     if not isinstance(params, dict):
-        raise ConfigError(f"{PARAMS_ENV}: expected a JSON object of trial parameters")
+        raise ConfigError(f"{ENV_PARAMS}: expected a JSON object of trial parameters")
     return params
 
 
@@ -370,7 +375,7 @@ def default_output_dir(environ: Mapping[str, str]) -> str:
     Trials that share a /tmp (several trial processes on one machine, or a hostPath) would
     otherwise overwrite each other's checkpoints and adapters.
     """
-    parts = [environ.get(name, "").strip() for name in ("LORASWEEP_NAMESPACE", "LORASWEEP_TRIAL")]
+    parts = [environ.get(name, "").strip() for name in (ENV_NAMESPACE, ENV_TRIAL)]
     # Kubernetes names are safe path components already; anything else must not escape /tmp.
     safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part).lstrip(".") for part in parts if part]
     if not parts[1] or not all(safe):
@@ -392,7 +397,7 @@ def load_config(
     layers: list[tuple[str, dict[str, Any]]] = []
     if config_path is not None:
         layers.append((str(config_path), _read_yaml(Path(config_path))))
-    layers.append((PARAMS_ENV, _read_params_env(environ)))
+    layers.append((ENV_PARAMS, _read_params_env(environ)))
     layers.append(("--set", dict(parse_set(item) for item in overrides)))
 
     known = set(field_names())
@@ -409,8 +414,8 @@ def load_config(
     values.setdefault("output_dir", default_output_dir(environ))
     # The trial's checkpoint volume, as the operator mounted it, unless the settings name another.
     for key, variable in (
-        ("checkpoint_dir", CHECKPOINT_DIR_ENV),
-        ("save_steps", CHECKPOINT_STEPS_ENV),
+        ("checkpoint_dir", ENV_CHECKPOINT_DIR),
+        ("save_steps", ENV_CHECKPOINT_STEPS),
     ):
         if key not in values and environ.get(variable, "").strip():
             values[key] = environ[variable].strip()

@@ -25,7 +25,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from lora_trainer.tracking import result_path
+from lora_trainer.contract import result_path
 
 EXIT_FAILED = 1
 EXIT_UNAVAILABLE = 2

@@ -1,43 +1,45 @@
-"""MLflow logging that never stops training, and the termination message for the operator."""
+"""The trial's MLflow run, logged so that it never stops training, and the termination
+message for the operator."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lora_trainer.contract import (
+    ENV_MLFLOW_EXPERIMENT_NAME,
+    ENV_MLFLOW_PARENT_RUN_ID,
+    ENV_MLFLOW_TRACKING_URI,
+    ENV_SWEEP,
+    ENV_TRIAL,
+    TAG_PARENT_RUN_ID,
+    TAG_SWEEP,
+    TAG_TRIAL,
+    TrialResult,
+    finite_metrics,
+)
+
 log = logging.getLogger("lora_trainer")
 
-RESULT_PATH_ENV = "LORASWEEP_RESULT_PATH"
-DEFAULT_RESULT_PATH = "/dev/termination-log"
-# Kubernetes keeps at most 4096 bytes of a termination message.
-RESULT_LIMIT_BYTES = 4096
 # Fail over to "no tracking" after this many failed calls in a row.
 MAX_CONSECUTIVE_FAILURES = 3
 
 
-def _finite_floats(metrics: Mapping[str, Any]) -> dict[str, float]:
-    result = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            continue
-        if math.isfinite(value):
-            result[key] = float(value)
-    return result
-
-
-class Tracker:
-    """One MLflow run per trial. Every call is best effort: a tracking outage costs the record,
-    never the training, and the termination message still carries the result."""
+class TrialRun:
+    """The trial's one MLflow run, under the sweep's parent run and tagged with the sweep and
+    trial the operator named in the environment. Every call is best effort: a tracking outage
+    costs the record, never the training, and the termination message still carries the
+    result."""
 
     def __init__(self, environ: Mapping[str, str]) -> None:
-        self.tracking_uri = environ.get("MLFLOW_TRACKING_URI", "").strip()
-        self.experiment_name = environ.get("MLFLOW_EXPERIMENT_NAME", "").strip()
-        self.parent_run_id = environ.get("MLFLOW_PARENT_RUN_ID", "").strip()
+        self.tracking_uri = environ.get(ENV_MLFLOW_TRACKING_URI, "").strip()
+        self.experiment_name = environ.get(ENV_MLFLOW_EXPERIMENT_NAME, "").strip()
+        self.parent_run_id = environ.get(ENV_MLFLOW_PARENT_RUN_ID, "").strip()
+        self.sweep = environ.get(ENV_SWEEP, "")
+        self.trial = environ.get(ENV_TRIAL, "")
         self.run_id: str | None = None
         # What an earlier attempt at the same trial left in the run this one continues.
         self.earlier_tags: dict[str, str] = {}
@@ -54,11 +56,11 @@ class Tracker:
     def active(self) -> bool:
         return self._client is not None and self.run_id is not None
 
-    def start(self, run_name: str, tags: Mapping[str, str]) -> None:
+    def start(self, tags: Mapping[str, str]) -> None:
         """Create the trial's run, or continue the one an earlier attempt at the same trial
         left (a restarted pod): one run per trial, with one curve."""
         if not self.tracking_uri:
-            log.info("MLFLOW_TRACKING_URI is not set: not logging to MLflow")
+            log.info("%s is not set: not logging to MLflow", ENV_MLFLOW_TRACKING_URI)
             return
         # MLflow's defaults retry a dead server for minutes per call; a trial should not wait
         # that long before it starts training without tracking. Users can still override these.
@@ -70,9 +72,15 @@ class Tracker:
 
             client = MlflowClient(tracking_uri=self.tracking_uri)
             experiment_id = self._experiment_id(client)
-            all_tags = {"mlflow.runName": run_name, **tags}
+            run_name = self.trial or "lora-trainer"
+            all_tags = {
+                "mlflow.runName": run_name,
+                TAG_SWEEP: self.sweep,
+                TAG_TRIAL: self.trial,
+                **tags,
+            }
             if self.parent_run_id:
-                all_tags["mlflow.parentRunId"] = self.parent_run_id
+                all_tags[TAG_PARENT_RUN_ID] = self.parent_run_id
             run = self._earlier_run(client, experiment_id, all_tags)
             if run is None:
                 run = client.create_run(experiment_id, tags=all_tags, run_name=run_name)
@@ -95,10 +103,10 @@ class Tracker:
         log.info("MLflow run %s%s in experiment %s", self.run_id, continued, experiment_id)
 
     def _earlier_run(self, client: Any, experiment_id: str, tags: Mapping[str, str]) -> Any:
-        keys = ["lorasweep.sweep", "lorasweep.trial", "mlflow.parentRunId"]
+        keys = [TAG_SWEEP, TAG_TRIAL, TAG_PARENT_RUN_ID]
         values = {key: tags[key] for key in keys if tags.get(key)}
         # Kubernetes names never hold a quote; a name that does cannot go into a filter string.
-        if "lorasweep.trial" not in values or any("'" in value for value in values.values()):
+        if TAG_TRIAL not in values or any("'" in value for value in values.values()):
             return None
         conditions = [f"tags.`{key}` = '{value}'" for key, value in values.items()]
         found = client.search_runs(
@@ -169,12 +177,12 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.latest |= {**_finite_floats(metrics), "train_steps": float(step)}
+        self.latest |= {**finite_metrics(metrics), "train_steps": float(step)}
         # A resumed run repeats the steps between its checkpoint and where the earlier attempt
         # stopped; the curve already has them.
         items = [
             Metric(k, v, now, step)
-            for k, v in _finite_floats(metrics).items()
+            for k, v in finite_metrics(metrics).items()
             if step > self.logged_through.get(k, -1)
         ]
         if items and self._held:
@@ -217,21 +225,11 @@ def _last_logged_steps(client: Any, run: Any) -> dict[str, int]:
     }
 
 
-def result_path(environ: Mapping[str, str]) -> Path:
-    return Path(environ.get(RESULT_PATH_ENV) or DEFAULT_RESULT_PATH)
-
-
 def write_result(
     path: Path, metrics: Mapping[str, Any] | None = None, error: str | None = None
 ) -> None:
-    """Write `{"metrics": {...}}` (and the error, if any) where the kubelet reads it."""
-    payload: dict[str, Any] = {"metrics": _finite_floats(metrics or {})}
-    if error:
-        payload["error"] = error[:1500]
-    text = json.dumps(payload, separators=(",", ":"))
-    while len(text.encode()) > RESULT_LIMIT_BYTES and payload["metrics"]:
-        payload["metrics"].popitem()
-        text = json.dumps(payload, separators=(",", ":"))
+    """Write the TrialResult where the kubelet reads it."""
+    text = TrialResult(dict(metrics or {}), error).to_json()
     try:
         path.write_text(text)
     except OSError as exc:

@@ -33,17 +33,17 @@ from transformers import TrainingArguments as HFTrainingArguments
 from lora_trainer.checkpoints import checkpoint_step, latest_complete
 from lora_trainer.collate import REAL_TOKENS, PackingCollator, PaddingCollator
 from lora_trainer.config import TrainConfig, check_hardware
+from lora_trainer.contract import TAG_ADAPTER
 from lora_trainer.data import IGNORE_INDEX, DataError, Example, PreparedData, prepare
 from lora_trainer.isolation import check_isolation
 from lora_trainer.shape import ShapeError, model_shape, shape_tags, shape_yaml
 from lora_trainer.stopping import StopFlag, Stopped
-from lora_trainer.tracking import Tracker
+from lora_trainer.tracking import TrialRun
 
 log = logging.getLogger("lora_trainer")
 
-# The MLflow artifact path of the trained adapter, and the tag that says it was uploaded.
+# The MLflow artifact path of the trained adapter (TAG_ADAPTER says it was uploaded).
 ADAPTER_ARTIFACT = "adapter"
-ADAPTER_ARTIFACT_TAG = "lorasweep.adapter_artifact"
 
 # "on", or "off: <why>" when packing was asked for but this model lets packed examples mix.
 TAG_PACKING = "lorasweep.packing"
@@ -143,7 +143,7 @@ def load_model(cfg: TrainConfig) -> Any:
         raise ModelLoadError(f"lora_target={cfg.lora_target!r}: {exc}") from exc
 
 
-def report_model_shape(cfg: TrainConfig, parameters: int, tracker: Tracker) -> None:
+def report_model_shape(cfg: TrainConfig, parameters: int, trial_run: TrialRun) -> None:
     """Log the base model's shape as a sweep's spec.constraints.model takes it (a line to copy)
     and tag the run with it (lorasweep.model.*), from its config.json and its exact parameter
     count."""
@@ -156,7 +156,7 @@ def report_model_shape(cfg: TrainConfig, parameters: int, tracker: Tracker) -> N
         log.info("no model shape for spec.constraints.model: %s", exc)
         return
     log.info("model shape for spec.constraints.model: %s", shape_yaml(shape))
-    tracker.set_tags(shape_tags(shape))
+    trial_run.set_tags(shape_tags(shape))
 
 
 def check_lora_targets(cfg: TrainConfig, model: Any) -> None:
@@ -182,20 +182,20 @@ def check_lora_targets(cfg: TrainConfig, model: Any) -> None:
 
 
 def collator_for(
-    cfg: TrainConfig, tokenizer: Any, model: Any, examples: list[Any], tracker: Tracker | None
+    cfg: TrainConfig, tokenizer: Any, model: Any, examples: list[Any], trial_run: TrialRun | None
 ) -> PackingCollator | PaddingCollator:
     """Packing when it is on and verified on this model (examples of a packed row must not see
     each other), else padding; the verdict goes to the log and to the run's tags."""
     if cfg.packing:
         isolation = check_isolation(model, examples)
         if isolation.isolated:
-            if tracker is not None:
-                tracker.set_tags({TAG_PACKING: "on"})
+            if trial_run is not None:
+                trial_run.set_tags({TAG_PACKING: "on"})
             one_row = cfg.attn_implementation == "flash_attention_2"
             return PackingCollator(pad_token_id=tokenizer.pad_token_id, one_row=one_row)
         log.warning("packing is off for this model, padding instead: %s", isolation.reason)
-        if tracker is not None:
-            tracker.set_tags({TAG_PACKING: f"off: {isolation.reason}"[:5000]})
+        if trial_run is not None:
+            trial_run.set_tags({TAG_PACKING: f"off: {isolation.reason}"[:5000]})
     return PaddingCollator(pad_token_id=tokenizer.pad_token_id)
 
 
@@ -335,9 +335,9 @@ class RunCallback(TrainerCallback):
     """Stops at the next step on SIGTERM, stops early when eval_loss stalls, adds tokens per
     second to the logs and sends every log to MLflow."""
 
-    def __init__(self, trainer: LoraTrainer, tracker: Tracker, patience: int | None) -> None:
+    def __init__(self, trainer: LoraTrainer, trial_run: TrialRun, patience: int | None) -> None:
         self.trainer = trainer
-        self.tracker = tracker
+        self.trial_run = trial_run
         self.patience = patience
         self.best_eval_loss = float("inf")
         self.evals_without_improvement = 0
@@ -414,7 +414,7 @@ class RunCallback(TrainerCallback):
             for key, value in logs.items()
         )
         log.info("step %d/%d %s", state.global_step, state.max_steps, shown)
-        self.tracker.log_metrics(logs, step=state.global_step)
+        self.trial_run.log_metrics(logs, step=state.global_step)
         return control
 
 
@@ -528,12 +528,12 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any) -> PreparedData:
     )
 
 
-def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, float]:
+def train(cfg: TrainConfig, trial_run: TrialRun, stop_flag: StopFlag) -> dict[str, float]:
     """Train and evaluate; returns the final metrics. Raises Stopped on SIGTERM."""
     cfg = check_this_machine(cfg)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
-    tracker.set_tags(data_tags(cfg, data))
+    trial_run.set_tags(data_tags(cfg, data))
     if data.eval is None:
         log.warning("no evaluation data (eval_file unset, val_size=0): no eval_loss is reported")
     log.info(
@@ -545,8 +545,8 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
     stop_flag.check()
     model = load_model(cfg)
     trainable, total = model.get_nb_trainable_parameters()
-    tracker.set_tags({"model.trainable_parameters": trainable, "model.parameters": total})
-    report_model_shape(cfg, total - trainable, tracker)
+    trial_run.set_tags({"model.trainable_parameters": trainable, "model.parameters": total})
+    report_model_shape(cfg, total - trainable, trial_run)
     stop_flag.check()
 
     if torch.cuda.is_available():
@@ -561,15 +561,15 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
     )
     # Chosen once the Trainer has put the model on its device: the check runs the model.
     trainer.data_collator = collator_for(
-        cfg, tokenizer, trainer.model, data.train.examples, tracker
+        cfg, tokenizer, trainer.model, data.train.examples, trial_run
     )
     trainer.remove_callback(PrinterCallback)  # RunCallback logs each step, once
-    trainer.add_callback(RunCallback(trainer, tracker, cfg.early_stopping_patience))
+    trainer.add_callback(RunCallback(trainer, trial_run, cfg.early_stopping_patience))
     checkpoint = latest_complete(Path(cfg.checkpoint_dir)) if cfg.checkpoint_dir else None
     if checkpoint is not None:
         log.info("resuming from %s", checkpoint)
-        resumes = int(tracker.earlier_tags.get("lorasweep.resumes", "0")) + 1
-        tracker.set_tags(
+        resumes = int(trial_run.earlier_tags.get("lorasweep.resumes", "0")) + 1
+        trial_run.set_tags(
             {
                 "lorasweep.resumes": resumes,
                 "lorasweep.resumed_from_step": checkpoint_step(checkpoint),
@@ -608,7 +608,7 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
         metrics["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
     # eval_loss, train_loss and train_runtime were logged as they happened; once per step only.
     already_logged = {"eval_loss", "eval_tokens", "train_loss", "train_runtime", "epoch"}
-    tracker.log_metrics(
+    trial_run.log_metrics(
         {k: v for k, v in metrics.items() if k not in already_logged}, trainer.state.global_step
     )
 
@@ -617,11 +617,11 @@ def train(cfg: TrainConfig, tracker: Tracker, stop_flag: StopFlag) -> dict[str, 
         # The adapter's weights and config, and the tokenizer; gathered from all processes
         # under FSDP, written by process 0.
         trainer.save_model(str(adapter_dir))
-        tracker.set_tags({"output.adapter_dir": str(adapter_dir)})
+        trial_run.set_tags({"output.adapter_dir": str(adapter_dir)})
         log.info("adapter saved to %s", adapter_dir)
         # The operator reads the tag as "the adapter is there", so it comes after the upload.
-        if cfg.log_adapter and tracker.log_artifacts(adapter_dir, ADAPTER_ARTIFACT):
-            tracker.set_tags({ADAPTER_ARTIFACT_TAG: ADAPTER_ARTIFACT})
+        if cfg.log_adapter and trial_run.log_artifacts(adapter_dir, ADAPTER_ARTIFACT):
+            trial_run.set_tags({TAG_ADAPTER: ADAPTER_ARTIFACT})
     return metrics
 
 
