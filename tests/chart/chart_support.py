@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from tests.cluster.devcluster import REPO
+from devcluster import REPO
 
 CHART = REPO / "charts" / "lorasweep"
 BUILD_BINS = REPO / "tests" / "cluster" / "build-bins.sh"

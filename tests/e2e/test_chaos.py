@@ -23,11 +23,11 @@ from kubernetes import client
 from mlflow import MlflowClient
 from mlflow import artifacts as mlflow_artifacts
 
+import devcluster
+from devcluster.operator_process import OperatorProcess
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.render import builtin_template
 from sweep_operator.trials import ANNOTATION_INDEX, ANNOTATION_PARAMETERS, LABEL_SWEEP
-from tests.cluster import devcluster
-from tests.cluster.operator_process import OperatorProcess
 from tests.e2e.sweeps import get_sweep, sim_spec, sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import process_alive, wait_for
 

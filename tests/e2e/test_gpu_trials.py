@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+import devcluster
+from devcluster import demo
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.cluster import demo, devcluster
 from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import wait_for
 

@@ -20,9 +20,9 @@ import yaml
 from kubernetes import client
 from mlflow import artifacts as mlflow_artifacts
 
+import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION, HyperparameterSweep
 from sweep_operator.space import in_space, trial_parameters
-from tests.cluster import devcluster
 from tests.e2e.sweeps import get_sweep, sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import wait_for
 

@@ -1,6 +1,6 @@
 """The dev and test cluster: a real control plane on loopback with fake GPU nodes and MLflow.
 
-    python tests/cluster/devcluster.py up | down | status | logs POD [-n NAMESPACE]
+    python -m devcluster up | down | status | logs POD [-n NAMESPACE]
 
 `up` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (simulating
 the `sim` GPU nodes), the pod runner (running pods of `local-gpu-0` as local processes), Kueue
@@ -37,7 +37,7 @@ import yaml
 if TYPE_CHECKING:
     from kubernetes import client
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 STATE_DIR = REPO / ".cluster"
 STATE_FILE = STATE_DIR / "state.json"
 LOCK_FILE = REPO / ".cluster.lock"

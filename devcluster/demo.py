@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from tests.cluster import devcluster
-from tests.cluster.devcluster import REPO
+import devcluster
+from devcluster import REPO
 
 DEMO_SWEEP = REPO / "examples" / "demo-sweep.yaml"
 ASSETS = REPO / ".demo"

@@ -9,7 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.cluster import devcluster
+import devcluster
 from tests.support import free_port, wait_for
 
 

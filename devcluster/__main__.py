@@ -1,0 +1,5 @@
+import sys
+
+from devcluster.supervisor import main
+
+sys.exit(main())
