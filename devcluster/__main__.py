@@ -1,5 +1,5 @@
 import sys
 
-from devcluster.supervisor import main
+from devcluster.cli import main
 
 sys.exit(main())

@@ -17,6 +17,7 @@ import pytest
 from kubernetes import client, watch
 
 import devcluster
+from devcluster.processes import stop
 from tests.support import free_port, process_alive, wait_for
 
 
@@ -198,7 +199,7 @@ def start_family(leader: str, mark: str) -> tuple[subprocess.Popen[str], int, in
 
 def test_stopping_a_cluster_process_stops_everything_it_started():
     leader, worker, own_session = start_family("stay", uuid.uuid4().hex)
-    devcluster.supervisor._stop("family", leader.pid, grace=1)
+    stop("family", leader.pid, grace=1)
     leader.wait(timeout=10)
     assert not process_alive(worker) and not process_alive(own_session)
 
@@ -211,7 +212,7 @@ def test_a_group_is_stopped_after_its_leader_ended_and_a_session_mark_finds_the_
     leader, worker, own_session = start_family("exit", mark)
     leader.wait(timeout=10)
     try:
-        devcluster.supervisor._stop("family", leader.pid, grace=1)
+        stop("family", leader.pid, grace=1)
         assert not process_alive(worker)
         found = devcluster.session_processes(FAMILY_MARK, mark)
         assert list(found) == [own_session] and "SIG_IGN" in found[own_session]
