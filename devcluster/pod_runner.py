@@ -24,8 +24,6 @@ import base64
 import contextlib
 import logging
 import os
-import re
-import shlex
 import signal
 import subprocess
 import threading
@@ -39,48 +37,17 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from devcluster.pod_env import CONFIG_MAP, container_env, env_sources, expand
+from devcluster.pod_mounts import Bind, hosts_file, in_mount_namespace, volume_binds
+
 MAX_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 RETRY_SECONDS = 1.0  # between tries of an API write the apiserver could not take
 log = logging.getLogger("pod-runner")
 
 
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def expand(text: str, env: dict[str, str]) -> str:
-    """Kubernetes' $(VAR) expansion in command and args; $$(VAR) escapes it."""
-
-    def replace(match: re.Match[str]) -> str:
-        if match.group(0).startswith("$$"):
-            return match.group(0)[1:]
-        return env.get(match.group(1), match.group(0))
-
-    return re.sub(r"\$?\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, text)
-
-
-@dataclass(frozen=True)
-class Bind:
-    """A bind mount into a container's private mount namespace."""
-
-    source: Path
-    target: Path
-    read_only: bool = False
-
-
-def in_mount_namespace(argv: list[str], binds: list[Bind], cwd: Path) -> list[str]:
-    """argv run in a private mount namespace of its own with `binds` mounted, as a container
-    runtime would. The shell execs argv, so the process keeps its pid and process group."""
-    steps = [
-        f"mount -o {'bind,ro' if b.read_only else 'bind'} "
-        f"{shlex.quote(str(b.source))} {shlex.quote(str(b.target))}"
-        for b in binds
-    ]
-    # The working directory may be a mount point: enter it once the volume is mounted there.
-    script = " && ".join([*steps, f"cd {shlex.quote(str(cwd))}", 'exec "$@"'])
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
 @dataclass
@@ -115,131 +82,26 @@ class PodRunner:
         # Reentrant: the SIGTERM handler (stop_all) runs on the main thread, which may hold it.
         self.lock = threading.RLock()
 
-    # --- environment -----------------------------------------------------------------------
-
-    def _config_data(self, kind: str, namespace: str, name: str) -> dict[str, str]:
-        if kind == "configMap":
-            return self.api.read_namespaced_config_map(name, namespace).data or {}
-        secret = self.api.read_namespaced_secret(name, namespace)
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
-
-    def _field(self, pod: client.V1Pod, path: str) -> str:
-        fields = {
-            "metadata.name": pod.metadata.name,
-            "metadata.namespace": pod.metadata.namespace,
-            "metadata.uid": pod.metadata.uid,
-            "spec.nodeName": pod.spec.node_name,
-            "spec.serviceAccountName": pod.spec.service_account_name or "default",
-            "status.podIP": "127.0.0.1",
-            "status.hostIP": "127.0.0.1",
-        }
-        match = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
-        if match:
-            values = getattr(pod.metadata, match.group(1)) or {}
-            return values.get(match.group(2), "")
-        return fields.get(path, "")
-
-    def container_env(self, pod: client.V1Pod, container: client.V1Container) -> dict[str, str]:
+    def _env_sources(
+        self, pod: client.V1Pod, container: client.V1Container
+    ) -> dict[tuple[str, str], dict[str, str]]:
+        """The data of the ConfigMaps and Secrets the container's env reads, decoded; one that
+        does not exist is left out."""
+        found = {}
         namespace = pod.metadata.namespace
-        env: dict[str, str] = {}
-        for source in container.env_from or []:
-            ref = source.config_map_ref or source.secret_ref
-            kind = "configMap" if source.config_map_ref else "secret"
+        for kind, name in env_sources(container):
             try:
-                data = self._config_data(kind, namespace, ref.name)
-            except ApiException:
-                if ref.optional:
+                if kind == CONFIG_MAP:
+                    data = self.api.read_namespaced_config_map(name, namespace).data or {}
+                else:
+                    secret = self.api.read_namespaced_secret(name, namespace).data or {}
+                    data = {k: base64.b64decode(v).decode() for k, v in secret.items()}
+            except ApiException as error:
+                if error.status == 404:
                     continue
                 raise
-            env.update({f"{source.prefix or ''}{k}": v for k, v in data.items()})
-        for var in container.env or []:
-            if var.value_from is None:
-                env[var.name] = expand(var.value or "", env)
-                continue
-            source = var.value_from
-            if source.field_ref is not None:
-                env[var.name] = self._field(pod, source.field_ref.field_path)
-                continue
-            key_ref = source.config_map_key_ref or source.secret_key_ref
-            if key_ref is None:
-                continue
-            kind = "configMap" if source.config_map_key_ref else "secret"
-            try:
-                env[var.name] = self._config_data(kind, namespace, key_ref.name)[key_ref.key]
-            except (ApiException, KeyError):
-                if not key_ref.optional:
-                    raise
-        return env
-
-    # --- file system -----------------------------------------------------------------------
-
-    def hosts_file(self, pod: client.V1Pod, folder: Path) -> Path | None:
-        """For a pod with a subdomain, an /etc/hosts that resolves its own DNS names and those of
-        its Indexed Job's other pods (`<job>-<index>.<subdomain>`, how they rendezvous) to
-        127.0.0.1, as kubelet and cluster DNS would make them resolve."""
-        subdomain = pod.spec.subdomain
-        if not subdomain:
-            return None
-        namespace = pod.metadata.namespace
-        own = pod.spec.hostname or pod.metadata.name
-        hostnames = {own}
-        job_name = (pod.metadata.labels or {}).get(JOB_NAME_LABEL)
-        if job_name:
-            try:
-                job = self.batch.read_namespaced_job(job_name, namespace)
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-            else:
-                if job.spec.completion_mode == "Indexed":
-                    hostnames.update(f"{job_name}-{i}" for i in range(job.spec.completions or 0))
-        lines = []
-        for name in sorted(hostnames):
-            fqdn = f"{name}.{subdomain}.{namespace}.svc.cluster.local"
-            aliases = [f"{name}.{subdomain}", f"{name}.{subdomain}.{namespace}"]
-            aliases += [f"{name}.{subdomain}.{namespace}.svc", fqdn]
-            if name == own:
-                aliases.append(name)
-            lines.append(" ".join(["127.0.0.1", *aliases]))
-        path = folder / "hosts"
-        machine = Path("/etc/hosts").read_text()
-        path.write_text(
-            f"{machine.rstrip()}\n# the pod runner, for pod {own}\n" + "\n".join(lines) + "\n"
-        )
-        return path
-
-    def volume_binds(
-        self, pod: client.V1Pod, container: client.V1Container, env: dict[str, str]
-    ) -> list[Bind]:
-        """The container's PersistentVolumeClaim mounts, each from its volume's hostPath. Other
-        volumes are not mounted: an emptyDir stays this machine's directory of that path."""
-        volumes = pod.spec.volumes or []
-        claims = {v.name: v.persistent_volume_claim for v in volumes if v.persistent_volume_claim}
-        binds = []
-        for mount in container.volume_mounts or []:
-            claim = claims.get(mount.name)
-            if claim is None:
-                continue
-            volume = self._claimed_path(pod.metadata.namespace, claim.claim_name)
-            source = volume / (mount.sub_path or expand(mount.sub_path_expr or "", env))
-            # A kubelet creates a missing subPath; the runtime creates the mount point.
-            source.mkdir(parents=True, exist_ok=True)
-            target = Path(mount.mount_path)
-            target.mkdir(parents=True, exist_ok=True)
-            binds.append(Bind(source, target, bool(mount.read_only or claim.read_only)))
-        return binds
-
-    def _claimed_path(self, namespace: str, claim_name: str) -> Path:
-        claim = self.api.read_namespaced_persistent_volume_claim(claim_name, namespace)
-        if not claim.spec.volume_name:
-            raise ValueError(f"PersistentVolumeClaim {claim_name!r} is not bound to a volume")
-        volume = self.api.read_persistent_volume(claim.spec.volume_name)
-        if volume.spec.host_path is None:
-            raise ValueError(
-                f"PersistentVolume {volume.metadata.name!r} is not a hostPath volume: the pod "
-                "runner mounts only those"
-            )
-        return Path(volume.spec.host_path.path)
+            found[kind, name] = data
+        return found
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -249,7 +111,7 @@ class PodRunner:
         folder.mkdir(parents=True, exist_ok=True)
         running = RunningPod(pod.metadata.namespace, pod.metadata.name, key)
         try:
-            hosts = self.hosts_file(pod, folder)
+            hosts = hosts_file(self.batch, pod, folder)
             for container in pod.spec.containers:
                 running.containers.append(self._start_container(pod, container, folder, hosts))
         except Exception as error:  # a bad pod must not take the runner down
@@ -273,10 +135,10 @@ class PodRunner:
             )
         message_path = folder / f"{container.name}.termination-log"
         message_path.unlink(missing_ok=True)
-        env = self.container_env(pod, container)
+        env = container_env(pod, container, self._env_sources(pod, container))
         env["LORASWEEP_RESULT_PATH"] = str(message_path)
         argv = [expand(part, env) for part in [*container.command, *(container.args or [])]]
-        binds = self.volume_binds(pod, container, env)
+        binds = volume_binds(self.api, pod, container, env)
         if hosts is not None:
             binds.append(Bind(hosts, Path("/etc/hosts")))
         cwd = (
