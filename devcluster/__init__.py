@@ -26,7 +26,7 @@ from devcluster.paths import (
     STATE_DIR,
     pod_log_path,
 )
-from devcluster.processes import IMAGE_ENV, process_alive, session_processes
+from devcluster.processes import IMAGE_ENV, image_env_vars, process_alive, session_processes
 from devcluster.supervisor import (
     Cluster,
     Stopped,
@@ -57,6 +57,7 @@ __all__ = [
     "create_volume_claim",
     "down",
     "has_default_service_account",
+    "image_env_vars",
     "pod_log_path",
     "process_alive",
     "release",

@@ -1,7 +1,8 @@
 """A container's environment as its pod states it, resolved as a kubelet resolves it: envFrom,
 then env (a later name wins), with `$(VAR)` expansion, the downward API's fieldRefs, and keys of
-ConfigMaps and Secrets. Pure: the pod runner reads the ConfigMaps and Secrets first
-(`env_sources` names them), so what a local pod sees is tested without a cluster."""
+ConfigMaps and Secrets; and the process environment made of it. Pure: the pod runner reads the
+ConfigMaps and Secrets first (`env_sources` names them), so what a local pod sees is tested
+without a cluster."""
 
 from __future__ import annotations
 
@@ -10,6 +11,14 @@ from collections.abc import Mapping
 
 from kubernetes import client
 
+# The only variables of the pod runner's own environment that a container gets (unless its pod
+# sets them): what a container runtime gives every container whatever its pod says. PATH stands
+# for the image's: the runner's, the project's virtualenv first, so that `python` is the
+# interpreter with the project installed. HOME, because a runtime always sets it (from the
+# image's user), and the caches of Hugging Face, torch and pip live under it. Nothing else: a
+# variable that a Job forgot must be missing here as it is in a real pod, not filled in from
+# whoever started the dev cluster.
+HOST_ENV = ("PATH", "HOME")
 CONFIG_MAP = "configMap"
 SECRET = "secret"
 # (kind, name) of a ConfigMap or Secret: its data, decoded. One that does not exist is absent.
@@ -98,3 +107,9 @@ def container_env(
             elif not key_ref.optional:
                 raise MissingEnvSource(f"key {key_ref.key!r} not found in {kind} {key_ref.name!r}")
     return env
+
+
+def process_env(pod_env: Mapping[str, str], host_env: Mapping[str, str]) -> dict[str, str]:
+    """What a container's process runs with: the pod's env over HOST_ENV from `host_env`."""
+    kept = {name: host_env[name] for name in HOST_ENV if name in host_env}
+    return {**kept, **pod_env}

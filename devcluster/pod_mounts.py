@@ -1,10 +1,11 @@
 """What a local container sees of the file system: bind mounts into a private mount namespace
-of its own, as a container runtime makes them (PersistentVolumeClaims from their hostPath
-volumes, and an /etc/hosts for a pod with a subdomain)."""
+of its own, as a container runtime makes them (its termination message file, PersistentVolume
+Claims from their hostPath volumes, and an /etc/hosts for a pod with a subdomain)."""
 
 from __future__ import annotations
 
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from devcluster.pod_env import expand
 
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 
 @dataclass(frozen=True)
@@ -28,14 +30,36 @@ class Bind:
 def in_mount_namespace(argv: list[str], binds: list[Bind], cwd: Path) -> list[str]:
     """argv run in a private mount namespace of its own with `binds` mounted, as a container
     runtime would. The shell execs argv, so the process keeps its pid and process group."""
+    # By absolute path: the process's PATH is its pod's, which may not lead to them.
+    unshare, sh, mount = (_tool(name) for name in ("unshare", "sh", "mount"))
     steps = [
-        f"mount -o {'bind,ro' if b.read_only else 'bind'} "
+        f"{mount} -o {'bind,ro' if b.read_only else 'bind'} "
         f"{shlex.quote(str(b.source))} {shlex.quote(str(b.target))}"
         for b in binds
     ]
     # The working directory may be a mount point: enter it once the volume is mounted there.
-    script = " && ".join([*steps, f"cd {shlex.quote(str(cwd))}", 'exec "$@"'])
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv]
+    # The shell's cd sets PWD and OLDPWD, which a container runtime does not.
+    enter = f"cd {shlex.quote(str(cwd))} && unset PWD OLDPWD"
+    script = " && ".join([*steps, enter, 'exec "$@"'])
+    return [unshare, "--mount", "--propagation", "private", sh, "-c", script, "sh", *argv]
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise FileNotFoundError(f"{name} is not on the pod runner's PATH")
+    return path
+
+
+def termination_message_bind(container: client.V1Container, message_file: Path) -> Bind:
+    """`message_file` at the container's terminationMessagePath, as a kubelet mounts the file
+    it then reads the termination message from. The mount point, created on this machine if
+    missing (as for volume mounts), stays empty: only the container's namespace sees the
+    file."""
+    target = Path(container.termination_message_path or DEFAULT_TERMINATION_MESSAGE_PATH)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.touch(exist_ok=True)
+    return Bind(message_file, target)
 
 
 def hosts_file(batch: client.BatchV1Api, pod: client.V1Pod, folder: Path) -> Path | None:

@@ -1,20 +1,21 @@
 """A kubelet stand-in for one node: runs the containers of the pods bound to it as local processes.
 
 The real Job controller and scheduler put pods on `local-gpu-0`; this process starts each
-container's command and args with the pod's environment, reports Running, then Succeeded or
-Failed by exit code with the termination message, and ends the process when the pod is deleted
-(SIGTERM, then SIGKILL after the grace period) and reports how it ended before the deletion
-finishes, as a kubelet would. A container's processes end with its main one, as they would in
-its PID namespace: what is left of its process group is killed then. Images are ignored: the
-command runs with this machine's PATH (the project's virtualenv first) and file system, except
-that a container with PersistentVolumeClaim mounts or a pod subdomain runs in a private mount
-namespace with each claim's hostPath volume bind-mounted at its mountPath and, for a subdomain,
-an /etc/hosts resolving the DNS names of the pod and its Indexed Job's other pods to 127.0.0.1
-(every local pod shares this machine's loopback).
+container's command and args with the pod's environment (and of its own only PATH and HOME, see
+devcluster.pod_env), reports Running, then Succeeded or Failed by exit code with the
+termination message, and ends the process when the pod is deleted (SIGTERM, then SIGKILL after
+the grace period) and reports how it ended before the deletion finishes, as a kubelet would. A
+container's processes end with its main one, as they would in its PID namespace: what is left
+of its process group is killed then. Images are ignored: the command runs with this machine's
+file system (PATH leads to the project's virtualenv first), except that each container runs in
+a private mount namespace with its termination message file bind-mounted at its
+terminationMessagePath, each claim's hostPath volume at its mountPath and, for a pod with a
+subdomain, an /etc/hosts resolving the DNS names of the pod and its Indexed Job's other pods to
+127.0.0.1 (every local pod shares this machine's loopback).
 
-Per pod, under WORKDIR/<namespace>/<pod>/: <container>.log (stdout and stderr) and
-<container>.termination-log (the container's termination message file, also handed to the
-process as LORASWEEP_RESULT_PATH) and hosts (the pod's /etc/hosts, when it has a subdomain).
+Per pod, under WORKDIR/<namespace>/<pod>/: <container>.log (stdout and stderr),
+<container>.termination-log (what the container sees at its terminationMessagePath) and hosts
+(the pod's /etc/hosts, when it has a subdomain).
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ import urllib3
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
-from devcluster.pod_env import CONFIG_MAP, container_env, env_sources, expand
-from devcluster.pod_mounts import Bind, hosts_file, in_mount_namespace, volume_binds
+from devcluster.pod_env import CONFIG_MAP, container_env, env_sources, expand, process_env
+from devcluster.pod_mounts import (
+    Bind,
+    hosts_file,
+    in_mount_namespace,
+    termination_message_bind,
+    volume_binds,
+)
 
 MAX_MESSAGE_BYTES = 4096
 FALLBACK_LOG_LINES = 80
@@ -133,14 +140,16 @@ class PodRunner:
                 f"container {container.name!r} has no command: the pod runner cannot run an "
                 "image's entrypoint, give the command explicitly"
             )
+        # A fresh, empty message file, as a kubelet gives every container.
         message_path = folder / f"{container.name}.termination-log"
-        message_path.unlink(missing_ok=True)
+        message_path.write_bytes(b"")
         env = container_env(pod, container, self._env_sources(pod, container))
-        env["LORASWEEP_RESULT_PATH"] = str(message_path)
         argv = [expand(part, env) for part in [*container.command, *(container.args or [])]]
         binds = volume_binds(self.api, pod, container, env)
         if hosts is not None:
             binds.append(Bind(hosts, Path("/etc/hosts")))
+        # Last, so that it stays visible where its path is inside a volume mounted above.
+        binds.append(termination_message_bind(container, message_path))
         cwd = (
             Path(container.working_dir)
             if container.working_dir and Path(container.working_dir).is_dir()
@@ -149,22 +158,22 @@ class PodRunner:
         log_path = folder / f"{container.name}.log"
         with log_path.open("ab") as out:
             process = subprocess.Popen(
-                in_mount_namespace(argv, binds, cwd) if binds else argv,
+                in_mount_namespace(argv, binds, cwd),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **env},
+                env=process_env(env, os.environ),
                 cwd=cwd,
                 start_new_session=True,
             )
         log.info(
-            "started %s/%s[%s] pid %d: %s%s",
+            "started %s/%s[%s] pid %d: %s with %s",
             pod.metadata.namespace,
             pod.metadata.name,
             container.name,
             process.pid,
             argv,
-            f" with {binds}" if binds else "",
+            binds,
         )
         return RunningContainer(
             name=container.name,
@@ -419,9 +428,7 @@ def _image(pod: client.V1Pod, container_name: str) -> str:
 
 
 def _termination_message(container: RunningContainer, code: int) -> str:
-    message = ""
-    if container.message_path.exists():
-        message = container.message_path.read_bytes()[:MAX_MESSAGE_BYTES].decode(errors="replace")
+    message = container.message_path.read_bytes()[:MAX_MESSAGE_BYTES].decode(errors="replace")
     if not message and code != 0 and container.fallback_to_logs:
         lines = container.log_path.read_bytes().decode(errors="replace").splitlines()
         message = "\n".join(lines[-FALLBACK_LOG_LINES:])[-MAX_MESSAGE_BYTES:]

@@ -17,11 +17,17 @@ from pathlib import Path
 from devcluster.paths import LOGS_DIR, REPO
 
 # What the operator and trainer images set, for the same programs run here from the virtualenv
-# (the operator, MLflow and the pod runner). Without it MLflow's telemetry thread unsets a
+# (the operator, MLflow, the pod runner). Without it MLflow's telemetry thread unsets a
 # variable of os.environ while an MLflow call reads os.environ (requests' proxy lookup), and
 # that call fails with KeyError '_MLFLOW_TELEMETRY_SESSION_ID': a trial program crashed so,
-# failing its trial. Trials get it from their pod's env (see devcluster.pod_env).
+# failing its trial. Local trials do not inherit it: see image_env_vars.
 IMAGE_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+def image_env_vars() -> list[dict[str, str]]:
+    """IMAGE_ENV as a container's env, for a sweep of local trials to state: the pod runner
+    ignores images, so what they would set comes from the pod or not at all."""
+    return [{"name": name, "value": value} for name, value in IMAGE_ENV.items()]
 
 
 def log(message: str) -> None:

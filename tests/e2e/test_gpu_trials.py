@@ -47,6 +47,7 @@ def real_trainer_spec(assets: dict[str, Path], mlflow_uri: str, **trainer: objec
                 "per_device_train_batch_size": 8,
                 "cutoff_len": 64,
             },
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "activeDeadlineSeconds": 600,
             **trainer,

@@ -38,7 +38,7 @@ def cached_spec(assets: dict[str, Path], hub_url: str, mlflow_uri: str, model: s
             "image": "lorasweep-trainer:0.1.0",
             "model": model,
             "modelCache": {"claimName": "models"},
-            "env": [{"name": "HF_ENDPOINT", "value": hub_url}],
+            "env": [*devcluster.image_env_vars(), {"name": "HF_ENDPOINT", "value": hub_url}],
             "data": {
                 "train": str(assets["train"].resolve()),
                 "eval": str(assets["eval"].resolve()),

@@ -48,6 +48,7 @@ def curve_spec(trace: Path, mlflow_uri: str) -> dict:
                 f"--trace={trace}",
                 "--seconds-per-step=0.05",
             ],
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
         },
