@@ -7,8 +7,8 @@ benchmarks alike.
 Modules, by role: `supervisor` (the cluster's state, its users, up and down), `components`
 (each process's command line and health check), `certificates`, `nodes` (and the volumes of
 local pods), `kueue`, `processes` (starting and stopping process trees), `operator_process`,
-`pod_runner` with `pod_env` and `pod_mounts`, `cli` and `demo`. This module gathers what the
-tests, the benchmarks and the docs' scripts use.
+`pod_runner` with `pod_env`, `pod_mounts` and `pod_status`, `cli` and `demo`. This module
+gathers what the tests, the benchmarks and the docs' scripts use.
 """
 
 from devcluster.kueue import KUEUE_CLUSTER_QUEUE, cluster_queue_manifest

@@ -31,7 +31,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 
 import urllib3
@@ -46,15 +45,17 @@ from devcluster.pod_mounts import (
     termination_message_bind,
     volume_binds,
 )
+from devcluster.pod_status import (
+    ContainerEnd,
+    ended_status,
+    failed_start_status,
+    now,
+    running_status,
+    termination_message,
+)
 
-MAX_MESSAGE_BYTES = 4096
-FALLBACK_LOG_LINES = 80
 RETRY_SECONDS = 1.0  # between tries of an API write the apiserver could not take
 log = logging.getLogger("pod-runner")
-
-
-def now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass
@@ -129,7 +130,8 @@ class PodRunner:
             return
         with self.lock:
             self.pods[key] = running
-        self._patch_status(running, self._running_status(pod, running))
+        started_at = {c.name: c.started_at for c in running.containers}
+        self._patch_status(running, running_status(pod, started_at))
         threading.Thread(target=self._wait_for_exit, args=(pod, running), daemon=True).start()
 
     def _start_container(
@@ -184,30 +186,6 @@ class PodRunner:
             started_at=now(),
         )
 
-    def _running_status(self, pod: client.V1Pod, running: RunningPod) -> dict:
-        stamp = now()
-        return {
-            "phase": "Running",
-            "hostIP": "127.0.0.1",
-            "podIP": "127.0.0.1",
-            "startTime": stamp,
-            "conditions": [
-                {"type": t, "status": "True", "lastTransitionTime": stamp}
-                for t in ("Initialized", "Ready", "ContainersReady")
-            ],
-            "containerStatuses": [
-                {
-                    "name": c.name,
-                    "image": _image(pod, c.name),
-                    "ready": True,
-                    "started": True,
-                    "restartCount": 0,
-                    "state": {"running": {"startedAt": c.started_at}},
-                }
-                for c in running.containers
-            ],
-        }
-
     def _wait_for_exit(self, pod: client.V1Pod, running: RunningPod) -> None:
         statuses = []
         for container in running.containers:
@@ -222,39 +200,15 @@ class PodRunner:
             # From now on a deletion finishes at once: there is nothing left to stop.
             self.pods.pop(running.uid, None)
             terminating = running.terminating
-        failed = any(code != 0 for _, code in statuses)
-        stamp = now()
-        status = {
-            "phase": "Failed" if failed else "Succeeded",
-            "conditions": [
-                {
-                    "type": "Ready",
-                    "status": "False",
-                    "lastTransitionTime": stamp,
-                    "reason": "PodFailed" if failed else "PodCompleted",
-                }
-            ],
-            "containerStatuses": [
-                {
-                    "name": c.name,
-                    "image": _image(pod, c.name),
-                    "ready": False,
-                    "started": False,
-                    "restartCount": 0,
-                    "state": {
-                        "terminated": {
-                            # A signal death reads as 128 + signal, as container runtimes report it.
-                            "exitCode": code if code >= 0 else 128 - code,
-                            "reason": "Completed" if code == 0 else "Error",
-                            "message": _termination_message(c, code),
-                            "startedAt": c.started_at,
-                            "finishedAt": stamp,
-                        }
-                    },
-                }
-                for c, code in statuses
-            ],
-        }
+        ends = [
+            ContainerEnd(
+                c.name,
+                code,
+                termination_message(c.message_path, c.log_path, code, c.fallback_to_logs),
+                c.started_at,
+            )
+            for c, code in statuses
+        ]
         log.info(
             "%s/%s ended: %s",
             running.namespace,
@@ -265,39 +219,13 @@ class PodRunner:
         # Job controller judges a pod by its terminal phase and conditions (a podFailurePolicy
         # that ignores DisruptionTarget, set by an eviction). The strategic merge patch merges
         # conditions by type, so that condition stays.
-        self._patch_status(running, status)
+        self._patch_status(running, ended_status(pod, ends))
         if terminating:
             self._finalize_deletion(running)
 
     def _report_failed_start(self, pod: client.V1Pod, message: str) -> None:
-        stamp = now()
         running = RunningPod(pod.metadata.namespace, pod.metadata.name, pod.metadata.uid)
-        self._patch_status(
-            running,
-            {
-                "phase": "Failed",
-                "message": message[:MAX_MESSAGE_BYTES],
-                "reason": "PodRunnerStartError",
-                "containerStatuses": [
-                    {
-                        "name": c.name,
-                        "image": c.image or "",
-                        "ready": False,
-                        "restartCount": 0,
-                        "state": {
-                            "terminated": {
-                                "exitCode": 128,
-                                "reason": "StartError",
-                                "message": message[:MAX_MESSAGE_BYTES],
-                                "startedAt": stamp,
-                                "finishedAt": stamp,
-                            }
-                        },
-                    }
-                    for c in pod.spec.containers
-                ],
-            },
-        )
+        self._patch_status(running, failed_start_status(pod, message))
 
     def terminate(self, pod: client.V1Pod, finalize: bool = True) -> None:
         """The pod is being deleted: stop its processes, then let the deletion finish."""
@@ -421,18 +349,6 @@ def _until_accepted(call: Callable[[], object], what: str, done_codes: tuple[int
             reason = str(error)
         log.warning("cannot %s yet (%s); trying again", what, reason)
         time.sleep(RETRY_SECONDS)
-
-
-def _image(pod: client.V1Pod, container_name: str) -> str:
-    return next((c.image or "" for c in pod.spec.containers if c.name == container_name), "")
-
-
-def _termination_message(container: RunningContainer, code: int) -> str:
-    message = container.message_path.read_bytes()[:MAX_MESSAGE_BYTES].decode(errors="replace")
-    if not message and code != 0 and container.fallback_to_logs:
-        lines = container.log_path.read_bytes().decode(errors="replace").splitlines()
-        message = "\n".join(lines[-FALLBACK_LOG_LINES:])[-MAX_MESSAGE_BYTES:]
-    return message
 
 
 def _terminate(process: subprocess.Popen[bytes], grace: float) -> None:
