@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-CLUSTER := $(PY) tests/cluster/devcluster.py
+CLUSTER := $(PY) -m devcluster
 
 .PHONY: setup test lint demo demo-down cluster-up cluster-down cluster-status operator-up operator-down \
 	bins tools crds bench clean chart-lint
@@ -23,10 +23,10 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 bins:  ## build the cluster binaries into ~/.cache/lorasweep (once per version)
-	LORASWEEP_SKIP_TOOLS=1 bash tests/cluster/build-bins.sh
+	LORASWEEP_SKIP_TOOLS=1 bash devcluster/build-bins.sh
 
 tools:  ## also build helm and kubeconform
-	bash tests/cluster/build-bins.sh
+	bash devcluster/build-bins.sh
 
 cluster-up: setup  ## start the dev cluster and MLflow; writes .cluster/kubeconfig and .cluster/env
 	$(CLUSTER) up
@@ -49,7 +49,7 @@ crds: setup  ## regenerate the CRD from the pydantic API models
 demo: setup  ## a real LoRA sweep on the dev cluster, followed to the end; `make demo-down` stops it
 	$(CLUSTER) up
 	$(CLUSTER) operator-up
-	$(PY) -m tests.cluster.demo
+	$(PY) -m devcluster.demo
 
 demo-down:  ## stop the demo's cluster, operator and MLflow; remove .cluster/ and .demo/
 	$(CLUSTER) down

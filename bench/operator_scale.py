@@ -45,12 +45,12 @@ from kubernetes import client, config, watch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import devcluster  # noqa: E402
+from devcluster.operator_process import OperatorProcess, release_sweeps  # noqa: E402
 from sweep_operator.api import GROUP, PLURAL, VERSION, SweepSpec  # noqa: E402
 from sweep_operator.naming import trial_name  # noqa: E402
 from sweep_operator.render import SweepRef, render_trial_job  # noqa: E402
 from sweep_operator.trials import LABEL_SWEEP, NewTrial  # noqa: E402
-from tests.cluster import devcluster  # noqa: E402
-from tests.cluster.operator_process import OperatorProcess, release_sweeps  # noqa: E402
 from tests.e2e.sweeps import sweep_manifest  # noqa: E402
 from tests.support import wait_for  # noqa: E402
 from tests.unit.sweep_helpers import trial_parameters  # noqa: E402

@@ -28,7 +28,7 @@ from typing import Any
 
 import websocket
 
-from tests.cluster import devcluster
+import devcluster
 from tests.support import free_port, wait_for
 
 DOCS = Path(__file__).resolve().parent

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import devcluster
+import devcluster
 from tests.support import wait_for
 
 # Set in the session's environment, so that every process it starts, and theirs, carries it:

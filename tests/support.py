@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from tests.cluster.devcluster import process_alive
+from devcluster import process_alive
 
 __all__ = ["free_port", "process_alive", "wait_for"]
 

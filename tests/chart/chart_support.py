@@ -14,10 +14,10 @@ from typing import Any
 
 import yaml
 
-from tests.cluster.devcluster import REPO
+from devcluster.paths import PACKAGE, REPO
 
 CHART = REPO / "charts" / "lorasweep"
-BUILD_BINS = REPO / "tests" / "cluster" / "build-bins.sh"
+BUILD_BINS = PACKAGE / "build-bins.sh"
 README = REPO / "README.md"
 INSTALL_BEGIN, INSTALL_END = "<!-- install:begin -->", "<!-- install:end -->"
 # kubeconform finds a schema per kind: deployment-apps-v1.json, clusterrole-rbac-v1.json, ...

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+import devcluster
 from tests.chart.chart_support import (
     CHART,
     REPO,
@@ -24,7 +25,6 @@ from tests.chart.chart_support import (
     write_builtin_schemas,
     write_crd_schemas,
 )
-from tests.cluster import devcluster
 
 COMBOS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -15,10 +15,10 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+import devcluster
+from devcluster.operator_process import OperatorProcess, release_sweeps
 from sweep_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from tests.chart.chart_support import REPO, helm, install_commands
-from tests.cluster import devcluster
-from tests.cluster.operator_process import OperatorProcess, release_sweeps
 from tests.support import wait_for
 
 KUBE_ENV = {"KUBECONFIG": str(devcluster.KUBECONFIG)}

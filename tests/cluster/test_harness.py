@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client, watch
 
-from tests.cluster import devcluster
+import devcluster
+from devcluster.processes import stop
 from tests.support import free_port, process_alive, wait_for
 
 
@@ -198,7 +199,7 @@ def start_family(leader: str, mark: str) -> tuple[subprocess.Popen[str], int, in
 
 def test_stopping_a_cluster_process_stops_everything_it_started():
     leader, worker, own_session = start_family("stay", uuid.uuid4().hex)
-    devcluster._stop("family", leader.pid, grace=1)
+    stop("family", leader.pid, grace=1)
     leader.wait(timeout=10)
     assert not process_alive(worker) and not process_alive(own_session)
 
@@ -211,7 +212,7 @@ def test_a_group_is_stopped_after_its_leader_ended_and_a_session_mark_finds_the_
     leader, worker, own_session = start_family("exit", mark)
     leader.wait(timeout=10)
     try:
-        devcluster._stop("family", leader.pid, grace=1)
+        stop("family", leader.pid, grace=1)
         assert not process_alive(worker)
         found = devcluster.session_processes(FAMILY_MARK, mark)
         assert list(found) == [own_session] and "SIG_IGN" in found[own_session]
@@ -328,7 +329,7 @@ def test_gpu_exhaustion_keeps_surplus_pods_pending_until_gpus_free(batch, core, 
 
 PROGRAM = """
 import json, os, sys
-open(os.environ["LORASWEEP_RESULT_PATH"], "w").write(json.dumps(
+open("/dev/termination-log", "w").write(json.dumps(
     {"metrics": {"x": float(os.environ["X"])}, "from_configmap": os.environ["FROM_CM"],
      "from_secret": os.environ["FROM_SECRET"], "pod": os.environ["POD_NAME"]}))
 print("done")
@@ -368,6 +369,49 @@ def test_local_job_runs_a_real_process(batch, core, namespace, exit_code):
     }
     log = devcluster.pod_log_path(namespace, pod.metadata.name).read_text()
     assert "done" in log
+
+
+ENVIRONMENT = """
+import json, os
+open("/dev/termination-log", "w").write(json.dumps(dict(os.environ)))
+"""
+
+
+def test_a_local_pod_sees_its_own_env_and_not_the_runners(batch, core, namespace, cluster):
+    """A Job that forgot a variable must fail here as on a real node: the pod runner hands a
+    process its pod's env and, of its own environment, only PATH and HOME."""
+    runner = cluster.pids["pod-runner"]
+    environ = Path(f"/proc/{runner}/environ").read_text().split("\0")
+    runner_env = dict(e.split("=", 1) for e in environ if "=" in e)
+    # The dev cluster's processes have what the images set; a pod has it only if it says so.
+    assert runner_env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    env = [{"name": "X", "value": "from the pod"}]
+    job = one_gpu_job("env", "local", command=["python", "-c", ENVIRONMENT], env=env)
+    batch.create_namespaced_job(namespace, job)
+    assert job_condition(batch, namespace, "env") == "Complete"
+    pod = finished_pod(core, namespace, "env")
+    seen = json.loads(pod.status.container_statuses[0].state.terminated.message)
+    kept = {"PATH", "HOME"} & set(runner_env)
+    # LC_CTYPE is Python's own: it coerces the C locale to UTF-8 (PEP 538).
+    assert set(seen) - {"LC_CTYPE"} == {"X", *kept}
+    assert seen["X"] == "from the pod"
+    assert all(seen[name] == runner_env[name] for name in kept)
+
+
+MESSAGE_PATH = "/lorasweep-test-message/result.json"
+
+
+def test_a_containers_message_comes_from_its_termination_message_path(batch, core, namespace):
+    program = f"open({MESSAGE_PATH!r}, 'w').write('written at my terminationMessagePath')"
+    job = one_gpu_job("message", "local", command=["python", "-c", program])
+    job["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"] = MESSAGE_PATH
+    batch.create_namespaced_job(namespace, job)
+    assert job_condition(batch, namespace, "message") == "Complete"
+    pod = finished_pod(core, namespace, "message")
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert terminated.message == "written at my terminationMessagePath"
+    # The container wrote its own file, seen there in its mount namespace only.
+    assert Path(MESSAGE_PATH).read_text() == ""
 
 
 def test_local_job_falls_back_to_the_log_tail(batch, core, namespace):
@@ -500,7 +544,7 @@ if os.environ["JOB_COMPLETION_INDEX"] == "0":
         connection, _ = server.accept()
         with connection:
             message = connection.makefile().readline()
-    open(os.environ["LORASWEEP_RESULT_PATH"], "w").write(message)
+    open("/dev/termination-log", "w").write(message)
 else:
     fqdn = f"{host}.{os.environ['NAMESPACE']}.svc.cluster.local"
     deadline = time.monotonic() + 60
@@ -581,7 +625,7 @@ try:
     error = None
 except OSError as e:
     error = e.strerror
-open(os.environ["LORASWEEP_RESULT_PATH"], "w").write(json.dumps([weights, error]))
+open("/dev/termination-log", "w").write(json.dumps([weights, error]))
 """
 
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from tests.cluster import devcluster
-from tests.cluster.devcluster import REPO
-from tests.cluster.operator_process import OperatorProcess, release_sweeps
+import devcluster
+from devcluster import REPO
+from devcluster.operator_process import OperatorProcess, release_sweeps
 from tests.support import wait_for
 
 CRD = REPO / "crds" / "hyperparametersweeps.lorasweep.io.yaml"

@@ -23,11 +23,11 @@ from kubernetes import client
 from mlflow import MlflowClient
 from mlflow import artifacts as mlflow_artifacts
 
+import devcluster
+from devcluster.operator_process import OperatorProcess
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.render import builtin_template
 from sweep_operator.trials import ANNOTATION_INDEX, ANNOTATION_PARAMETERS, LABEL_SWEEP
-from tests.cluster import devcluster
-from tests.cluster.operator_process import OperatorProcess
 from tests.e2e.sweeps import get_sweep, sim_spec, sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import process_alive, wait_for
 
@@ -210,6 +210,7 @@ def chaos_trials(ranks: list[int], parallelism: int, args: list[str], **extra) -
             "image": "lorasweep-e2e",
             "command": [sys.executable, str(CHAOS_PROGRAM)],
             "args": ["--rank={{ params.lora_rank }}", *args],
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
             "terminationGracePeriodSeconds": 5,
@@ -323,7 +324,7 @@ def test_deleting_a_sweep_mid_run_leaves_no_process_or_object(
     mark = uuid.uuid4().hex
     spec = chaos_trials([1, 2, 3, 4], 2, ["--seconds=600", f"--trace={trace}", "--worker"])
     # Every process of the sweep's trials, reparented or not, carries this in its environment.
-    spec["trainer"]["env"] = [{"name": "CHAOS_SWEEP_MARK", "value": mark}]
+    spec["trainer"]["env"].append({"name": "CHAOS_SWEEP_MARK", "value": mark})
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("doomed", spec)
     )

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+import devcluster
+from devcluster import demo
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.cluster import demo, devcluster
 from tests.e2e.sweeps import get_sweep, wait_for_phase
 
 

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+import devcluster
+from devcluster import demo
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.cluster import demo, devcluster
 from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import wait_for
 
@@ -46,6 +47,7 @@ def real_trainer_spec(assets: dict[str, Path], mlflow_uri: str, **trainer: objec
                 "per_device_train_batch_size": 8,
                 "cutoff_len": 64,
             },
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "activeDeadlineSeconds": 600,
             **trainer,

@@ -12,10 +12,10 @@ from datetime import datetime
 import pytest
 from kubernetes import client
 
+import devcluster
+from devcluster.operator_process import OperatorProcess, release_sweeps
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.trials import LABEL_SWEEP, LABEL_TRIAL
-from tests.cluster import devcluster
-from tests.cluster.operator_process import OperatorProcess, release_sweeps
 from tests.e2e.sweeps import get_sweep, sim_spec, sweep_manifest, wait_for_phase
 from tests.support import wait_for
 

@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
 from tests.e2e.test_operator import TRIAL_PROGRAM
@@ -52,6 +53,7 @@ def memory_spec(mlflow_uri: str, trace: str, constraints: dict) -> dict:
                 "--out-of-memory-from-rank=16",
             ],
             "config": CONFIG,
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
         },

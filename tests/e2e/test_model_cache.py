@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
+import devcluster
+from devcluster import demo
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.cluster import demo, devcluster
 from tests.e2e.sweeps import sweep_manifest, wait_for_phase
 from tests.local_hub import LocalHub
 
@@ -37,7 +38,7 @@ def cached_spec(assets: dict[str, Path], hub_url: str, mlflow_uri: str, model: s
             "image": "lorasweep-trainer:0.1.0",
             "model": model,
             "modelCache": {"claimName": "models"},
-            "env": [{"name": "HF_ENDPOINT", "value": hub_url}],
+            "env": [*devcluster.image_env_vars(), {"name": "HF_ENDPOINT", "value": hub_url}],
             "data": {
                 "train": str(assets["train"].resolve()),
                 "eval": str(assets["eval"].resolve()),

@@ -10,6 +10,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.trials import LABEL_SWEEP
 from tests.e2e.sweeps import (
@@ -43,6 +44,7 @@ def local_grid_spec(mlflow_uri: str, trace: Path, experiment: str) -> dict:
                 "--lr={{ params.learning_rate }}",
                 f"--trace={trace}",
             ],
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
         },

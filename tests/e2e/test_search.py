@@ -15,6 +15,7 @@ from kubernetes import client
 from mlflow import MlflowClient
 from mlflow import artifacts as mlflow_artifacts
 
+import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from tests.e2e.sweeps import get_sweep, sim_spec, sweep_manifest, trial_jobs, wait_for_phase
 from tests.support import process_alive, wait_for
@@ -47,6 +48,7 @@ def curve_sweep(algorithm: dict, early_stopping: dict, trace: Path, mlflow_uri: 
                 "--rank={{ params.lora_rank }}",
                 f"--trace={trace}",
             ],
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
         },

@@ -19,9 +19,9 @@ import yaml
 from kubernetes import client
 from mlflow import artifacts as mlflow_artifacts
 
+import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION, HyperparameterSweep
 from sweep_operator.space import in_space
-from tests.cluster import devcluster
 from tests.e2e.sweeps import (
     get_sweep,
     replanned_with_room,
@@ -54,6 +54,7 @@ def curve_spec(trace: Path, mlflow_uri: str) -> dict:
                 f"--trace={trace}",
                 "--seconds-per-step=0.05",
             ],
+            "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},
             "resources": {"limits": {"nvidia.com/gpu": 1}},
         },

@@ -80,7 +80,7 @@ EOF
   )
 }
 
-# The manager binary, and beside it what devcluster.py installs from the same module version:
+# The manager binary, and beside it what the dev cluster installs from the same module version:
 # the CRDs and the webhook manifests (copied, so a cleaned module cache does not break them).
 build_kueue() {
   log "building kueue $KUEUE_VERSION; the first build takes a few minutes"

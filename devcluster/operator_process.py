@@ -1,4 +1,5 @@
-"""The operator as users run it (`kopf run`), as a process of its own against the dev cluster."""
+"""The operator as users run it (`kopf run`), as a process of its own against the dev cluster:
+one per test, watching its namespace, or the one `make operator-up` runs in the background."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.cluster import devcluster
-from tests.support import free_port, wait_for
+from devcluster.paths import OPERATOR_KUBECONFIG, REPO, STATE_DIR
+from devcluster.processes import free_ports, log, process_alive, start, stop, wait_until
+from devcluster.supervisor import Cluster, apply_crds
 
 
 class OperatorProcess:
@@ -23,8 +25,8 @@ class OperatorProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        port = free_port()
-        env = {**os.environ, "KUBECONFIG": str(devcluster.OPERATOR_KUBECONFIG), **self.env}
+        [port] = free_ports(1)
+        env = {**os.environ, "KUBECONFIG": str(OPERATOR_KUBECONFIG), **self.env}
         with self.log_path.open("ab") as out:
             self.process = subprocess.Popen(
                 [
@@ -41,9 +43,9 @@ class OperatorProcess:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=devcluster.REPO,
+                cwd=REPO,
             )
-        wait_for(lambda: self._healthy(port), 60, "the operator's liveness endpoint")
+        wait_until("the operator's liveness endpoint", lambda: self._healthy(port), 60)
 
     def _healthy(self, port: int) -> bool:
         assert self.process is not None
@@ -92,3 +94,35 @@ def release_sweeps(api, namespace: str) -> None:
             sweep["metadata"]["name"],
             {"metadata": {"finalizers": None}},
         )
+
+
+def operator_up() -> None:
+    """Apply the CRD and run the operator in the background, watching all namespaces."""
+    cluster = Cluster.load()
+    if cluster is None or not cluster.healthy():
+        raise SystemExit("the cluster is not up: run `make cluster-up` first")
+    if "operator" in cluster.pids and process_alive(cluster.pids["operator"]):
+        log(f"operator already running (pid {cluster.pids['operator']})")
+        return
+    apply_crds(cluster)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(OPERATOR_KUBECONFIG),
+        "LORASWEEP_MLFLOW_TRACKING_URI": cluster.mlflow_url,
+    }
+    log_file = STATE_DIR / "operator.log"
+    argv = [sys.executable, "-m", "kopf", "run", "--standalone", "--all-namespaces"]
+    pid = start("operator", [*argv, "-m", "sweep_operator.handlers"], env, log_file)
+    cluster.pids["operator"] = pid
+    cluster.save()
+    log(f"operator running (pid {pid}); log: {log_file.relative_to(REPO)}")
+
+
+def operator_down() -> None:
+    cluster = Cluster.load()
+    if cluster is None or "operator" not in cluster.pids:
+        log("operator not running")
+        return
+    stop("operator", cluster.pids.pop("operator"))
+    cluster.save()
+    log("operator stopped")

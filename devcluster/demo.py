@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from tests.cluster import devcluster
-from tests.cluster.devcluster import REPO
+import devcluster
+from devcluster import REPO
 
 DEMO_SWEEP = REPO / "examples" / "demo-sweep.yaml"
 ASSETS = REPO / ".demo"
@@ -45,10 +45,12 @@ def build_assets(folder: Path) -> dict[str, Path]:
 
 
 def demo_manifest(assets: Path, source: Path = DEMO_SWEEP) -> dict[str, Any]:
-    """The demo sweep with its `.demo/...` paths pointed at `assets`, as absolute paths.
+    """The demo sweep with its `.demo/...` paths pointed at `assets`, as absolute paths, and
+    the environment the trainer image would give its trials.
 
     Trial processes run in a folder of their own (like a container's working directory), so
-    the paths that the sweep hands the trainer must not be relative.
+    the paths that the sweep hands the trainer must not be relative. They get only their pod's
+    environment, and the pod runner ignores images, so the sweep states what the image sets.
     """
     manifest = yaml.safe_load(source.read_text())
     trainer = manifest["spec"]["trainer"]
@@ -58,6 +60,7 @@ def demo_manifest(assets: Path, source: Path = DEMO_SWEEP) -> dict[str, Any]:
 
     trainer["model"] = local(trainer["model"])
     trainer["data"] = {key: local(path) for key, path in trainer["data"].items()}
+    trainer["env"] = [*trainer.get("env", []), *devcluster.image_env_vars()]
     return manifest
 
 
