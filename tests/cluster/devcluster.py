@@ -46,7 +46,8 @@ ENV_FILE = STATE_DIR / "env"
 OPERATOR_KUBECONFIG = STATE_DIR / "operator.kubeconfig"
 AUDIT_LOG = STATE_DIR / "logs" / "audit.log"
 VOLUMES_DIR = STATE_DIR / "volumes"
-# Only the operator's requests are audited: the benchmark counts them.
+# Only the operator's requests are audited (its client certificate's CN, see _make_certs): the
+# benchmark counts them, and tests/e2e/test_rbac.py compares what they do with the chart's RBAC.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -56,6 +57,10 @@ rules:
   users: [lorasweep-operator]
 - level: None
 """
+# The audit log is rotated at this size, in MB, keeping this many rotated files (audit-<time>.log
+# beside it): a long-lived dev cluster's log stays bounded, and the e2e suite's fits many times.
+AUDIT_LOG_MAX_MB = 100
+AUDIT_LOG_BACKUPS = 3
 HERE = Path(__file__).resolve().parent
 # What the operator and trainer images set, for the same programs run here from the virtualenv
 # (the operator, MLflow, the pod runner and so the trials). Without it MLflow's telemetry thread
@@ -532,6 +537,20 @@ def _up() -> Cluster:
     return cluster
 
 
+def audit_flags() -> list[str]:
+    """The kube-apiserver's audit flags, with the policy file they name written: the operator's
+    requests, as JSON lines in AUDIT_LOG, rotated."""
+    policy = STATE_DIR / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
+    return [
+        f"--audit-policy-file={policy}",
+        f"--audit-log-path={AUDIT_LOG}",
+        "--audit-log-format=json",
+        f"--audit-log-maxsize={AUDIT_LOG_MAX_MB}",
+        f"--audit-log-maxbackup={AUDIT_LOG_BACKUPS}",
+    ]
+
+
 def _start_all(
     cluster: Cluster,
     bin_dir: str,
@@ -547,7 +566,6 @@ def _start_all(
     logs = STATE_DIR / "logs"
     certs = STATE_DIR / "certs"
     _make_certs()
-    (STATE_DIR / "audit-policy.yaml").write_text(AUDIT_POLICY)
 
     def record(name: str, pid: int) -> int:
         pids[name] = pid
@@ -603,9 +621,7 @@ def _start_all(
                 "--requestheader-extra-headers-prefix=X-Remote-Extra-",
                 "--requestheader-allowed-names=front-proxy-client",
                 "--profiling=false",
-                f"--audit-policy-file={STATE_DIR / 'audit-policy.yaml'}",
-                f"--audit-log-path={AUDIT_LOG}",
-                "--audit-log-format=json",
+                *audit_flags(),
                 "--v=1",
             ],
         ),
