@@ -91,6 +91,9 @@ CONTROLLERS = ",".join(
         "persistentvolume-binder-controller",
         "persistentvolume-protection-controller",
         "persistentvolumeclaim-protection-controller",
+        # Built-in admin, edit and view gain the rules of ClusterRoles labelled to aggregate
+        # into them (the chart's sweep editor and viewer).
+        "clusterrole-aggregation-controller",
     ]
 )
 
