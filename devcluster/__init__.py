@@ -11,6 +11,7 @@ local pods), `kueue`, `processes` (starting and stopping process trees), `operat
 gathers what the tests, the benchmarks and the docs' scripts use.
 """
 
+from devcluster.components import AUDIT_LOG_BACKUPS
 from devcluster.kueue import KUEUE_CLUSTER_QUEUE, cluster_queue_manifest
 from devcluster.nodes import (
     SIM_NODES,
@@ -42,6 +43,7 @@ from devcluster.supervisor import (
 
 __all__ = [
     "AUDIT_LOG",
+    "AUDIT_LOG_BACKUPS",
     "IMAGE_ENV",
     "KUBECONFIG",
     "KUEUE_CLUSTER_QUEUE",

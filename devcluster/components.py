@@ -37,9 +37,14 @@ CONTROLLERS = ",".join(
         "persistentvolume-binder-controller",
         "persistentvolume-protection-controller",
         "persistentvolumeclaim-protection-controller",
+        # Built-in admin, edit and view gain the rules of ClusterRoles labelled to aggregate
+        # into them (the chart's sweep editor and viewer).
+        "clusterrole-aggregation-controller",
     ]
 )
-# Only the operator's requests are audited: the benchmark counts them.
+# Only the operator's requests are audited (its client certificate's CN, see certificates.py):
+# the benchmark counts them, and tests/e2e/test_rbac.py compares what they do with the chart's
+# RBAC.
 AUDIT_POLICY = """\
 apiVersion: audit.k8s.io/v1
 kind: Policy
@@ -50,6 +55,10 @@ rules:
 - level: None
 """
 AUDIT_POLICY_FILE = STATE_DIR / "audit-policy.yaml"
+# The audit log is rotated at this size, in MB, keeping this many rotated files (audit-<time>.log
+# beside it): a long-lived dev cluster's log stays bounded, and the e2e suite's fits many times.
+AUDIT_LOG_MAX_MB = 100
+AUDIT_LOG_BACKUPS = 3
 MLFLOW_DIR = STATE_DIR / "mlflow"
 
 
@@ -148,6 +157,8 @@ def components(bin_dir: str, ports: Ports) -> dict[str, Component]:
                 f"--audit-policy-file={AUDIT_POLICY_FILE}",
                 f"--audit-log-path={AUDIT_LOG}",
                 "--audit-log-format=json",
+                f"--audit-log-maxsize={AUDIT_LOG_MAX_MB}",
+                f"--audit-log-maxbackup={AUDIT_LOG_BACKUPS}",
                 "--v=1",
             ],
             ready=lambda: api_ready(ports.api_url),

@@ -189,9 +189,11 @@ def test_every_value_is_documented():
 
 
 def rules_by_kind(stream: str) -> dict[str, list[dict[str, Any]]]:
+    """The operator's roles' rules, by kind and namespace."""
     rules: dict[str, list[dict[str, Any]]] = {}
     for doc in documents(stream):
-        if doc["kind"] in ("ClusterRole", "Role"):
+        component = doc["metadata"]["labels"]["app.kubernetes.io/component"]
+        if doc["kind"] in ("ClusterRole", "Role") and component == "operator":
             where = doc["metadata"].get("namespace", "")
             rules[f"{doc['kind']}/{where}"] = doc["rules"]
     return rules
@@ -230,6 +232,28 @@ def test_rbac_is_least_privilege(tmp_path: Path):
     peering = rules_by_kind(template({"replicas": 2}, tmp_path))
     assert "clusterkopfpeerings" in resources(peering["ClusterRole/"])
     assert "clusterkopfpeerings" not in resources(cluster_wide["ClusterRole/"])
+
+
+def test_user_roles_aggregate_into_the_builtin_ones(tmp_path: Path):
+    """The users' roles, by name, with the built-in roles they aggregate into."""
+    aggregate = "rbac.authorization.k8s.io/aggregate-to-"
+
+    def user_roles(values: dict[str, Any]) -> dict[str, list[str]]:
+        return {
+            d["metadata"]["name"]: sorted(
+                key.removeprefix(aggregate)
+                for key, value in d["metadata"]["labels"].items()
+                if key.startswith(aggregate) and value == "true"
+            )
+            for d in documents(template(values, tmp_path))
+            if d["metadata"]["labels"].get("app.kubernetes.io/component") == "user-roles"
+        }
+
+    assert user_roles({}) == {
+        "rel-lorasweep-sweep-editor": ["admin", "edit"],
+        "rel-lorasweep-sweep-viewer": ["view"],
+    }
+    assert user_roles({"rbac": {"userRoles": False}}) == {}
 
 
 def test_the_sweep_access_policy_covers_where_the_operator_acts(tmp_path: Path):

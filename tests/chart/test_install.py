@@ -405,3 +405,92 @@ def test_only_a_user_who_may_create_jobs_gets_trials(
         .items
         if p.metadata.name.startswith(fullname)
     ]
+
+
+def bound_user(
+    api: client.ApiClient, namespace: str, name: str, cluster_roles: list[str], path: Path
+) -> client.CustomObjectsApi:
+    """A ServiceAccount bound in the namespace to these ClusterRoles, and nothing else; an API
+    client as it."""
+    client.CoreV1Api(api).create_namespaced_service_account(namespace, {"metadata": {"name": name}})
+    for role in cluster_roles:
+        client.RbacAuthorizationV1Api(api).create_namespaced_role_binding(
+            namespace,
+            {
+                "metadata": {"name": f"{name}-{role}"},
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": role,
+                },
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            },
+        )
+    kubeconfig = service_account_kubeconfig(api, name, namespace, path)
+    return client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
+
+
+def test_sweep_viewer_and_editor_roles(kube_client, sweep_crd, namespace: str, tmp_path):
+    """The chart's user roles on the real apiserver: bound to the viewer role, a user reads
+    sweeps but may not create one; bound to the editor role, creates one; and the built-in
+    view role gets the viewer's rules by aggregation."""
+    release = f"ls-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-lorasweep"
+    install = ["install", release, str(REPO / "charts" / "lorasweep"), "--namespace", namespace]
+    # Without the sweep access policy, which would also want `create` on Jobs from whoever
+    # creates a sweep (test_only_a_user_who_may_create_jobs_gets_trials): the roles alone.
+    policy_off = ["--set", "sweepAccessPolicy.enabled=false"]
+    watched = ["--set", f"watchNamespaces={{{namespace}}}"]
+    helm(*install, *watched, *policy_off, *DEV_CLUSTER_VALUES, env=KUBE_ENV)
+    try:
+        custom = client.CustomObjectsApi(kube_client)
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, sweep_manifest("existing")
+        )
+        viewer = bound_user(
+            kube_client, namespace, "viewer", [f"{fullname}-sweep-viewer"], tmp_path / "v"
+        )
+        assert viewer.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "existing")
+        [listed] = viewer.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]
+        assert listed["metadata"]["name"] == "existing"
+        with pytest.raises(ApiException) as refused:
+            viewer.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, sweep_manifest("viewers")
+            )
+        assert refused.value.status == 403
+        message = json.loads(refused.value.body)["message"]
+        assert 'cannot create resource "hyperparametersweeps"' in message, message
+
+        editor = bound_user(
+            kube_client, namespace, "editor", [f"{fullname}-sweep-editor"], tmp_path / "e"
+        )
+        editor.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, sweep_manifest("editors")
+        )
+        assert custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "editors")
+
+        reader = bound_user(kube_client, namespace, "reader", ["view"], tmp_path / "r")
+
+        def reader_lists() -> bool:
+            try:
+                reader.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+            except ApiException as error:
+                assert error.status == 403, error
+                return False
+            return True
+
+        wait_for(reader_lists, 30, "built-in view to aggregate the sweep viewer's rules")
+        rbac = client.RbacAuthorizationV1Api(kube_client)
+
+        def edit_and_admin_create_sweeps() -> bool:
+            return all(
+                any(
+                    PLURAL in (rule.resources or []) and "create" in rule.verbs
+                    for rule in rbac.read_cluster_role(builtin).rules
+                )
+                for builtin in ("edit", "admin")
+            )
+
+        wait_for(edit_and_admin_create_sweeps, 30, "edit and admin to aggregate the editor")
+    finally:
+        helm("uninstall", release, "--namespace", namespace, env=KUBE_ENV, check=False)
