@@ -289,7 +289,7 @@ def simulate(surface: Surface, strategy: str, seed: int) -> Run:
         now = T0 + timedelta(seconds=tick)
         result = plan_trials(spec, [t.observed() for t in trials.values()], now, sweep_name="bench")
         for name in result.stop:
-            trials[name].state = TrialState.PRUNED
+            trials[name].state = TrialState.STOPPED
         for new in result.create:
             curve = surface.curve(new.parameters, seed * 100_003 + new.index)
             trials[new.name] = SimTrial(new.name, new.index, new.parameters, curve)

@@ -172,7 +172,7 @@ def observe_trial(
     elif job["failed"]:
         state = TrialState.FAILED
     elif job["deleting"] or job["stopped"] is not None:
-        state = TrialState.PRUNED
+        state = TrialState.STOPPED
     elif job["suspended"]:
         # Suspended without the operator's stop annotation: Kueue holds it until it has
         # quota (not admitted yet, or preempted). It waits; it has neither failed nor ended.
@@ -186,7 +186,7 @@ def observe_trial(
     reported = parse_result(messages[0]) if messages else {}
     metrics = dict((tracked or {}).get("metrics", {}))
     metrics.update(reported)
-    message = job["stopped"] or "" if state == TrialState.PRUNED else ""
+    message = job["stopped"] or "" if state == TrialState.STOPPED else ""
     if state in (TrialState.FAILED, TrialState.INFEASIBLE):
         failed_messages = [p["message"] for p in pods if p["phase"] == "Failed" and p["message"]]
         message = job["failure"] + (f": {failed_messages[-1][-500:]}" if failed_messages else "")

@@ -95,7 +95,7 @@ def plan(
         tag_stopped={
             t.name: t.message or "stopped by the operator"
             for t in trials
-            if t.state == TrialState.PRUNED
+            if t.state == TrialState.STOPPED
             and t.name in observation.runs
             and t.name not in seen.tagged
         }
@@ -272,7 +272,7 @@ def _transition(spec: SweepSpec, trial: ObservedTrial, known: bool) -> SweepEven
     if state == TrialState.INFEASIBLE:
         detail = "ran out of GPU memory: " + (trial.message or "exit code 4")
         return SweepEvent("TrialInfeasible", trial.name, detail, "Warning")
-    if state == TrialState.PRUNED:
+    if state == TrialState.STOPPED:
         return SweepEvent("TrialStopped", trial.name, trial.message)
     if state == TrialState.QUEUED and known:
         detail = "suspended by Kueue (preempted); it waits for quota to run again"

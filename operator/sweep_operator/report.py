@@ -310,7 +310,7 @@ class CurveLine:
 
     @property
     def stopped(self) -> bool:
-        return self.state == TrialState.PRUNED
+        return self.state == TrialState.STOPPED
 
 
 def curve_lines(
@@ -330,7 +330,7 @@ def curve_lines(
 def learning_curves_png(
     spec: SweepSpec, trials: Sequence[ObservedTrial], best: str | None = None
 ) -> bytes:
-    """Every trial's learning curve; stopped (pruned) trials dashed, with an x where they
+    """Every trial's learning curve; stopped trials dashed, with an x where they
     stopped; the best trial in red."""
     lines = curve_lines(spec, trials, best)
     figure = _figure(8, 5)

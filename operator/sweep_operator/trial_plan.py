@@ -20,7 +20,7 @@ With spec.constraints, configurations over the memory limit never become trials
 against maxFailedTrials.
 
 Stopping a trial (early stopping, the time budget, a failed sweep) puts its name in
-`TrialPlan.stop` with the reason. The stopped trial must stay observable as PRUNED afterwards
+`TrialPlan.stop` with the reason. The stopped trial must stay observable as STOPPED afterwards
 (its index is then never planned again, and TPE learns from its curve).
 """
 
@@ -285,7 +285,7 @@ def plan_trials(
         # TPE learns from the trials stopped just now as pruned ones, and sees the trials
         # created in this plan as running.
         history = [
-            t.model_copy(update={"state": TrialState.PRUNED}) if t.name in stops else t
+            t.model_copy(update={"state": TrialState.STOPPED}) if t.name in stops else t
             for t in trials
         ]
         missing = (i for i in planned.indices if i not in by_index)
@@ -340,7 +340,7 @@ def plan_trials(
             queued = sum(t.state == TrialState.QUEUED for t in going_on)
             queued += len(create) if new_state == TrialState.QUEUED else 0
             pending = len(going_on) - running + len(create) - queued
-            pruned = sum(t.state == TrialState.PRUNED for t in trials) + len(stops)
+            pruned = sum(t.state == TrialState.STOPPED for t in trials) + len(stops)
             message = (
                 f"{len(succeeded)}/{target} trials succeeded, {running} running, "
                 + (f"{queued} queued, " if spec.trainer.queue_name else "")
@@ -366,7 +366,7 @@ def plan_trials(
         running=count(TrialState.RUNNING),
         succeeded=len(succeeded),
         failed=len(failed),
-        pruned=count(TrialState.PRUNED) + len(stops),
+        pruned=count(TrialState.STOPPED) + len(stops),
         infeasible=infeasible,
         unscored=len(unscored),
         target=target,

@@ -54,7 +54,7 @@ class TrialState(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"  # failed after the Job's retries
-    PRUNED = "pruned"  # stopped by the operator
+    STOPPED = "stopped"  # stopped by the operator (early stopping, the time budget, a failure)
     INFEASIBLE = "infeasible"  # ran out of GPU memory (exit code 4): the configuration is too big
 
     @property

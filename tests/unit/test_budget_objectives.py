@@ -65,7 +65,7 @@ def test_at_the_deadline_running_trials_stop_and_the_best_so_far_wins():
     )
     assert s.completion_time == T0 + timedelta(hours=2) and p.deadline is None
     # Once the stopped trials are observed as pruned, nothing is created again.
-    after = [*seen[:2], trial(spec, 2, S.PRUNED), trial(spec, 3, S.PRUNED)]
+    after = [*seen[:2], trial(spec, 2, S.STOPPED), trial(spec, 3, S.STOPPED)]
     again = plan_trials(spec, after, late + timedelta(minutes=1), sweep_name="sw", previous=s)
     assert again.create == [] and list(again.stop) == [] and again.status.phase == "Succeeded"
     assert again.status.completion_time == s.completion_time

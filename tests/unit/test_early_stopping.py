@@ -77,7 +77,7 @@ def test_median_spares_a_first_cohort_that_has_no_completed_trial_to_compare_wit
     }
     assert median_decisions(cohort, minimize=True, min_steps=200, min_trials=3) == {}
     # Running and stopped peers are no yardstick either.
-    pruned = {f"p{i}": progress(S.PRUNED, 1.0, 1.0, every=100) for i in range(3)}
+    pruned = {f"p{i}": progress(S.STOPPED, 1.0, 1.0, every=100) for i in range(3)}
     assert median_decisions(cohort | pruned, minimize=True, min_steps=200, min_trials=3) == {}
 
 
@@ -159,7 +159,7 @@ def test_asha_never_revisits_a_lower_rung():
     veteran = Progress(0, S.RUNNING, [Point(10, 1.0, 0), Point(100, 0.6, 1), Point(800, 0.4, 2)])
     later = {f"l{i}": progress(S.RUNNING, 0.5, index=i + 1, start=5) for i in range(8)}
     others = {
-        f"o{i}": Progress(9 + i, S.PRUNED, [Point(10, 1.2, 0), Point(100, 0.9, 1)])
+        f"o{i}": Progress(9 + i, S.STOPPED, [Point(10, 1.2, 0), Point(100, 0.9, 1)])
         for i in range(2)
     }
     trials = {"veteran": veteran, **later, **others}
@@ -173,7 +173,7 @@ def test_asha_decides_once_when_a_trial_reaches_the_rung():
     first = {
         "x": progress(S.SUCCEEDED, 1.0, index=0, start=0),
         "y": progress(S.SUCCEEDED, 1.5, index=1, start=0),
-        "w": progress(S.PRUNED, 1.6, index=2, start=0),
+        "w": progress(S.STOPPED, 1.6, index=2, start=0),
         "early": progress(S.RUNNING, 1.2, index=3, start=1),
     }
     asha = dict(minimize=True, reduction_factor=2, min_trials=2)
@@ -269,7 +269,7 @@ def test_plan_prunes_and_gives_the_slot_to_a_new_trial():
     assert (p.status.trials.pruned, p.status.trials.running, p.status.trials.pending) == (1, 1, 1)
     assert "1 pruned" in p.status.message
     # Afterwards the trial is observed as pruned: its index is never created again.
-    after = [*seen[:2], trial(spec, 2, S.PRUNED, (1.2, 1.1)), seen[3]]
+    after = [*seen[:2], trial(spec, 2, S.STOPPED, (1.2, 1.1)), seen[3]]
     again = plan_trials(spec, after, T0, sweep_name="sw")
     assert [t.index for t in again.create] == [4] and list(again.stop) == []
     assert again.status.trials.pruned == 1
@@ -277,7 +277,7 @@ def test_plan_prunes_and_gives_the_slot_to_a_new_trial():
 
 def test_a_pruned_only_sweep_ends_without_recreating_pruned_indices():
     spec = make_spec(maxTrials=2, earlyStopping={"algorithm": "median"})
-    seen = [trial(spec, 0, S.SUCCEEDED, (0.5,), value=0.5), trial(spec, 1, S.PRUNED, (2.0,))]
+    seen = [trial(spec, 0, S.SUCCEEDED, (0.5,), value=0.5), trial(spec, 1, S.STOPPED, (2.0,))]
     p = plan_trials(spec, seen, T0, sweep_name="sw")
     assert p.create == [] and p.status.phase == "Succeeded"
     assert (p.status.trials.succeeded, p.status.trials.pruned) == (1, 1)

@@ -84,8 +84,8 @@ def test_the_report_is_due_as_trials_end_at_most_every_interval_and_at_the_end()
 def test_mlflow_work_follows_the_sweep():
     spec = make_spec()
     trials = [
-        observed_trial(spec, 0, S.PRUNED, message="median stopping at step 20"),
-        observed_trial(spec, 1, S.PRUNED, message="timeBudget 2h exhausted"),
+        observed_trial(spec, 0, S.STOPPED, message="median stopping at step 20"),
+        observed_trial(spec, 1, S.STOPPED, message="timeBudget 2h exhausted"),
         observed_trial(spec, 2, S.RUNNING),
     ]
     result = plan(spec, tracked(trials, memory=Memory(tagged=frozenset({"sw-0000"}))), None, T0)

@@ -82,7 +82,7 @@ def test_a_job_kueue_suspends_is_queued_and_one_the_operator_stopped_is_pruned()
     assert queued.state == TrialState.QUEUED and queued.state.active
     # Stopped while Kueue still ran it (Kueue suspends it later): pruned at once.
     stopped = observe_trial(job_summary(job(suspend=False, stopped="asha")), [], "eval_loss")
-    assert stopped.state == TrialState.PRUNED and stopped.message == "asha"
+    assert stopped.state == TrialState.STOPPED and stopped.message == "asha"
     admitted = observe_trial(job_summary(job(suspend=False)), [], "eval_loss")
     assert admitted.state == TrialState.PENDING
 

@@ -46,7 +46,7 @@ TRIALS = [
     trial(1, S.SUCCEEDED, 0.7),
     trial(2, S.FAILED),
     trial(3, S.SUCCEEDED, 0.3),
-    trial(4, S.PRUNED),
+    trial(4, S.STOPPED),
     trial(5, S.RUNNING),
 ]
 

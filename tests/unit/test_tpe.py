@@ -112,7 +112,7 @@ def test_history_keeps_complete_pruned_and_running_and_drops_failed():
         name="sw-0007",
         index=7,
         parameters=trial_parameters(spec, 7),
-        state=S.PRUNED,
+        state=S.STOPPED,
         curves={"eval_loss": [(10, 3.0), (20, 2.5)]},
     )
     trials += [pruned, done(8, trial_parameters(spec, 8), state=S.RUNNING)]
@@ -191,7 +191,7 @@ def bohb_spec(**changes):
 def stopped_at(index: int, parameters: dict, *values: float) -> ObservedTrial:
     """A trial Hyperband stopped after logging `values` every 10 steps."""
     curve = [Point(10 * (i + 1), v, float(i)) for i, v in enumerate(values)]
-    return done(index, parameters, state=S.PRUNED).model_copy(
+    return done(index, parameters, state=S.STOPPED).model_copy(
         update={"curves": {"eval_loss": curve}}
     )
 

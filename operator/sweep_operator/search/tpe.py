@@ -140,7 +140,7 @@ def _frozen(
         if scores is None:
             return None
         return create_trial(values=scores, params=params, distributions=dists)
-    if trial.state == TrialState.PRUNED and not pareto:
+    if trial.state == TrialState.STOPPED and not pareto:
         # TPE ranks pruned trials by how far they got and their last intermediate value.
         curve = score.curve(trial)
         return create_trial(
