@@ -1,27 +1,16 @@
-"""Rendering a trial's batch/v1 Job from a Jinja2 template, and the headless Service of
-multi-node trials. Pure and deterministic.
-
-Templates run in Jinja2's immutable sandbox with StrictUndefined: a user template (or an
-`args` string) can read what it is given but cannot call into Python internals or mutate the
-context, and a misspelt variable is an error instead of an empty string. What one rendering
-may build is bounded (ranges, repeated strings and lists, powers, the output), and every error
-a template causes is a RenderError naming the field and the template line.
+"""Rendering a trial's batch/v1 Job from a Jinja2 template (through `templating`'s bounded
+sandbox), the headless Service of multi-node trials and the model download Job. Pure and
+deterministic.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
-import traceback
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, NoReturn
+from typing import Any
 
-import jinja2
 import yaml
-from jinja2.runtime import Context
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lora_trainer import contract
 from lora_trainer.contract import RESERVED_ENV_PREFIX, RESULT_PATH
@@ -33,6 +22,13 @@ from sweep_operator.naming import (
     model_cache_dir,
     model_fetch_name,
     service_name,
+)
+from sweep_operator.templating import (
+    RenderError,
+    load_yaml,
+    params_json,
+    render_text,
+    yaml_scalar,
 )
 from sweep_operator.trials import (
     ANNOTATION_INDEX,
@@ -86,22 +82,6 @@ _CONTAINER_SECURITY = {
     "seccompProfile": {"type": "RuntimeDefault"},
 }
 
-# libyaml's loader resolves scalars exactly like SafeLoader and is ~10x faster, which matters
-# when a sweep creates a thousand Jobs at once.
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-
-
-def _load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
-
-
-class RenderError(ValueError):
-    """A template or an args string did not render a valid trial Job."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
 
 @dataclass(frozen=True)
 class SweepRef:
@@ -121,155 +101,6 @@ class SweepRef:
             "controller": True,
             "blockOwnerDeletion": True,
         }
-
-
-def yaml_flow(value: Any) -> str:
-    """`value` as single-line YAML that PyYAML and Kubernetes both read back unchanged.
-
-    JSON is YAML, except that PyYAML reads `1e-05` as a string: floats are written with a
-    dot (`1.0e-05`), and strings are always double-quoted so that `yes` or `1e-4` stay strings.
-    """
-    if value is None or isinstance(value, bool):
-        return json.dumps(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ".nan"
-        if math.isinf(value):
-            return ".inf" if value > 0 else "-.inf"
-        text = repr(value)
-        if "." not in text and "e" in text:
-            mantissa, exponent = text.split("e")
-            text = f"{mantissa}.0e{exponent}"
-        return text
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, dict):
-        return (
-            "{" + ", ".join(f"{json.dumps(str(k))}: {yaml_flow(v)}" for k, v in value.items()) + "}"
-        )
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(yaml_flow(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as YAML: {value!r}")
-
-
-def yaml_scalar(value: Any) -> str:
-    """A value for `--set name=value`, read back by the trainer with yaml.safe_load."""
-    if isinstance(value, str):
-        plain = "\n" not in value and value == value.strip()
-        if plain:
-            try:
-                plain = _load(value) == value
-            except yaml.YAMLError:
-                plain = False
-        return value if plain else json.dumps(value)
-    return yaml_flow(value)
-
-
-def params_json(parameters: dict[str, Any]) -> str:
-    return json.dumps(parameters, sort_keys=True, separators=(",", ":"))
-
-
-# What one rendering may build. A trial Job is a few KiB and the apiserver refuses a request
-# over 3 MiB, so a template producing more is a mistake; these bounds refuse it before the
-# operator spends its memory and CPU on it.
-MAX_OUTPUT_CHARS = 1_000_000
-MAX_RANGE = 10_000
-MAX_POWER_BITS = 4_096
-
-
-class TemplateLimitError(jinja2.TemplateRuntimeError):
-    """A template asked for more than one rendering may build."""
-
-
-def _template_range(*args: int) -> range:
-    """range() for templates: Jinja's sandbox allows 100,000 items, with a message that names
-    its own constant; this says what the template asked for and what it may have."""
-    items = range(*args)
-    if len(items) > MAX_RANGE:
-        raise TemplateLimitError(
-            f"range({', '.join(map(str, args))}) has {len(items):,} items; "
-            f"a template may ask for at most {MAX_RANGE:,}"
-        )
-    return items
-
-
-def _too_big(what: str) -> NoReturn:
-    raise TemplateLimitError(
-        f"{what} is too big: a template may build at most {MAX_OUTPUT_CHARS:,} characters "
-        "(or list items)"
-    )
-
-
-class _Sandbox(ImmutableSandboxedEnvironment):
-    """The immutable sandbox, with `*` and `**` refused where their result would be huge
-    (`"x" * 10**10`, `10 ** 1000000000` exhaust memory or CPU in one expression)."""
-
-    intercepted_binops = frozenset({"*", "**"})
-
-    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        if operator == "*":
-            for sequence, count in ((left, right), (right, left)):
-                if (
-                    isinstance(sequence, str | list | tuple)
-                    and isinstance(count, int)
-                    and len(sequence) * count > MAX_OUTPUT_CHARS
-                ):
-                    _too_big(f"a {type(sequence).__name__} repeated {count:,} times")
-        elif (
-            isinstance(left, int)
-            and isinstance(right, int)
-            and abs(left) > 1
-            and right * left.bit_length() > MAX_POWER_BITS
-        ):
-            raise TemplateLimitError(
-                f"{left} ** {right} has about {right * left.bit_length():,} bits; a template "
-                f"may compute integers of at most {MAX_POWER_BITS:,} bits"
-            )
-        return super().call_binop(context, operator, left, right)
-
-
-_ENV = _Sandbox(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True)
-_ENV.filters["yaml"] = yaml_flow
-_ENV.globals["range"] = _template_range
-# lipsum(n) writes n paragraphs of filler text: nothing a Job needs, and unbounded.
-del _ENV.globals["lipsum"]
-
-
-@functools.lru_cache(maxsize=256)
-def _compile(source: str) -> jinja2.Template:
-    return _ENV.from_string(source)
-
-
-def _render(source: str, field: str, context: dict[str, Any]) -> str:
-    """The rendered text; any error the template causes (a syntax error, an undefined name, a
-    division by zero, a limit) is a RenderError naming the field and, where known, the line."""
-    chunks, size = [], 0
-    try:
-        for chunk in _compile(source).generate(context):
-            size += len(chunk)
-            if size > MAX_OUTPUT_CHARS:
-                _too_big("the rendered text")
-            chunks.append(chunk)
-    except Exception as error:  # whatever the template did, it is the template's error
-        line = _template_line(error)
-        where = f" (line {line})" if line is not None else ""
-        raise RenderError(field, f"{type(error).__name__}: {error}{where}") from error
-    return "".join(chunks)
-
-
-def _template_line(error: Exception) -> int | None:
-    """The template line an error comes from: a syntax error's own, or the innermost template
-    frame of the traceback (Jinja rewrites it to point at the template's lines)."""
-    if isinstance(error, jinja2.TemplateSyntaxError):
-        return error.lineno
-    lines = [
-        frame.lineno
-        for frame in traceback.extract_tb(error.__traceback__)
-        if frame.filename == "<template>"
-    ]
-    return lines[-1] if lines else None
 
 
 @functools.cache
@@ -298,7 +129,7 @@ def container_command(
     if trainer.custom:
         scope = _scope(sweep, trial)
         args = [
-            _render(arg, f"spec.trainer.args[{i}]", scope)
+            render_text(arg, f"spec.trainer.args[{i}]", scope)
             for i, arg in enumerate(trainer.args or [])
         ]
         return trainer.command, args
@@ -563,9 +394,9 @@ def render_trial_job(
         source, field = builtin_template(), "built-in template"
     env = trial_env(spec, sweep, trial, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     context = _context(spec, sweep, trial, env)
-    text = _render(source, field, context)
+    text = render_text(source, field, context)
     try:
-        job = _check_job(_load(text), field)
+        job = _check_job(load_yaml(text), field)
     except yaml.YAMLError as error:
         raise RenderError(field, f"the template did not render valid YAML: {error}") from error
     found = host_access(job["spec"]["template"]["spec"], "spec.template.spec")

@@ -18,9 +18,8 @@ from sweep_operator.render import (
     render_model_fetch_job,
     render_trial_job,
     render_trial_service,
-    yaml_flow,
-    yaml_scalar,
 )
+from sweep_operator.templating import yaml_flow, yaml_scalar
 from sweep_operator.trials import NewTrial
 from tests.unit.sweep_helpers import make_spec, raw_spec
 
