@@ -184,7 +184,7 @@ async def run_sweep(
             await asyncio.sleep(MIN_RECONCILE_INTERVAL)
             if reconciler.again:
                 continue
-            timeout = RESYNC_SECONDS
+            timeout = min(RESYNC_SECONDS, reconciler.recheck_after or RESYNC_SECONDS)
             if reconciler.deadline is not None:
                 # The time budget ends sooner than the next resync: be there when it does.
                 until = (reconciler.deadline - datetime.now(UTC)).total_seconds()

@@ -25,6 +25,10 @@ from sweep_operator.warm_start import NOT_FOUND
 # The report (ConfigMap, MLflow artifacts, plots) costs up to a second or two to make.
 REPORT_INTERVAL_SECONDS = 60.0
 IMPORTANCE_IN_STATUS = 5
+# Learning curves reach MLflow without a Kubernetes event to wake the operator: while trials run
+# under early stopping it looks again this often, so a trial is judged at its rungs, not after
+# it ended.
+CURVE_POLL_SECONDS = 2.0
 TERMINAL = ("Succeeded", "Failed")
 
 
@@ -58,6 +62,8 @@ class Plan:
     # Register this trial's adapter as a version of spec.mlflow.registeredModel.
     register_adapter: str | None = None
     close_parent_run: bool = False
+    # Reconcile again within this many seconds, though nothing in the cluster changes.
+    recheck_after: float | None = None
 
 
 def plan(
@@ -103,6 +109,9 @@ def plan(
         else {},
         register_adapter=register,
         close_parent_run=terminal and tracked and parent is not None and not seen.parent_closed,
+        recheck_after=CURVE_POLL_SECONDS
+        if spec.early_stopping and any(t.state == TrialState.RUNNING for t in trials)
+        else None,
     )
 
 

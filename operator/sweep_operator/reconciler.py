@@ -61,6 +61,7 @@ class Reconciler:
         self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
         self.deadline: datetime | None = None  # when the time budget runs out
         self.again = False  # plan again at once: the last one's outcome changes the status
+        self.recheck_after: float | None = None  # plan again this soon, though nothing changes
         # What it already saw and said (Memory), field by field.
         self.states: dict[str, TrialState] | None = None
         self.fetch_state: FetchState | None = None
@@ -265,6 +266,7 @@ class Reconciler:
     def _remember(self, observation: Observation, result: Plan) -> None:
         self.deadline = result.deadline
         self.again = result.register_adapter is not None
+        self.recheck_after = result.recheck_after
         self.states = {t.name: t.state for t in observation.trials}
         if observation.fetch is not None:
             self.fetch_state = observation.fetch.state

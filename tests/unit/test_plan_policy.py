@@ -8,7 +8,7 @@ from datetime import timedelta
 from sweep_operator.api import MlflowStatus
 from sweep_operator.naming import trial_name
 from sweep_operator.observation import Memory, Observation, TrialRun
-from sweep_operator.plan import REPORT_INTERVAL_SECONDS, plan
+from sweep_operator.plan import CURVE_POLL_SECONDS, REPORT_INTERVAL_SECONDS, plan
 from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, TrialState
 from tests.unit.sweep_helpers import T0, make_spec, observed_trial, trial_parameters
 
@@ -153,3 +153,14 @@ def test_unindexed_trials_keep_their_parameters():
     created = [NewTrial(index=0, name=trial_name("sw", 0), parameters=trial_parameters(spec, 0))]
     result = plan(spec, observation([], unindexed=created), None, T0)
     assert [t.index for t in result.create] == [1]
+
+
+def test_running_trials_under_early_stopping_are_looked_at_again_soon():
+    """Curves reach MLflow without a cluster event: the operator must not wait for its resync
+    to judge a trial at a rung."""
+    stopping = make_spec(earlyStopping={"algorithm": "median", "minSteps": 3})
+    running = [observed_trial(stopping, 0, S.RUNNING), observed_trial(stopping, 1, S.PENDING)]
+    assert plan(stopping, observation(running), None, T0).recheck_after == CURVE_POLL_SECONDS
+    pending = [observed_trial(stopping, 0, S.PENDING)]
+    assert plan(stopping, observation(pending), None, T0).recheck_after is None
+    assert plan(make_spec(), observation(running), None, T0).recheck_after is None
