@@ -62,3 +62,13 @@ def test_processes_other_than_the_first_neither_track_nor_report(
     assert run(None, settings, env, StopFlag()) == 0
     assert not Path(env["LORASWEEP_RESULT_PATH"]).exists()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_every_process_reports_a_configuration_error(
+    trial_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The first process to find it exits, and torchrun ends the others, rank 0 included,
+    perhaps before it wrote: so any rank writes a configuration error to the result."""
+    env = trial_env | {"RANK": "1"}
+    assert run(None, ["lora_rnak=8"], env, StopFlag()) == 2
+    assert "lora_rnak" in Path(env["LORASWEEP_RESULT_PATH"]).read_text()

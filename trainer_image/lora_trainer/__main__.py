@@ -77,12 +77,18 @@ def run(
         if main_process:
             write_result(out, metrics, error)
 
+    def refuse(error: ConfigError) -> int:
+        # Every rank finds the same configuration error, and the first to exit has torchrun
+        # end the others: rank 0 may be killed before it writes. So every rank writes it; the
+        # same text written at once by several processes still reads whole.
+        log.error("%s", error)
+        write_result(out, error=str(error))
+        return EXIT_CONFIG
+
     try:
         cfg = load_config(config_path, overrides, environ)
     except ConfigError as exc:
-        log.error("%s", exc)
-        report(error=str(exc))
-        return EXIT_CONFIG
+        return refuse(exc)
 
     # Heavy imports only once the configuration is known to be good.
     import torch
@@ -93,9 +99,7 @@ def run(
     try:
         cfg = check_this_machine(cfg)
     except ConfigError as exc:
-        log.error("%s", exc)
-        report(error=str(exc))
-        return EXIT_CONFIG
+        return refuse(exc)
 
     trial_run = TrialRun(environ if main_process else {})
     trial_run.start(
