@@ -120,12 +120,14 @@ class SweepRuns:
         return {run_id: sorted(points) for run_id, points in curves.items()}
 
     def mark_stopped(self, run_id: str, reason: str) -> None:
-        """Say on a stopped trial's run why the operator stopped it, and end it KILLED (the
-        trainer does so itself on SIGTERM; a program that does not is ended here)."""
-        self.client.set_tag(run_id, TAG_STOPPED, reason[:5000])
+        """End a stopped trial's run KILLED (the trainer does so itself on SIGTERM; a program
+        that does not is ended here), then say on it why the operator stopped it. The reason
+        comes last because it marks the run as handled: whoever reads it reads a run that has
+        ended."""
         run = self.client.get_run(run_id)
         if run.info.status == RunStatus.to_string(RunStatus.RUNNING):
             self.client.set_terminated(run_id, "KILLED")
+        self.client.set_tag(run_id, TAG_STOPPED, reason[:5000])
 
     def log_report(
         self, run_id: str, files: dict[str, str | bytes], importance: dict[str, float]
