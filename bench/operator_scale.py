@@ -3,14 +3,17 @@
 Three measurements, one JSON line each (`--mode`):
 
 fanout (default): how fast the operator fans a large sweep out into Jobs, against a plain
-    client doing the same in the same run. 1. baseline: a plain client creates the trial Jobs
-    the sweep would render (suspended, so that no pods follow), 16 requests in flight (the
-    operator's own concurrency), into a namespace of its own; 2. operator: `kopf run` of the
-    operator watching another namespace; a grid sweep of `--trials` trials, all in parallel,
-    is applied, and the clock stops when the last Job exists (the Job controller starts
-    creating their pods meanwhile: the operator's run is the busier one). Also counted, 30 s
-    later: the operator's API requests per trial (from the apiserver's audit log, which
-    records only the operator's identity), its peak resident memory, the sweep's status size.
+    client doing the same in the same run. The Job controller (kube-controller-manager) is
+    paused during both, so that neither pays for pods: on 2 cores, starting 10,000 pods takes
+    the machine for most of an hour and would measure the cluster, not the operator.
+    1. baseline: a plain client creates the trial Jobs the sweep would render, 16 requests in
+    flight (the operator's own concurrency), into a namespace of its own; 2. operator: `kopf
+    run` of the operator watching another namespace; a grid sweep of `--trials` trials, all in
+    parallel, is applied, and the clock stops when the last Job exists. Then the Job
+    controller starts again and makes the pods (up to `--settle` seconds; the operator indexes
+    every one of them and reconciles on their events). Counted at the end: the operator's API
+    requests per trial (from the apiserver's audit log, which records only the operator's
+    identity), its peak resident memory, the sweep's status size.
 turnover: the GPU idle gap. Sweeps of parallelism P (`--parallelism`, e.g. 8,1000) whose trials
     run 20-60 s (P >= 100) or 2-6 s, so they end one after another: the time from a trial's
     Job completing (its Complete condition, as a watch sees it) to the next trial's pod being
@@ -57,7 +60,7 @@ from tests.unit.sweep_helpers import trial_parameters  # noqa: E402
 
 GPUS_PER_NODE = 100
 CONCURRENCY = 16
-SETTLE_SECONDS = 30
+SETTLE_SECONDS = 10  # after the last pod: the reconciles its events cause
 
 
 def bench_nodes(gpus: int) -> dict[str, int]:
@@ -100,9 +103,9 @@ def job_count(batch: client.BatchV1Api, namespace: str) -> int:
     return len(page.items) + (page.metadata.remaining_item_count or 0)
 
 
-def running_pods(core: client.CoreV1Api, namespace: str) -> int:
-    pods = core.list_namespaced_pod(namespace, field_selector="status.phase=Running")
-    return len(pods.items)
+def pod_count(core: client.CoreV1Api, namespace: str) -> int:
+    page = core.list_namespaced_pod(namespace, limit=1)
+    return len(page.items) + (page.metadata.remaining_item_count or 0)
 
 
 def baseline(batch: client.BatchV1Api, namespace: str, spec: dict, trials: int) -> float:
@@ -164,33 +167,43 @@ class Bench:
         )
 
 
-def fanout(bench: Bench, trials: int) -> dict:
+def fanout(bench: Bench, trials: int, settle: float) -> dict:
     # Trials outlive the benchmark: it measures fan-out, not completion.
     spec = sweep_spec(trials, trials, {"lorasweep.io/sim-duration": "60m"})
     timeout = 60 + trials / 10
-    base_ns = create_namespace(bench.core, "bench-baseline")
+    cluster = devcluster.Cluster.load()
+    assert cluster is not None
+    paused = devcluster.stop_process(cluster, "kube-controller-manager", crash=False)
     try:
-        baseline_seconds = baseline(bench.batch, base_ns, spec, trials)
+        base_ns = create_namespace(bench.core, "bench-baseline")
+        try:
+            baseline_seconds = baseline(bench.batch, base_ns, spec, trials)
+        finally:
+            bench.batch.delete_collection_namespaced_job(base_ns, propagation_policy="Background")
+            bench.core.delete_namespace(base_ns)
+        bench.operator.start()
+        audit_offset = devcluster.AUDIT_LOG.stat().st_size
+        started = time.monotonic()
+        bench.apply("scale", spec)
+        wait_for(
+            lambda: job_count(bench.batch, bench.namespace) == trials,
+            timeout,
+            f"{trials} Jobs",
+            interval=0.1,
+        )
+        operator_seconds = time.monotonic() - started
     finally:
-        bench.batch.delete_collection_namespaced_job(base_ns, propagation_policy="Background")
-        bench.core.delete_namespace(base_ns)
-    bench.operator.start()
-    audit_offset = devcluster.AUDIT_LOG.stat().st_size
-    started = time.monotonic()
-    bench.apply("scale", spec)
-    wait_for(
-        lambda: job_count(bench.batch, bench.namespace) == trials,
-        timeout,
-        f"{trials} Jobs",
-        interval=0.1,
-    )
-    operator_seconds = time.monotonic() - started
-    # The reconciles that follow the fan-out count too (status, Events), while the Job
-    # controller starts the pods: a fixed window, as waiting for 10,000 pods to run takes
-    # most of an hour on 2 cores.
+        devcluster.start_process(cluster, paused)
+    # The reconciles that follow the fan-out count too (status, Events, the pods' events).
+    settled = time.monotonic()
+    with contextlib.suppress(AssertionError):  # wait_for's timeout: the pods came slower
+        wait_for(
+            lambda: pod_count(bench.core, bench.namespace) == trials, settle, "pods", interval=2
+        )
     time.sleep(SETTLE_SECONDS)
+    settle_seconds = time.monotonic() - settled
     requests = operator_requests(audit_offset)
-    running = running_pods(bench.core, bench.namespace)
+    pods = pod_count(bench.core, bench.namespace)
     sweep = bench.custom.get_namespaced_custom_object(
         GROUP, VERSION, bench.namespace, PLURAL, "scale"
     )
@@ -202,8 +215,8 @@ def fanout(bench: Bench, trials: int) -> dict:
         "operator_requests_per_trial": round(requests / trials, 2),
         "operator_peak_rss_mib": round(peak_rss_mib(bench.operator.pid), 1),
         "status_bytes": len(json.dumps(sweep.get("status", {}))),
-        "settle_seconds": SETTLE_SECONDS,
-        "pods_running_at_the_end": running,
+        "settle_seconds": round(settle_seconds),
+        "pods_at_the_end": pods,
     }
 
 
@@ -353,6 +366,9 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=1000, help="fanout: trials of the sweep")
     parser.add_argument("--parallelism", default="8,1000", help="turnover: comma-separated P")
     parser.add_argument("--sweeps", type=int, default=100, help="sweeps: how many")
+    parser.add_argument(
+        "--settle", type=float, default=300, help="fanout: longest wait for the trials' pods"
+    )
     args = parser.parse_args()
     parallelisms = [int(p) for p in args.parallelism.split(",")]
 
@@ -380,7 +396,7 @@ def main() -> None:
         )
         try:
             if args.mode == "fanout":
-                results.append(fanout(bench, args.trials))
+                results.append(fanout(bench, args.trials, args.settle))
             elif args.mode == "turnover":
                 assert run is not None
                 results.append(turnover(bench, run))
