@@ -173,9 +173,9 @@ def fanout(bench: Bench, trials: int, settle: float) -> dict:
     timeout = 60 + trials / 10
     cluster = devcluster.Cluster.load()
     assert cluster is not None
+    base_ns = create_namespace(bench.core, "bench-baseline")  # its ServiceAccount needs them
     paused = devcluster.stop_process(cluster, "kube-controller-manager", crash=False)
     try:
-        base_ns = create_namespace(bench.core, "bench-baseline")
         try:
             baseline_seconds = baseline(bench.batch, base_ns, spec, trials)
         finally:

@@ -75,7 +75,10 @@ class SweepWriter:
         if service is None or self.has_service:
             return
         try:
-            self.core.create_namespaced_service(sweep.namespace, service, _preload_content=False)
+            reply = self.core.create_namespaced_service(
+                sweep.namespace, service, _preload_content=False
+            )
+            _discard(reply)
         except ApiException as error:
             if error.status != 409:  # created before a restart
                 raise
@@ -91,8 +94,7 @@ class SweepWriter:
 
     def create_job(self, namespace: str, job: dict) -> bool:
         try:
-            # The reply is not needed; decoding it into models costs more than the request.
-            self.batch.create_namespaced_job(namespace, job, _preload_content=False)
+            _discard(self.batch.create_namespaced_job(namespace, job, _preload_content=False))
         except ApiException as error:
             if error.status == 409:  # created before a restart, or not yet in the index
                 return False
@@ -111,7 +113,9 @@ class SweepWriter:
             if not queued:
                 patch["spec"] = {"suspend": True}
             try:
-                self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False)
+                _discard(
+                    self.batch.patch_namespaced_job(name, namespace, patch, _preload_content=False)
+                )
             except ApiException as error:
                 if error.status != 404:
                     raise
@@ -146,15 +150,28 @@ class SweepWriter:
             "data": files,
         }
         try:
-            self.core.create_namespaced_config_map(
-                sweep.namespace, configmap, _preload_content=False
+            _discard(
+                self.core.create_namespaced_config_map(
+                    sweep.namespace, configmap, _preload_content=False
+                )
             )
         except ApiException as error:
             if error.status != 409:
                 raise
-            self.core.patch_namespaced_config_map(
-                f"{sweep.name}-report", sweep.namespace, {"data": files}, _preload_content=False
+            _discard(
+                self.core.patch_namespaced_config_map(
+                    f"{sweep.name}-report", sweep.namespace, {"data": files}, _preload_content=False
+                )
             )
+
+
+def _discard(reply: Any) -> None:
+    """Read a reply the operator does not need (`_preload_content=False`: decoding it into
+    models costs more than the request) and hand its connection back to the pool. An unread
+    reply keeps its connection, so the next request opened a new one, TLS handshake and all:
+    40% of a 1,000-trial fan-out went into handshakes."""
+    reply.drain_conn()
+    reply.release_conn()
 
 
 def post_events(body: kopf.Body, events: list[SweepEvent]) -> None:
