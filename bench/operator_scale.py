@@ -95,6 +95,20 @@ def create_namespace(core: client.CoreV1Api, prefix: str) -> str:
     return name
 
 
+def delete_namespace(batch: client.BatchV1Api, core: client.CoreV1Api, namespace: str) -> None:
+    """Delete a namespace with its Jobs. Deleting the namespace alone leaves the Jobs and their
+    simulated pods in place; deleting 10,000 Jobs outlasts a request (504), and goes on."""
+
+    def deleted() -> bool:
+        with contextlib.suppress(client.exceptions.ApiException):
+            batch.delete_collection_namespaced_job(namespace, propagation_policy="Background")
+        return job_count(batch, namespace) == 0
+
+    wait_for(deleted, 600, f"the Jobs of {namespace} to be deleted", interval=5)
+    with contextlib.suppress(client.exceptions.ApiException):
+        core.delete_namespace(namespace)
+
+
 def job_count(batch: client.BatchV1Api, namespace: str) -> int:
     # One item and the count of the rest: polling must not load the apiserver it measures
     # (the baseline's clock needs no polling at all). The apiserver counts the rest only for
@@ -174,13 +188,16 @@ def fanout(bench: Bench, trials: int, settle: float) -> dict:
     cluster = devcluster.Cluster.load()
     assert cluster is not None
     base_ns = create_namespace(bench.core, "bench-baseline")  # its ServiceAccount needs them
-    paused = devcluster.stop_process(cluster, "kube-controller-manager", crash=False)
+    try:
+        paused = devcluster.stop_process(cluster, "kube-controller-manager", crash=False)
+    except BaseException:
+        delete_namespace(bench.batch, bench.core, base_ns)
+        raise
     try:
         try:
             baseline_seconds = baseline(bench.batch, base_ns, spec, trials)
         finally:
-            bench.batch.delete_collection_namespaced_job(base_ns, propagation_policy="Background")
-            bench.core.delete_namespace(base_ns)
+            delete_namespace(bench.batch, bench.core, base_ns)
         bench.operator.start()
         audit_offset = devcluster.AUDIT_LOG.stat().st_size
         started = time.monotonic()
@@ -405,10 +422,7 @@ def main() -> None:
         finally:
             bench.operator.stop()
             release_sweeps(api, namespace)
-            # Deleting the namespace alone leaves the Jobs and their simulated pods in place.
-            bench.batch.delete_collection_namespaced_job(namespace, propagation_policy="Background")
-            with contextlib.suppress(client.exceptions.ApiException):
-                core.delete_namespace(namespace)
+            delete_namespace(bench.batch, core, namespace)
     # The extra nodes would change what other users of the dev cluster (tests) expect.
     for node in nodes:
         with contextlib.suppress(client.exceptions.ApiException):
