@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client, config, watch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,9 +101,12 @@ def delete_namespace(batch: client.BatchV1Api, core: client.CoreV1Api, namespace
     simulated pods in place; deleting 10,000 Jobs outlasts a request (504), and goes on."""
 
     def deleted() -> bool:
-        with contextlib.suppress(client.exceptions.ApiException):
+        try:
             batch.delete_collection_namespaced_job(namespace, propagation_policy="Background")
-        return job_count(batch, namespace) == 0
+            return job_count(batch, namespace) == 0
+        except (client.exceptions.ApiException, urllib3.exceptions.HTTPError) as error:
+            print(f"deleting the Jobs of {namespace}: {error}; again", file=sys.stderr)
+            return False
 
     wait_for(deleted, 600, f"the Jobs of {namespace} to be deleted", interval=5)
     with contextlib.suppress(client.exceptions.ApiException):
@@ -419,6 +423,8 @@ def main() -> None:
                 results.append(turnover(bench, run))
             else:
                 results.append(many_sweeps(bench, args.sweeps))
+            # On stderr at once: cleaning 10,000 trials up takes minutes, and may fail.
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         finally:
             bench.operator.stop()
             release_sweeps(api, namespace)
