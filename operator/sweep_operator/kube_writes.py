@@ -27,7 +27,6 @@ from sweep_operator.render import (
 from sweep_operator.trials import ANNOTATION_STOPPED, LABEL_SWEEP, NewTrial
 
 API_WORKERS = 16
-CREATE_CHUNK = 256
 # Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
 EVENT_BURST = 5
 
@@ -51,22 +50,22 @@ class SweepWriter:
         tracking_uri: str | None,
         parent_run_id: str | None,
     ) -> list[NewTrial]:
-        """Create the trials' Jobs (rendered a few hundred at a time: 10,000 rendered Jobs
-        hold about 140 MiB); the ones this call created, not those that existed already."""
+        """Create the trials' Jobs; the ones this call created, not those that existed already.
+
+        Each Job is rendered in the pool, just before its request: rendering overlaps the other
+        requests' round trips, and no more rendered Jobs exist at once than requests in flight
+        (10,000 rendered Jobs hold about 140 MiB)."""
         if trials:
             self.ensure_service(sweep, spec)
-        created: list[NewTrial] = []
-        for start in range(0, len(trials), CREATE_CHUNK):
-            chunk = trials[start : start + CREATE_CHUNK]
-            jobs = [
-                render_trial_job(
-                    sweep, spec, trial, tracking_uri=tracking_uri, parent_run_id=parent_run_id
-                )
-                for trial in chunk
-            ]
-            answers = _api_pool.map(lambda job: self.create_job(sweep.namespace, job), jobs)
-            created += [t for t, new in zip(chunk, answers, strict=True) if new]
-        return created
+
+        def create(trial: NewTrial) -> bool:
+            job = render_trial_job(
+                sweep, spec, trial, tracking_uri=tracking_uri, parent_run_id=parent_run_id
+            )
+            return self.create_job(sweep.namespace, job)
+
+        answers = _api_pool.map(create, trials)
+        return [t for t, new in zip(trials, answers, strict=True) if new]
 
     def ensure_service(self, sweep: SweepRef, spec: SweepSpec) -> None:
         """The headless Service that gives the pods of multi-node trials their DNS names for
