@@ -17,7 +17,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
 from sweep_operator.api import GROUP, KIND, PLURAL, VERSION
 from sweep_operator.defaults import trial_defaults
@@ -43,6 +45,14 @@ RECONCILE_WORKERS = 8
 _wakeups: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
 # Reconciles of all sweeps: a sweep holds a thread only while it reconciles.
 _reconcile_pool = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="lorasweep-reconcile")
+
+
+def unreachable(error: Exception) -> bool:
+    """Whether a reconcile failed because the apiserver did not answer (down, restarting,
+    overloaded): the next reconcile retries, and a traceback each time would bury the log."""
+    if isinstance(error, ApiException):
+        return error.status in (429, 500, 502, 503, 504)
+    return isinstance(error, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
 def _wake(namespace: str, sweep: str) -> None:
@@ -163,8 +173,11 @@ async def run_sweep(
                 ),
                 indexes,
             )
-        except Exception:
-            logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
+        except Exception as error:
+            if unreachable(error):
+                logger.warning("reconcile of %s/%s: %s; retrying", namespace, name, error)
+            else:
+                logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
 
     loop = asyncio.get_running_loop()
     try:
