@@ -103,7 +103,7 @@ def delete_namespace(batch: client.BatchV1Api, core: client.CoreV1Api, namespace
     def deleted() -> bool:
         try:
             batch.delete_collection_namespaced_job(namespace, propagation_policy="Background")
-            return job_count(batch, namespace) == 0
+            return count(batch.list_namespaced_job, namespace) == 0
         except (client.exceptions.ApiException, urllib3.exceptions.HTTPError) as error:
             print(f"deleting the Jobs of {namespace}: {error}; again", file=sys.stderr)
             return False
@@ -113,16 +113,13 @@ def delete_namespace(batch: client.BatchV1Api, core: client.CoreV1Api, namespace
         core.delete_namespace(namespace)
 
 
-def job_count(batch: client.BatchV1Api, namespace: str) -> int:
-    # One item and the count of the rest: polling must not load the apiserver it measures
-    # (the baseline's clock needs no polling at all). The apiserver counts the rest only for
-    # a list without selectors; the namespace holds nothing but the sweep's Jobs.
-    page = batch.list_namespaced_job(namespace, limit=1)
-    return len(page.items) + (page.metadata.remaining_item_count or 0)
+def count(list_call: Any, namespace: str) -> int:
+    """How many objects a namespaced list call finds (the namespace's Jobs or pods).
 
-
-def pod_count(core: client.CoreV1Api, namespace: str) -> int:
-    page = core.list_namespaced_pod(namespace, limit=1)
+    One item and the count of the rest: polling must not load the apiserver it measures
+    (the baseline's clock needs no polling at all). The apiserver counts the rest only for
+    a list without selectors; the namespace holds nothing but the sweep's objects."""
+    page = list_call(namespace, limit=1)
     return len(page.items) + (page.metadata.remaining_item_count or 0)
 
 
@@ -207,7 +204,7 @@ def fanout(bench: Bench, trials: int, settle: float) -> dict:
         started = time.monotonic()
         bench.apply("scale", spec)
         wait_for(
-            lambda: job_count(bench.batch, bench.namespace) == trials,
+            lambda: count(bench.batch.list_namespaced_job, bench.namespace) == trials,
             timeout,
             f"{trials} Jobs",
             interval=0.1,
@@ -219,12 +216,15 @@ def fanout(bench: Bench, trials: int, settle: float) -> dict:
     settled = time.monotonic()
     with contextlib.suppress(AssertionError):  # wait_for's timeout: the pods came slower
         wait_for(
-            lambda: pod_count(bench.core, bench.namespace) == trials, settle, "pods", interval=2
+            lambda: count(bench.core.list_namespaced_pod, bench.namespace) == trials,
+            settle,
+            "pods",
+            interval=2,
         )
     time.sleep(SETTLE_SECONDS)
     settle_seconds = time.monotonic() - settled
     requests = operator_requests(audit_offset)
-    pods = pod_count(bench.core, bench.namespace)
+    pods = count(bench.core.list_namespaced_pod, bench.namespace)
     sweep = bench.custom.get_namespaced_custom_object(
         GROUP, VERSION, bench.namespace, PLURAL, "scale"
     )
