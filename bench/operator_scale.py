@@ -18,7 +18,9 @@ turnover: the GPU idle gap. Sweeps of parallelism P (`--parallelism`, e.g. 8,100
     run 20-60 s (P >= 100) or 2-6 s, so they end one after another: the time from a trial's
     Job completing (its Complete condition, as a watch sees it) to the next trial's pod being
     created, p50 and p99; and the operator's part of it, to the next trial's Job being created
-    (the Job controller makes the pod).
+    (the Job controller makes the pod). Gaps count once all P slots are filled: trials that end
+    during the ramp-up (the first P Jobs take ~25 s at P=1000 on 2 cores, and trials last 20 s)
+    are counted apart, with the ramp-up's length. Also: the operator's CPU time per trial.
 sweeps: many sweeps on one operator. `--sweeps` N sweeps: half of them one-trial sweeps that
     have finished, then the rest, each running 20 trials 4 at a time: the time until all have
     finished, and the longest any of them waited for its first trial.
@@ -34,6 +36,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -44,7 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import urllib3
-from kubernetes import client, config, watch
+from kubernetes import client, config
+from kubernetes.watch.watch import iter_resp_lines
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -158,6 +162,12 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError("no VmHWM")
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1)]
@@ -258,27 +268,45 @@ class Stamps:
             thread.start()
 
     def _stream(self, list_call: Any, record: Any) -> None:
+        """Raw events, resumed where the last watch ended. A new watch without a version would
+        replay every existing object, and decoding events into the client's models costs ~ms
+        each: at 25 trials ending a second the stamps fell seconds behind the cluster."""
+        version = None
         while not self.stopped.is_set():
-            stream = watch.Watch().stream(list_call, self.bench.namespace, timeout_seconds=5)
-            for event in stream:
-                record(event["type"], event["object"], time.monotonic())
+            reply = list_call(
+                self.bench.namespace,
+                watch=True,
+                timeout_seconds=5,
+                resource_version=version,
+                allow_watch_bookmarks=True,
+                _preload_content=False,
+            )
+            for line in iter_resp_lines(reply):
+                event = json.loads(line)
+                if event["type"] == "ERROR":  # the version is too old: start again
+                    version = None
+                    break
+                version = event["object"]["metadata"]["resourceVersion"]
+                if event["type"] != "BOOKMARK":
+                    record(event["type"], event["object"], time.monotonic())
                 if self.stopped.is_set():
                     return
 
     def _watch_pods(self) -> None:
-        def record(kind: str, pod: Any, now: float) -> None:
+        def record(kind: str, pod: dict, now: float) -> None:
             if kind == "ADDED":
-                self.pods.setdefault(pod.metadata.name, now)
+                self.pods.setdefault(pod["metadata"]["name"], now)
 
         self._stream(self.bench.core.list_namespaced_pod, record)
 
     def _watch_jobs(self) -> None:
-        def record(kind: str, job: Any, now: float) -> None:
+        def record(kind: str, job: dict, now: float) -> None:
+            name = job["metadata"]["name"]
             if kind == "ADDED":
-                self.jobs.setdefault(job.metadata.name, now)
-            conditions = job.status.conditions or []
-            if any(c.type == "Complete" and c.status == "True" for c in conditions):
-                self.completed.setdefault(job.metadata.name, now)
+                self.jobs.setdefault(name, now)
+            conditions = job.get("status", {}).get("conditions", [])
+            if any(c["type"] == "Complete" and c["status"] == "True" for c in conditions):
+                self.completed.setdefault(name, now)
 
         self._stream(self.bench.batch.list_namespaced_job, record)
 
@@ -287,12 +315,17 @@ class Stamps:
         for thread in self.threads:
             thread.join(10)
 
-    def gaps(self, created: dict[str, float], parallelism: int) -> list[float]:
+    def gaps(self, created: dict[str, float], parallelism: int) -> tuple[list[float], int]:
         """The k-th completion frees the slot the (P+k)-th trial fills (`created`: its Job
-        or its pod)."""
+        or its pod): the gaps from the moment all P slots were filled, and how many trials
+        ended before that. Those ended during the ramp-up: slots were still empty, and the
+        (P+k)-th trial waits for the first P to be created, not for the operator to notice."""
         completions = sorted(self.completed.values())
-        refills = sorted(created.values())[parallelism:]
-        return [made - done for done, made in zip(completions, refills, strict=False)]
+        ordered = sorted(created.values())
+        filled = ordered[parallelism - 1]
+        pairs = list(zip(completions, ordered[parallelism:], strict=False))
+        steady = [made - done for done, made in pairs if done >= filled]
+        return steady, len(pairs) - len(steady)
 
 
 def turnover(bench: Bench, parallelism: int) -> dict:
@@ -305,6 +338,7 @@ def turnover(bench: Bench, parallelism: int) -> dict:
         "lorasweep.io/sim-result": '{"metrics": {"eval_loss": 0.5}}',
     }
     bench.operator.start()
+    cpu_before = cpu_seconds(bench.operator.pid)
     stamps = Stamps(bench)
     name = f"turnover-{parallelism}"
     try:
@@ -318,19 +352,24 @@ def turnover(bench: Bench, parallelism: int) -> dict:
         )
     finally:
         stamps.stop()
-    gaps = stamps.gaps(stamps.pods, parallelism)
+    cpu = cpu_seconds(bench.operator.pid) - cpu_before
+    gaps, ramp_up_ends = stamps.gaps(stamps.pods, parallelism)
     # The operator's part: the next Job created; the rest is the Job controller's pod.
-    operator_gaps = stamps.gaps(stamps.jobs, parallelism)
+    operator_gaps, _ = stamps.gaps(stamps.jobs, parallelism)
+    jobs = sorted(stamps.jobs.values())
     return {
         "parallelism": parallelism,
         "trials": trials,
         "trial_seconds": f"{low}-{high}",
+        "ramp_up_seconds": round(jobs[parallelism - 1] - jobs[0], 2),
+        "ended_during_ramp_up": ramp_up_ends,
         "gaps": len(gaps),
         "idle_gap_p50_seconds": round(percentile(gaps, 0.5), 2),
         "idle_gap_p99_seconds": round(percentile(gaps, 0.99), 2),
         "idle_gap_max_seconds": round(max(gaps), 2),
         "operator_gap_p50_seconds": round(percentile(operator_gaps, 0.5), 2),
         "operator_gap_p99_seconds": round(percentile(operator_gaps, 0.99), 2),
+        "operator_cpu_seconds_per_trial": round(cpu / trials, 3),
     }
 
 

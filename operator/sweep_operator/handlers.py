@@ -102,13 +102,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 @kopf.index("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
-def trial_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+async def trial_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     summary = job_summary(dict(body))
     return {(namespace, labels[LABEL_SWEEP]): summary} if summary else None
 
 
 @kopf.index("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
-def trial_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+async def trial_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     summary = pod_summary(dict(body))
     return {(namespace, labels[LABEL_SWEEP]): summary} if summary else None
 
@@ -117,17 +117,17 @@ _FETCH_LABELS = {LABEL_SWEEP: kopf.PRESENT, LABEL_MODEL_FETCH: kopf.PRESENT}
 
 
 @kopf.index("batch", "v1", "jobs", labels=_FETCH_LABELS)
-def model_fetch_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+async def model_fetch_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     return {(namespace, labels[LABEL_SWEEP]): fetch_job_summary(dict(body))}
 
 
 @kopf.index("", "v1", "pods", labels=_FETCH_LABELS)
-def model_fetch_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
+async def model_fetch_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     return {(namespace, labels[LABEL_SWEEP]): fetch_pod_summary(dict(body))}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
-def sweep_summaries(namespace: str, name: str, body: kopf.Body, **_: Any):
+async def sweep_summaries(namespace: str, name: str, body: kopf.Body, **_: Any):
     """Every sweep's phase and MLflow experiment: what a warm start reads of earlier sweeps."""
     return {(namespace, name): sweep_summary(dict(body))}
 
@@ -183,6 +183,7 @@ async def run_sweep(
     try:
         while True:
             wakeup.clear()
+            started = loop.time()
             # kopf keeps its settings and logging context in context variables.
             context = contextvars.copy_context()
             reconciling = loop.run_in_executor(_reconcile_pool, context.run, reconcile)
@@ -193,8 +194,10 @@ async def run_sweep(
                 await reconciling
                 raise
             # A burst of trial events (a large sweep starting) is handled in one reconcile a
-            # second, not one per event: each reconcile may patch the status.
-            await asyncio.sleep(MIN_RECONCILE_INTERVAL)
+            # second, not one per event: each reconcile may patch the status. Counted start to
+            # start: a reconcile that took longer (creating trials) is followed at once when
+            # trials ended meanwhile, or their GPUs wait a second more for nothing.
+            await asyncio.sleep(MIN_RECONCILE_INTERVAL - (loop.time() - started))
             if reconciler.again:
                 continue
             timeout = min(RESYNC_SECONDS, reconciler.recheck_after or RESYNC_SECONDS)
