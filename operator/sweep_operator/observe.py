@@ -204,17 +204,54 @@ def observe_trial(
     )
 
 
+class TrialMemo:
+    """The last observation of each trial and the summaries it was made from. The indexes
+    replace a Job's or pod's summary when the object changes, so while a trial's Job, pods and
+    MLflow result are the very objects seen last time, its observation is the same: a large
+    sweep's reconcile no longer re-reads thousands of unchanged trials."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[tuple[Any, ...], ObservedTrial]] = {}
+
+    def observe(
+        self, job: Summary, pods: list[Summary], metric: str, tracked: dict[str, Any] | None
+    ) -> ObservedTrial:
+        sources = (metric, tracked, job, *pods)
+        last = self._last.get(job["name"])
+        if last is not None and _same(last[0], sources):
+            return last[1]
+        trial = observe_trial(job, pods, metric, tracked)
+        self._last[job["name"]] = (sources, trial)
+        return trial
+
+    def forget_others(self, names: set[str]) -> None:
+        """Drop the trials whose Jobs are gone."""
+        self._last = {name: last for name, last in self._last.items() if name in names}
+
+
+def _same(last: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
+    return (
+        len(last) == len(now)
+        and last[0] == now[0]
+        and all(a is b for a, b in zip(last[1:], now[1:], strict=True))
+    )
+
+
 def trials_observer(
-    jobs: list[Summary], pods: list[Summary], metric: str
+    jobs: list[Summary], pods: list[Summary], metric: str, memo: TrialMemo | None = None
 ) -> Callable[[Mapping[str, dict[str, Any]]], list[ObservedTrial]]:
-    """`observe_trial` of every trial Job with its pods, given MLflow's results by trial."""
+    """`observe_trial` of every trial Job with its pods, given MLflow's results by trial
+    (through `memo` when given: the observations of unchanged trials are reused)."""
     pods_by_trial: dict[str, list[Summary]] = defaultdict(list)
     for pod in pods:
         pods_by_trial[pod["trial"]].append(pod)
+    if memo is not None:
+        memo.forget_others({job["name"] for job in jobs})
+    observe_one = memo.observe if memo is not None else observe_trial
 
     def observe(results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
         return [
-            observe_trial(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
+            observe_one(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
             for job in jobs
         ]
 

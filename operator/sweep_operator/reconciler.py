@@ -28,7 +28,7 @@ from sweep_operator.mlflow_runs import RunsCache, results_of
 from sweep_operator.naming import label_value
 from sweep_operator.objective import objective_values
 from sweep_operator.observation import Memory, Observation
-from sweep_operator.observe import trials_observer
+from sweep_operator.observe import TrialMemo, trials_observer
 from sweep_operator.plan import Plan, SweepEvent, format_parameters, plan
 from sweep_operator.render import RenderError, SweepRef
 from sweep_operator.report_publisher import ReportPublisher
@@ -58,6 +58,7 @@ class Reconciler:
         self.kueue = Kueue(api, logger)
         self.report = ReportPublisher(logger)
         self.runs: RunsCache | None = None
+        self.observed = TrialMemo()  # the last observation of each trial
         self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
         self.deadline: datetime | None = None  # when the time budget runs out
         self.again = False  # plan again at once: the last one's outcome changes the status
@@ -121,7 +122,7 @@ class Reconciler:
         mlflow = previous.mlflow if previous and previous.mlflow else None
         if runs and not (mlflow and mlflow.parent_run_id):
             mlflow = runs.parent_run(spec, name, namespace, meta["uid"])
-        observe = trials_observer(jobs, pods, spec.objective.metric)
+        observe = trials_observer(jobs, pods, spec.objective.metric, self.observed)
         if runs:
             experiment = mlflow.experiment_id if mlflow else None
             trials = runs.observe(spec, name, experiment, observe)
