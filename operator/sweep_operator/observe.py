@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -204,6 +205,28 @@ def observe_trial(
     )
 
 
+@dataclass(frozen=True)
+class _Seen:
+    """One trial's observation and what it was made from."""
+
+    metric: str
+    tracked: dict[str, Any] | None
+    job: Summary
+    pods: tuple[Summary, ...]
+    trial: ObservedTrial
+
+    def made_from(
+        self, job: Summary, pods: list[Summary], metric: str, tracked: dict[str, Any] | None
+    ) -> bool:
+        return (
+            self.metric == metric
+            and self.tracked is tracked
+            and self.job is job
+            and len(self.pods) == len(pods)
+            and all(a is b for a, b in zip(self.pods, pods, strict=True))
+        )
+
+
 class TrialMemo:
     """The last observation of each trial and the summaries it was made from. The indexes
     replace a Job's or pod's summary when the object changes, so while a trial's Job, pods and
@@ -211,30 +234,21 @@ class TrialMemo:
     sweep's reconcile no longer re-reads thousands of unchanged trials."""
 
     def __init__(self) -> None:
-        self._last: dict[str, tuple[tuple[Any, ...], ObservedTrial]] = {}
+        self._last: dict[str, _Seen] = {}
 
     def observe(
         self, job: Summary, pods: list[Summary], metric: str, tracked: dict[str, Any] | None
     ) -> ObservedTrial:
-        sources = (metric, tracked, job, *pods)
         last = self._last.get(job["name"])
-        if last is not None and _same(last[0], sources):
-            return last[1]
+        if last is not None and last.made_from(job, pods, metric, tracked):
+            return last.trial
         trial = observe_trial(job, pods, metric, tracked)
-        self._last[job["name"]] = (sources, trial)
+        self._last[job["name"]] = _Seen(metric, tracked, job, tuple(pods), trial)
         return trial
 
     def forget_others(self, names: set[str]) -> None:
         """Drop the trials whose Jobs are gone."""
         self._last = {name: last for name, last in self._last.items() if name in names}
-
-
-def _same(last: tuple[Any, ...], now: tuple[Any, ...]) -> bool:
-    return (
-        len(last) == len(now)
-        and last[0] == now[0]
-        and all(a is b for a, b in zip(last[1:], now[1:], strict=True))
-    )
 
 
 def trials_observer(
