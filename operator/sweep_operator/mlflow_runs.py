@@ -1,41 +1,72 @@
 """What the reconciler reads from and writes to MLflow for one sweep, with its caches.
 
 A finished trial's run does not change, so its results and curves are read once and kept;
-MLflow being down only delays them (each call logs a warning and is tried again on a later
+MLflow being down only delays them (each read logs a warning and is tried again after a later
 reconcile). The caches are not state: a restarted operator reads the same again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
-from collections.abc import Callable
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lora_trainer.contract import TAG_NAMESPACE, TAG_SWEEP, TAG_TRIAL
 from sweep_operator.api import MlflowStatus, SweepSpec, SweepStatus
 from sweep_operator.naming import experiment_name, experiment_url
 from sweep_operator.observation import TrialRun
+from sweep_operator.plan import CURVE_POLL_SECONDS
 from sweep_operator.tracking import SweepRuns
 from sweep_operator.trials import Curve, ObservedTrial, TrialState
 
 # Observes a sweep's trials given MLflow's results by trial (observe.observe_trial per Job).
-Observe = Callable[[dict[str, dict[str, Any]]], list[ObservedTrial]]
+Observe = Callable[[Mapping[str, dict[str, Any]]], list[ObservedTrial]]
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What the next read of MLflow fetches, as the last reconcile saw the trials."""
+
+    experiment_id: str
+    sweep: str
+    ended: frozenset[str]  # trials that ended without their run's final data: search for them
+    discover: bool  # running trials whose runs are not known yet (early stopping reads curves)
+    curves: tuple[tuple[str, str, bool], ...]  # (trial, run id, ended) whose curves to read
+    metrics: tuple[str, ...]  # the objective's metrics, for the curves
 
 
 class RunsCache:
-    """One sweep's MLflow runs as the operator sees them."""
+    """One sweep's MLflow runs as the operator sees them.
+
+    A reconcile reads only what is cached here, so MLflow's speed (a search of thousands of
+    runs takes seconds) or an outage does not hold back the creation of trials. It notes what
+    is missing (`due`), and `read` fetches that outside the reconcile, in a thread of its own;
+    the sweep is then woken to plan with it. The one exception: a reconcile that would end the
+    sweep while results are missing reads them first (`read_results`), so that the best trial
+    and the parent run are not settled without them.
+
+    `results`, `searched` and the curves are replaced whole, never changed in place: a
+    reconcile may read them while a read replaces them.
+    """
 
     def __init__(self, uri: str, logger: logging.Logger) -> None:
         self.uri = uri
         self.tracker = SweepRuns(uri)
         self.logger = logger
-        self.results: dict[str, dict[str, Any]] = {}  # MLflow results by trial
-        self.searched: set[str] = set()  # finished trials MLflow was already asked about
-        self.curves: dict[str, dict[str, Curve]] = {}  # final curves of finished trials
+        self.results: Mapping[str, dict[str, Any]] = {}  # MLflow results by trial
+        self.searched: frozenset[str] = frozenset()  # ended trials searched for after they ended
+        self.curves: Mapping[str, dict[str, Curve]] = {}  # final curves of ended trials
+        self.live_curves: Mapping[str, dict[str, Curve]] = {}  # running trials', as last read
+        self.due: Reads | None = None  # what the last reconcile found missing
         self.registered: dict[str, str] = {}  # trial -> models:/ URI of its registered adapter
         self.tagged: set[str] = set()  # stopped trials whose run says why
         self.parent_closed = False
+        self._merging = threading.Lock()
+        self._curves_read_at = -math.inf  # time.monotonic() of the last read of curves
 
     def parent_run(
         self, spec: SweepSpec, name: str, namespace: str, uid: str
@@ -59,61 +90,117 @@ class RunsCache:
     def observe(
         self, spec: SweepSpec, sweep: str, experiment_id: str | None, observe: Observe
     ) -> list[ObservedTrial]:
-        """The trials with their MLflow results (and their curves, with early stopping). A
-        finished trial's final run data does not change: MLflow is searched (once for the
-        whole sweep) when trials finished without a run id or objective since the last time."""
+        """The trials with the MLflow results read so far (and their curves, with early
+        stopping); what is missing becomes `due`."""
         observed = observe(self.results)
-        wanted = {
+        self.due = self._missing(spec, sweep, experiment_id, observed)
+        if spec.early_stopping:
+            curves, live = self.curves, self.live_curves
+            observed = [
+                t.model_copy(update={"curves": curves.get(t.name) or live.get(t.name, {})})
+                for t in observed
+            ]
+        return observed
+
+    def _missing(
+        self, spec: SweepSpec, sweep: str, experiment_id: str | None, observed: list[ObservedTrial]
+    ) -> Reads | None:
+        """A finished trial's run is searched for once after it ended (its final data do not
+        change); with early stopping, running trials' curves at most every
+        CURVE_POLL_SECONDS."""
+        if experiment_id is None:
+            return None
+        results = self.results
+        ended = frozenset(
             t.name
             for t in observed
             if not t.state.active
             and (t.mlflow_run_id is None or (t.state == TrialState.SUCCEEDED and t.value is None))
-        }
-        if wanted - self.searched and experiment_id and self._search(experiment_id, sweep):
-            self.searched |= wanted
-            observed = observe(self.results)
-        if spec.early_stopping:
-            if experiment_id and any(
-                t.state.active and t.name not in self.results for t in observed
-            ):
-                self._search(experiment_id, sweep)
-            observed = self.with_curves(spec, observed)
-        return observed
+        )
+        ended -= self.searched
+        discover, curves = False, ()
+        # Curves change while trials run, and each read of them costs a request per 100 runs.
+        if spec.early_stopping and time.monotonic() - self._curves_read_at >= CURVE_POLL_SECONDS:
+            discover = any(t.state.active and t.name not in results for t in observed)
+            curves = tuple(
+                (t.name, results[t.name]["run_id"], not t.state.active)
+                for t in observed
+                if t.name in results and t.name not in self.curves
+            )
+        if not (ended or discover or curves):
+            return None
+        return Reads(experiment_id, sweep, ended, discover, curves, _metrics(spec))
 
-    def _search(self, experiment_id: str, sweep: str) -> bool:
+    def read(self) -> bool:
+        """Fetch what the last reconcile found missing; whether MLflow answered."""
+        return self._read(self.due)
+
+    def read_results(self) -> bool:
+        """Read the runs of trials that ended without their results, for a reconcile about to
+        end the sweep; whether there were any and MLflow answered."""
+        due = self.due
+        return bool(due and due.ended) and self._read(replace(due, discover=False, curves=()))
+
+    def _read(self, due: Reads | None) -> bool:
+        if due is None:
+            return False
+        if due.curves or due.discover:
+            self._curves_read_at = time.monotonic()
         try:
-            self.results.update(self.tracker.trial_results(experiment_id, sweep))
+            found = (
+                self.tracker.trial_results(due.experiment_id, due.sweep)
+                if due.ended or due.discover
+                else {}
+            )
+            wanted = {trial: run_id for trial, run_id, _ in due.curves}
+            curves = self._read_curves(wanted, due.metrics) if wanted else {}
         except Exception as error:
             self.logger.warning("cannot read trial results from MLflow yet: %s", error)
             return False
+        final = {trial for trial, _, ended in due.curves if ended}
+        with self._merging:
+            self.results = {**self.results, **found}
+            self.searched |= due.ended
+            self.curves = {**self.curves, **{t: c for t, c in curves.items() if t in final}}
+            if due.curves:
+                self.live_curves = {t: c for t, c in curves.items() if t not in final}
         return True
 
+    def _read_curves(
+        self, wanted: dict[str, str], metrics: tuple[str, ...]
+    ) -> dict[str, dict[str, Curve]]:
+        """Each trial's intermediate objective values, by metric (one bulk read per 100 runs
+        per metric)."""
+        fetched: dict[str, dict[str, Curve]] = {trial: {} for trial in wanted}
+        for metric in metrics:
+            by_run = self.tracker.intermediate_values(list(wanted.values()), metric)
+            for trial, run_id in wanted.items():
+                fetched[trial][metric] = by_run.get(run_id, [])
+        return fetched
+
     def with_curves(self, spec: SweepSpec, observed: list[ObservedTrial]) -> list[ObservedTrial]:
-        """Intermediate objective values from MLflow (one bulk read per 100 runs per metric).
-        A finished trial's curve is read once more after it ends, then kept."""
+        """The trials with their curves, for the report: an ended trial's is read once and
+        kept, a running trial's each time."""
+        results = self.results
         wanted = {
-            t.name: self.results[t.name]["run_id"]
+            t.name: results[t.name]["run_id"]
             for t in observed
-            if t.name in self.results and t.name not in self.curves
+            if t.name in results and t.name not in self.curves
         }
-        if not wanted:
-            return [t.model_copy(update={"curves": self.curves.get(t.name, {})}) for t in observed]
-        metrics = {spec.objective.metric, *(m.name for m in spec.objective.metrics or [])}
-        fetched: dict[str, dict[str, Curve]] = defaultdict(dict)
-        try:
-            for metric in sorted(metrics):
-                by_run = self.tracker.intermediate_values(list(wanted.values()), metric)
-                for trial, run_id in wanted.items():
-                    fetched[trial][metric] = by_run.get(run_id, [])
-        except Exception as error:
-            self.logger.warning("cannot read intermediate values from MLflow yet: %s", error)
-        updated = []
-        for trial in observed:
-            curves = self.curves.get(trial.name) or fetched.get(trial.name, {})
-            if trial.name in fetched and not trial.state.active:
-                self.curves[trial.name] = curves
-            updated.append(trial.model_copy(update={"curves": curves}))
-        return updated
+        fetched: dict[str, dict[str, Curve]] = {}
+        if wanted:
+            try:
+                fetched = self._read_curves(wanted, _metrics(spec))
+            except Exception as error:
+                self.logger.warning("cannot read intermediate values from MLflow yet: %s", error)
+            ended = {t.name for t in observed if not t.state.active}
+            with self._merging:
+                self.curves = {**self.curves, **{t: c for t, c in fetched.items() if t in ended}}
+        curves = self.curves
+        return [
+            t.model_copy(update={"curves": curves.get(t.name) or fetched.get(t.name, {})})
+            for t in observed
+        ]
 
     def runs(self) -> dict[str, TrialRun]:
         """The trials' runs as the plan reads them."""
@@ -163,6 +250,11 @@ class RunsCache:
         parent = status.mlflow.parent_run_id if status.mlflow else None
         if parent:
             self.tracker.log_report(parent, files, importance)
+
+
+def _metrics(spec: SweepSpec) -> tuple[str, ...]:
+    """The objective's metrics, whose curves early stopping and the report read."""
+    return tuple(sorted({spec.objective.metric, *(m.name for m in spec.objective.metrics or [])}))
 
 
 def results_of(uri: str, experiment_id: str, sweep: str) -> dict[str, dict[str, Any]]:

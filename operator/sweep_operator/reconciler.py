@@ -29,7 +29,7 @@ from sweep_operator.naming import label_value
 from sweep_operator.objective import objective_values
 from sweep_operator.observation import Memory, Observation
 from sweep_operator.observe import TrialMemo, trials_observer
-from sweep_operator.plan import Plan, SweepEvent, format_parameters, plan
+from sweep_operator.plan import TERMINAL, Plan, SweepEvent, format_parameters, plan
 from sweep_operator.render import RenderError, SweepRef
 from sweep_operator.report_publisher import ReportPublisher
 from sweep_operator.semantic import SweepInvalid, validate_sweep
@@ -94,6 +94,13 @@ class Reconciler:
 
         observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
         result = plan(spec, observation, previous, now)
+        # MLflow is read outside the reconcile (RunsCache), except when this plan would settle
+        # the sweep's outcome while trials' results are missing: nothing is left to create.
+        runs = self.runs if observation.tracking_uri else None
+        concludes = result.status.phase in TERMINAL or result.register_adapter is not None
+        if concludes and runs is not None and runs.read_results():
+            observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
+            result = plan(spec, observation, previous, now)
         try:
             self._carry_out(body, sweep, spec, observation, result, jobs)
         except RenderError as error:
@@ -130,8 +137,8 @@ class Reconciler:
             trials = observe({})
         indexed = {job["name"] for job in jobs}
         self.created = {n: t for n, t in self.created.items() if n not in indexed}
-        if self.report.collect_importance():
-            self.reported = None  # published again, with the new importance
+        if self.report.collect_importance() or self.report.failed():
+            self.reported = None  # published again: with the new importance, or at all
         return Observation(
             sweep=name,
             generation=meta.get("generation"),
@@ -263,6 +270,16 @@ class Reconciler:
             self.reported_at = time.monotonic()
         if runs is not None and result.close_parent_run:
             runs.close_parent_run(result.status)
+
+    @property
+    def mlflow_due(self) -> bool:
+        """Whether the last reconcile found results or curves missing in MLflow."""
+        return self.runs is not None and self.runs.due is not None
+
+    def read_mlflow(self) -> bool:
+        """What the last reconcile found missing in MLflow, read now (outside the reconcile):
+        whether it was read, and the sweep should plan again with it."""
+        return self.runs is not None and self.runs.read()
 
     def _remember(self, observation: Observation, result: Plan) -> None:
         self.deadline = result.deadline

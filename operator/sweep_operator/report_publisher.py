@@ -26,6 +26,10 @@ from sweep_operator.trials import ObservedTrial, TrialState
 # Parameter importance (several fANOVA fits, seconds at 1,000 trials) runs here, off the
 # reconcile: one computation at a time for all sweeps, at most one queued per sweep.
 _importance_pool = ThreadPoolExecutor(1, thread_name_prefix="lorasweep-importance")
+# Reports are published here, off the reconcile, one at a time per sweep: drawing the plots of
+# 2,000 trials, reading their curves and uploading took 24 s in a reconcile, and no trial was
+# created meanwhile.
+_publish_pool = ThreadPoolExecutor(2, thread_name_prefix="lorasweep-report")
 
 
 class ReportPublisher:
@@ -37,6 +41,7 @@ class ReportPublisher:
         self.importance: ParameterImportance | None = None
         self.job: Future[ParameterImportance] | None = None
         self.basis: tuple | None = None  # the scored trials it was asked for
+        self.publishing: Future[bool] | None = None  # the report being published
 
     def collect_importance(self) -> bool:
         """Take a finished importance computation; whether there is a new one (the report is
@@ -62,32 +67,51 @@ class ReportPublisher:
         observed: list[ObservedTrial],
         status: SweepStatus,
     ) -> bool:
-        """best_config.yaml, trials_summary.csv, importance.csv, sensitivity.csv and
+        """Start publishing the report of these trials in the background, and computing their
+        importance; whether it started (not while the last report is being published).
+
+        The report: best_config.yaml, trials_summary.csv, importance.csv, sensitivity.csv and
         correlations.csv in the ConfigMap, those and the plots as artifacts of the parent run,
-        importance as its metrics; then importance of these trials is asked for. Whether it
-        was published (else it is tried again)."""
-        files: dict[str, str | bytes] = {
-            "best_config.yaml": best_config_yaml(spec, status.best_trial, sweep_name=sweep.name),
-            "trials_summary.csv": trials_summary_csv(spec, observed),
-            "importance.csv": importance_csv(self.importance),
-            "sensitivity.csv": sensitivity_csv(spec, observed),
-            "correlations.csv": correlations_csv(spec, observed),
-        }
-        try:
-            writer.write_report(sweep, {k: v for k, v in files.items() if isinstance(v, str)})
-            if runs is not None and status.mlflow and status.mlflow.parent_run_id:
-                if not spec.early_stopping:  # with it, the trials have their curves already
-                    observed = runs.with_curves(spec, observed)
-                best = status.best_trial.name if status.best_trial else None
-                files["optimization_plot.png"] = optimization_plot_png(spec, observed)
-                files["learning_curves.png"] = learning_curves_png(spec, observed, best)
-                shares = self.importance.parameters if self.importance else []
-                runs.log_report(status, files, {share.name: share.percent for share in shares})
-        except Exception as error:
-            self.logger.warning("cannot publish the sweep report yet: %s", error)
+        importance as its metrics."""
+        if self.publishing is not None and not self.publishing.done():
             return False
+        importance, best = self.importance, status.best_trial
+
+        def write() -> bool:
+            files: dict[str, str | bytes] = {
+                "best_config.yaml": best_config_yaml(spec, best, sweep_name=sweep.name),
+                "trials_summary.csv": trials_summary_csv(spec, observed),
+                "importance.csv": importance_csv(importance),
+                "sensitivity.csv": sensitivity_csv(spec, observed),
+                "correlations.csv": correlations_csv(spec, observed),
+            }
+            try:
+                writer.write_report(sweep, {k: v for k, v in files.items() if isinstance(v, str)})
+                if runs is not None and status.mlflow and status.mlflow.parent_run_id:
+                    # With early stopping the trials have their curves already.
+                    curved = observed if spec.early_stopping else runs.with_curves(spec, observed)
+                    files["optimization_plot.png"] = optimization_plot_png(spec, curved)
+                    files["learning_curves.png"] = learning_curves_png(
+                        spec, curved, best.name if best else None
+                    )
+                    shares = importance.parameters if importance else []
+                    runs.log_report(status, files, {share.name: share.percent for share in shares})
+            except Exception as error:
+                self.logger.warning("cannot publish the sweep report yet: %s", error)
+                return False
+            return True
+
+        self.publishing = _publish_pool.submit(write)
         self._start_importance(spec, observed)
         return True
+
+    def failed(self) -> bool:
+        """Whether the last report could not be published (it is due again)."""
+        job = self.publishing
+        if job is None or not job.done():
+            return False
+        self.publishing = None
+        return job.exception() is not None or not job.result()
 
     def _start_importance(self, spec: SweepSpec, observed: list[ObservedTrial]) -> None:
         """Ask the background pool for the importance of these trials, unless it is computing

@@ -308,10 +308,14 @@ def test_mlflow_stopped_mid_sweep_loses_no_result_and_catches_up(
     assert stopped.info.status == "KILLED"
     # Trials 2 and 3 never had a run; trial 2's result came from its termination message.
     assert set(trial_runs(mlflow, experiment_id, "offline")) == {"offline-0000", "offline-0001"}
-    listed = mlflow_artifacts.list_artifacts(
-        run_id=result["mlflow"]["parentRunId"], tracking_uri=mlflow_uri
-    )
-    assert "best_config.yaml" in {a.path for a in listed}
+
+    def report_published() -> bool:
+        listed = mlflow_artifacts.list_artifacts(
+            run_id=result["mlflow"]["parentRunId"], tracking_uri=mlflow_uri
+        )
+        return "best_config.yaml" in {a.path for a in listed}
+
+    wait_for(report_published, 60, "the report in the parent run's artifacts")
 
 
 def test_deleting_a_sweep_mid_run_leaves_no_process_or_object(

@@ -131,17 +131,28 @@ def test_tpe_with_median_stopping(
     for name in interrupted:
         assert runs[name].info.status == "KILLED"
 
-    # The report: a ConfigMap named after the sweep and artifacts of the parent run.
-    report = client.CoreV1Api(kube_client).read_namespaced_config_map("tpe-report", namespace)
-    best_config = yaml.safe_load(report.data["best_config.yaml"])
+    # The report: a ConfigMap named after the sweep and artifacts of the parent run, published
+    # in the background once the sweep has ended.
+    core = client.CoreV1Api(kube_client)
+
+    def final_report() -> dict[str, str] | None:
+        data = core.read_namespaced_config_map("tpe-report", namespace).data
+        rows = list(csv.DictReader(io.StringIO(data["trials_summary.csv"])))
+        return data if sorted(r["name"] for r in rows) == sorted(jobs) else None
+
+    report = wait_for(final_report, 30, "the final report")
+    best_config = yaml.safe_load(report["best_config.yaml"])
     assert best_config["parameters"] == best["parameters"]
-    rows = list(csv.DictReader(io.StringIO(report.data["trials_summary.csv"])))
-    assert sorted(r["name"] for r in rows) == sorted(jobs)
-    listed = mlflow_artifacts.list_artifacts(
-        run_id=status["mlflow"]["parentRunId"], tracking_uri=mlflow_uri
-    )
-    artifacts = {a.path for a in listed}
-    assert {"best_config.yaml", "trials_summary.csv", "optimization_plot.png"} <= artifacts
+
+    def artifacts() -> set[str] | None:
+        listed = mlflow_artifacts.list_artifacts(
+            run_id=status["mlflow"]["parentRunId"], tracking_uri=mlflow_uri
+        )
+        paths = {a.path for a in listed}
+        return paths if "optimization_plot.png" in paths else None
+
+    published = wait_for(artifacts, 30, "the report's artifacts")
+    assert {"best_config.yaml", "trials_summary.csv", "optimization_plot.png"} <= published
 
     # Fewer than 15 scored trials: importance says so rather than naming a winner.
     def importance_of_all():

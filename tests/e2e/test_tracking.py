@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+from collections.abc import Mapping
+from typing import Any
 
 from mlflow import MlflowClient
 
 from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL
+from sweep_operator.mlflow_runs import RunsCache
+from sweep_operator.plan import CURVE_POLL_SECONDS
 from sweep_operator.tracking import SweepRuns
+from sweep_operator.trials import ObservedTrial, TrialState
+from tests.support import free_port
+from tests.unit.sweep_helpers import make_spec
 
 
 def test_parent_run_is_found_again_after_a_restart(mlflow_uri):
@@ -41,3 +50,87 @@ def test_trial_results_and_intermediate_values_in_bulk(mlflow_uri):
     assert {run: [(p.step, p.value) for p in points] for run, points in got.items()} == curves
     # ASHA orders the trials that reached a rung by when they logged their value there.
     assert all(p.time > 1.7e9 for points in got.values() for p in points)
+
+
+class Trials:
+    """Trials as the operator's indexes would show them, with MLflow's results given."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, TrialState] = {}
+
+    def observe(self, results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
+        return [
+            ObservedTrial(
+                name=name,
+                index=index,
+                parameters={},
+                state=state,
+                value=0.5 if state == TrialState.SUCCEEDED else None,  # its termination message
+                mlflow_run_id=(results.get(name) or {}).get("run_id"),
+            )
+            for index, (name, state) in enumerate(self.states.items())
+        ]
+
+
+def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlflow_uri):
+    """A reconcile observes a sweep's trials with the runs read so far, so a slow or
+    unreachable MLflow holds none back (and with it no new trial). What it misses (the run of
+    a trial that ended) is read apart and seen by the next reconcile; one about to end the
+    sweep reads it at once."""
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
+    spec = make_spec(earlyStopping={"algorithm": "median"})
+    cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
+    trials = Trials()
+
+    def observe() -> dict[str, ObservedTrial]:
+        observed = cache.observe(spec, "sw", experiment, trials.observe)
+        return {t.name: t for t in observed}
+
+    def start(name: str) -> str:
+        trials.states[name] = TrialState.RUNNING
+        run = mlflow.create_run(experiment, tags={TAG_SWEEP: "sw", TAG_TRIAL: name})
+        mlflow.log_metric(run.info.run_id, "eval_loss", 0.9, step=1)
+        return run.info.run_id
+
+    first = start("sw-0000")
+    trials.states["sw-0000"] = TrialState.SUCCEEDED
+    assert observe()["sw-0000"].mlflow_run_id is None
+    assert cache.due is not None and cache.due.ended == {"sw-0000"}
+    assert cache.read()
+    assert observe()["sw-0000"].mlflow_run_id == first
+    assert cache.due is None or not cache.due.ended  # an ended trial's run is searched once
+
+    second = start("sw-0001")
+    observed = observe()
+    assert observed["sw-0001"].mlflow_run_id is None and not observed["sw-0001"].curves
+    assert cache.due is not None and cache.due.discover  # early stopping wants its curve
+    assert cache.read()
+    assert observe()["sw-0001"].mlflow_run_id == second
+    time.sleep(CURVE_POLL_SECONDS)  # running trials' curves are read at most this often
+    observe()
+    assert cache.read()
+    points = observe()["sw-0001"].curves["eval_loss"]
+    assert [(p.step, p.value) for p in points] == [(1, 0.9)]
+
+    third = start("sw-0002")
+    trials.states["sw-0002"] = TrialState.SUCCEEDED
+    assert observe()["sw-0002"].mlflow_run_id is None
+    assert cache.read_results()
+    assert observe()["sw-0002"].mlflow_run_id == third
+    assert not cache.read_results()  # nothing is missing any more
+
+
+def test_an_unreachable_mlflow_changes_no_observation_and_is_read_again(monkeypatch):
+    # The operator's settings (handlers.configure): MLflow's client would retry for minutes.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = RunsCache(f"http://127.0.0.1:{free_port()}", logging.getLogger(__name__))
+    trials = Trials()
+    trials.states["sw-0000"] = TrialState.SUCCEEDED
+    observed = down.observe(make_spec(), "sw", "1", trials.observe)
+    assert [(t.state, t.value, t.mlflow_run_id) for t in observed] == [
+        (TrialState.SUCCEEDED, 0.5, None)
+    ]
+    assert not down.read() and not down.read_results()
+    down.observe(make_spec(), "sw", "1", trials.observe)
+    assert down.due is not None and down.due.ended == {"sw-0000"}  # asked again
