@@ -21,12 +21,15 @@ turnover: the GPU idle gap. Sweeps of parallelism P (`--parallelism`, e.g. 8,100
     (the Job controller makes the pod). Gaps count once all P slots are filled: trials that end
     during the ramp-up (the first P Jobs take ~25 s at P=1000 on 2 cores, and trials last 20 s)
     are counted apart, with the ramp-up's length. Also: the operator's CPU time per trial.
+    With `--mlflow`, the sweep tracks to the dev cluster's MLflow, and the bench logs each
+    trial's run as a trainer would (created when its Job appears, ended with its metric when
+    it completes): the operator then looks up thousands of runs as trials end.
 sweeps: many sweeps on one operator. `--sweeps` N sweeps: half of them one-trial sweeps that
     have finished, then the rest, each running 20 trials 4 at a time: the time until all have
     finished, and the longest any of them waited for its first trial.
 
     .venv/bin/python bench/operator_scale.py [--mode fanout --trials 1000]
-    .venv/bin/python bench/operator_scale.py --mode turnover --parallelism 8,1000
+    .venv/bin/python bench/operator_scale.py --mode turnover --parallelism 8,1000 [--mlflow]
     .venv/bin/python bench/operator_scale.py --mode sweeps --sweeps 100
 """
 
@@ -49,12 +52,14 @@ from typing import Any
 import urllib3
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
+from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import devcluster  # noqa: E402
 from devcluster.operator_process import OperatorProcess, release_sweeps  # noqa: E402
+from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL  # noqa: E402
 from sweep_operator.api import GROUP, PLURAL, VERSION, SweepSpec  # noqa: E402
 from sweep_operator.naming import trial_name  # noqa: E402
 from sweep_operator.render import SweepRef, render_trial_job  # noqa: E402
@@ -251,11 +256,44 @@ def fanout(bench: Bench, trials: int, settle: float) -> dict:
     }
 
 
-class Stamps:
-    """When a watch first saw each trial Job created, each Job complete and each pod created."""
+class TrialRuns:
+    """Each trial's MLflow run, as the trainer would log it: created when its Job appears,
+    ended with its objective when the Job completes (in a pool, off the watch)."""
 
-    def __init__(self, bench: Bench) -> None:
+    def __init__(self, uri: str, experiment: str, sweep: str) -> None:
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = self.client.create_experiment(experiment)
+        self.sweep = sweep
+        self.run_ids: dict[str, str] = {}
+        self.pool = ThreadPoolExecutor(4, thread_name_prefix="bench-mlflow")
+
+    def started(self, trial: str) -> None:
+        self.pool.submit(self._create, trial)
+
+    def ended(self, trial: str) -> None:
+        self.pool.submit(self._end, trial)
+
+    def _create(self, trial: str) -> None:
+        tags = {TAG_SWEEP: self.sweep, TAG_TRIAL: trial}
+        run = self.client.create_run(self.experiment_id, run_name=trial, tags=tags)
+        self.run_ids[trial] = run.info.run_id
+
+    def _end(self, trial: str) -> None:
+        if trial in self.run_ids:
+            self.client.log_metric(self.run_ids[trial], "eval_loss", 0.5)
+            self.client.set_terminated(self.run_ids[trial])
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class Stamps:
+    """When a watch first saw each trial Job created, each Job complete and each pod created;
+    with `runs`, their MLflow runs are logged as they start and end."""
+
+    def __init__(self, bench: Bench, runs: TrialRuns | None = None) -> None:
         self.bench = bench
+        self.runs = runs
         self.jobs: dict[str, float] = {}
         self.pods: dict[str, float] = {}
         self.completed: dict[str, float] = {}
@@ -302,11 +340,16 @@ class Stamps:
     def _watch_jobs(self) -> None:
         def record(kind: str, job: dict, now: float) -> None:
             name = job["metadata"]["name"]
-            if kind == "ADDED":
-                self.jobs.setdefault(name, now)
+            if kind == "ADDED" and name not in self.jobs:
+                self.jobs[name] = now
+                if self.runs:
+                    self.runs.started(name)
             conditions = job.get("status", {}).get("conditions", [])
-            if any(c["type"] == "Complete" and c["status"] == "True" for c in conditions):
-                self.completed.setdefault(name, now)
+            complete = any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)
+            if complete and name not in self.completed:
+                self.completed[name] = now
+                if self.runs:
+                    self.runs.ended(name)
 
         self._stream(self.bench.batch.list_namespaced_job, record)
 
@@ -328,7 +371,7 @@ class Stamps:
         return steady, len(pairs) - len(steady)
 
 
-def turnover(bench: Bench, parallelism: int) -> dict:
+def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None) -> dict:
     long = parallelism >= 100
     trials = parallelism * 2 if long else parallelism * 10
     low, high = ("20s", "60s") if long else ("2s", "6s")
@@ -337,12 +380,17 @@ def turnover(bench: Bench, parallelism: int) -> dict:
         "lorasweep.io/sim-duration-max": high,
         "lorasweep.io/sim-result": '{"metrics": {"eval_loss": 0.5}}',
     }
+    name = f"turnover-{parallelism}"
+    spec = sweep_spec(trials, parallelism, annotations)
+    runs = None
+    if mlflow_uri:
+        spec["mlflow"] = {"trackingUri": mlflow_uri, "experimentName": bench.namespace}
+        runs = TrialRuns(mlflow_uri, bench.namespace, name)
     bench.operator.start()
     cpu_before = cpu_seconds(bench.operator.pid)
-    stamps = Stamps(bench)
-    name = f"turnover-{parallelism}"
+    stamps = Stamps(bench, runs)
     try:
-        bench.apply(name, sweep_spec(trials, parallelism, annotations))
+        bench.apply(name, spec)
         wait_for(
             lambda: bench.phases().get(name) == "Succeeded",
             # The slowest trial takes 60 s; on 2 cores pods wait to be scheduled too.
@@ -352,6 +400,8 @@ def turnover(bench: Bench, parallelism: int) -> dict:
         )
     finally:
         stamps.stop()
+        if runs:
+            runs.close()
     cpu = cpu_seconds(bench.operator.pid) - cpu_before
     gaps, ramp_up_ends = stamps.gaps(stamps.pods, parallelism)
     # The operator's part: the next Job created; the rest is the Job controller's pod.
@@ -360,6 +410,7 @@ def turnover(bench: Bench, parallelism: int) -> dict:
     return {
         "parallelism": parallelism,
         "trials": trials,
+        "mlflow": runs is not None,
         "trial_seconds": f"{low}-{high}",
         "ramp_up_seconds": round(jobs[parallelism - 1] - jobs[0], 2),
         "ended_during_ramp_up": ramp_up_ends,
@@ -427,6 +478,9 @@ def main() -> None:
     parser.add_argument("--parallelism", default="8,1000", help="turnover: comma-separated P")
     parser.add_argument("--sweeps", type=int, default=100, help="sweeps: how many")
     parser.add_argument(
+        "--mlflow", action="store_true", help="turnover: track to the dev cluster's MLflow"
+    )
+    parser.add_argument(
         "--settle", type=float, default=300, help="fanout: longest wait for the trials' pods"
     )
     args = parser.parse_args()
@@ -459,7 +513,8 @@ def main() -> None:
                 results.append(fanout(bench, args.trials, args.settle))
             elif args.mode == "turnover":
                 assert run is not None
-                results.append(turnover(bench, run))
+                mlflow_uri = devcluster.Cluster.load().mlflow_url if args.mlflow else None
+                results.append(turnover(bench, run, mlflow_uri))
             else:
                 results.append(many_sweeps(bench, args.sweeps))
             # On stderr at once: cleaning 10,000 trials up takes minutes, and may fail.
