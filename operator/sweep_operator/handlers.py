@@ -45,7 +45,7 @@ RECONCILE_WORKERS = 8
 _wakeups: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
 # Reconciles of all sweeps: a sweep holds a thread only while it reconciles.
 _reconcile_pool = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="lorasweep-reconcile")
-# MLflow reads of all sweeps (one at a time per sweep), outside their reconciles.
+# MLflow work of all sweeps (one at a time per sweep), outside their reconciles.
 _mlflow_pool = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="lorasweep-mlflow")
 
 
@@ -181,12 +181,12 @@ async def run_sweep(
             else:
                 logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
 
-    def read_done(reading: asyncio.Future) -> None:
-        if not reading.cancelled() and reading.exception() is None and reading.result():
+    def caught_up(work: asyncio.Future) -> None:
+        if not work.cancelled() and work.exception() is None and work.result():
             wakeup.set()
 
     loop = asyncio.get_running_loop()
-    reading: asyncio.Future | None = None
+    catching_up: asyncio.Future | None = None
     try:
         while True:
             wakeup.clear()
@@ -200,13 +200,13 @@ async def run_sweep(
                 # Stopped mid-reconcile: let it end, so no creation it made goes unseen.
                 await reconciling
                 raise
-            # What the reconcile found missing in MLflow is read while the next ones go on:
-            # a search of thousands of runs (or an MLflow outage) holds back no trial.
-            if reconciler.mlflow_due and (reading is None or reading.done()):
-                reading = loop.run_in_executor(
-                    _mlflow_pool, contextvars.copy_context().run, reconciler.read_mlflow
+            # The MLflow work the reconcile left is done while the next ones go on: a search
+            # of thousands of runs (or an MLflow that does not answer) holds back no trial.
+            if reconciler.mlflow_pending and (catching_up is None or catching_up.done()):
+                catching_up = loop.run_in_executor(
+                    _mlflow_pool, contextvars.copy_context().run, reconciler.catch_up_mlflow
                 )
-                reading.add_done_callback(read_done)
+                catching_up.add_done_callback(caught_up)
             # A burst of trial events (a large sweep starting, trials ending by the dozen) is
             # handled in one reconcile per interval, not one per event: each reconcile may
             # patch the status. Counted start to start: a reconcile that took longer (creating

@@ -40,17 +40,20 @@ class Reads:
 
 
 class RunsCache:
-    """One sweep's MLflow runs as the operator sees them.
+    """One sweep's MLflow runs as the operator sees them, and its MLflow work.
 
     A reconcile reads only what is cached here, so MLflow's speed (a search of thousands of
     runs takes seconds) or an outage does not hold back the creation of trials. It notes what
-    is missing (`due`), and `read` fetches that outside the reconcile, in a thread of its own;
-    the sweep is then woken to plan with it. The one exception: a reconcile that would end the
-    sweep while results are missing reads them first (`read_results`), so that the best trial
-    and the parent run are not settled without them.
+    it missed (`due`) and which stopped trials' runs to tag (`to_tag`); `catch_up` does that
+    outside the reconcile, in a thread of its own, and the sweep is then woken to plan with
+    it. The exceptions: the parent run is asked for once in the first reconcile, so that the
+    first trials' runs nest under it; a reconcile that would end the sweep while results are
+    missing reads them first (`read_results`), so that the best trial and the parent run are
+    not settled without them; and registering the adapter and closing the parent run, which
+    settle the sweep's outcome, are done in the reconcile.
 
-    `results`, `searched` and the curves are replaced whole, never changed in place: a
-    reconcile may read them while a read replaces them.
+    What a reconcile reads here is replaced whole, never changed in place: `catch_up` may
+    replace it meanwhile.
     """
 
     def __init__(self, uri: str, logger: logging.Logger) -> None:
@@ -62,30 +65,55 @@ class RunsCache:
         self.curves: Mapping[str, dict[str, Curve]] = {}  # final curves of ended trials
         self.live_curves: Mapping[str, dict[str, Curve]] = {}  # running trials', as last read
         self.due: Reads | None = None  # what the last reconcile found missing
+        self.to_tag: Mapping[str, str] = {}  # stopped trials whose run to tag, with why
+        self.tagged: frozenset[str] = frozenset()  # stopped trials whose run says why
+        self.parent: MlflowStatus | None = None
         self.registered: dict[str, str] = {}  # trial -> models:/ URI of its registered adapter
-        self.tagged: set[str] = set()  # stopped trials whose run says why
         self.parent_closed = False
+        self.answered = True  # by MLflow, at the last read
+        self._parent_wanted: tuple[str, str, str, str] | None = None  # experiment, sweep, ns, uid
         self._merging = threading.Lock()
         self._curves_read_at = -math.inf  # time.monotonic() of the last read of curves
 
     def parent_run(
         self, spec: SweepSpec, name: str, namespace: str, uid: str
     ) -> MlflowStatus | None:
-        """The sweep's experiment and parent run, created on first call; None while MLflow
-        cannot be reached (trials still run, results come later)."""
-        experiment = experiment_name(
-            namespace, name, spec.mlflow.experiment_name if spec.mlflow else None
-        )
+        """The sweep's experiment and parent run, created on the first call; None while MLflow
+        cannot be reached (trials still run, results come later, and `catch_up` asks again)."""
+        if self.parent is None and self._parent_wanted is None:
+            experiment = experiment_name(
+                namespace, name, spec.mlflow.experiment_name if spec.mlflow else None
+            )
+            self._parent_wanted = (experiment, name, namespace, uid)
+            self._ensure_parent(self._parent_wanted)
+        return self.parent
+
+    def _ensure_parent(self, wanted: tuple[str, str, str, str]) -> bool:
         try:
-            experiment_id, run_id = self.tracker.ensure_parent_run(experiment, name, namespace, uid)
+            experiment_id, run_id = self.tracker.ensure_parent_run(*wanted)
         except Exception as error:
             self.logger.warning("MLflow unreachable, will retry: %s", error)
-            return None
-        return MlflowStatus(
+            return False
+        self.parent = MlflowStatus(
             experiment_id=experiment_id,
             parent_run_id=run_id,
             url=experiment_url(self.uri, experiment_id),
         )
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Whether the last reconcile left work for `catch_up`."""
+        unmade = self.parent is None and self._parent_wanted is not None
+        return unmade or self.due is not None or bool(self.to_tag)
+
+    def catch_up(self) -> bool:
+        """What the last reconcile left: the parent run if it could not be made, the reads it
+        missed, the stopped trials' tags. Whether MLflow answered (then plan again)."""
+        wanted = self._parent_wanted
+        if self.parent is None and wanted is not None and not self._ensure_parent(wanted):
+            return False
+        return self._read(self.due) is not False and self._tag(self.to_tag)
 
     def observe(
         self, spec: SweepSpec, sweep: str, experiment_id: str | None, observe: Observe
@@ -94,6 +122,8 @@ class RunsCache:
         stopping); what is missing becomes `due`."""
         observed = observe(self.results)
         self.due = self._missing(spec, sweep, experiment_id, observed)
+        if self.due and self.due.ended and self.answered:
+            observed = [self._reporting(t, self.due.ended) for t in observed]
         if spec.early_stopping:
             curves, live = self.curves, self.live_curves
             observed = [
@@ -101,6 +131,16 @@ class RunsCache:
                 for t in observed
             ]
         return observed
+
+    @staticmethod
+    def _reporting(trial: ObservedTrial, unread: frozenset[str]) -> ObservedTrial:
+        """A trial that succeeded without its objective in its termination message is still
+        reporting until its run is read (as `observe_trial` waits for the pod's message): it
+        is not counted, nor announced, as succeeded without one. Not while MLflow does not
+        answer: then it is, as before, and its value comes once MLflow is back."""
+        if trial.name in unread and trial.state == TrialState.SUCCEEDED and trial.value is None:
+            return trial.model_copy(update={"state": TrialState.RUNNING})
+        return trial
 
     def _missing(
         self, spec: SweepSpec, sweep: str, experiment_id: str | None, observed: list[ObservedTrial]
@@ -131,19 +171,18 @@ class RunsCache:
             return None
         return Reads(experiment_id, sweep, ended, discover, curves, _metrics(spec))
 
-    def read(self) -> bool:
-        """Fetch what the last reconcile found missing; whether MLflow answered."""
-        return self._read(self.due)
-
     def read_results(self) -> bool:
         """Read the runs of trials that ended without their results, for a reconcile about to
         end the sweep; whether there were any and MLflow answered."""
         due = self.due
-        return bool(due and due.ended) and self._read(replace(due, discover=False, curves=()))
-
-    def _read(self, due: Reads | None) -> bool:
-        if due is None:
+        if due is None or not due.ended:
             return False
+        return bool(self._read(replace(due, discover=False, curves=())))
+
+    def _read(self, due: Reads | None) -> bool | None:
+        """Whether MLflow answered; None when there was nothing to read."""
+        if due is None:
+            return None
         if due.curves or due.discover:
             self._curves_read_at = time.monotonic()
         try:
@@ -156,7 +195,9 @@ class RunsCache:
             curves = self._read_curves(wanted, due.metrics) if wanted else {}
         except Exception as error:
             self.logger.warning("cannot read trial results from MLflow yet: %s", error)
+            self.answered = False
             return False
+        self.answered = True
         final = {trial for trial, _, ended in due.curves if ended}
         with self._merging:
             self.results = {**self.results, **found}
@@ -209,15 +250,19 @@ class RunsCache:
             for trial, run in self.results.items()
         }
 
-    def tag_stopped(self, reasons: dict[str, str]) -> None:
-        """Tag each stopped trial's run with why it was stopped."""
+    def _tag(self, reasons: Mapping[str, str]) -> bool:
+        """Tag each stopped trial's run with why it was stopped; whether MLflow answered."""
+        results = self.results
         for trial, reason in reasons.items():
+            if trial in self.tagged:
+                continue
             try:
-                self.tracker.mark_stopped(self.results[trial]["run_id"], reason)
+                self.tracker.mark_stopped(results[trial]["run_id"], reason)
             except Exception as error:
                 self.logger.warning("cannot mark %s stopped in MLflow yet: %s", trial, error)
-                return
-            self.tagged.add(trial)
+                return False
+            self.tagged |= {trial}
+        return True
 
     def register_adapter(self, model: str, trial: str, sweep: str, namespace: str) -> None:
         """Register the trial's uploaded adapter as a new version of `model`."""

@@ -157,7 +157,7 @@ class Reconciler:
                 report_age=time.monotonic() - self.reported_at,
                 importance=self.report.importance,
                 registered=dict(runs.registered) if runs else {},
-                tagged=frozenset(runs.tagged) if runs else frozenset(),
+                tagged=runs.tagged if runs else frozenset(),
                 parent_closed=runs.parent_closed if runs else False,
             ),
         )
@@ -254,7 +254,7 @@ class Reconciler:
             self.kueue.waiting_event(body, spec, sweep.namespace, jobs, list(observation.trials))
         runs = self.runs if observation.tracking_uri else None
         if runs is not None:
-            runs.tag_stopped(result.tag_stopped)
+            runs.to_tag = result.tag_stopped  # by catch_up, after this reconcile
             if result.register_adapter and spec.mlflow and spec.mlflow.registered_model:
                 runs.register_adapter(
                     spec.mlflow.registered_model,
@@ -272,14 +272,14 @@ class Reconciler:
             runs.close_parent_run(result.status)
 
     @property
-    def mlflow_due(self) -> bool:
-        """Whether the last reconcile found results or curves missing in MLflow."""
-        return self.runs is not None and self.runs.due is not None
+    def mlflow_pending(self) -> bool:
+        """Whether the last reconcile left MLflow work (RunsCache.catch_up)."""
+        return self.runs is not None and self.runs.pending
 
-    def read_mlflow(self) -> bool:
-        """What the last reconcile found missing in MLflow, read now (outside the reconcile):
-        whether it was read, and the sweep should plan again with it."""
-        return self.runs is not None and self.runs.read()
+    def catch_up_mlflow(self) -> bool:
+        """The MLflow work the last reconcile left, done now (outside the reconcile): whether
+        MLflow answered, and the sweep should plan again with what it gave."""
+        return self.runs is not None and self.runs.catch_up()
 
     def _remember(self, observation: Observation, result: Plan) -> None:
         self.deadline = result.deadline

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 
 from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL
 from sweep_operator.mlflow_runs import RunsCache
+from sweep_operator.observe import trials_observer
 from sweep_operator.plan import CURVE_POLL_SECONDS
 from sweep_operator.tracking import SweepRuns
 from sweep_operator.trials import ObservedTrial, TrialState
@@ -52,24 +53,41 @@ def test_trial_results_and_intermediate_values_in_bulk(mlflow_uri):
     assert all(p.time > 1.7e9 for points in got.values() for p in points)
 
 
+RESULT = '{"metrics": {"eval_loss": 0.5}}'
+
+
 class Trials:
-    """Trials as the operator's indexes would show them, with MLflow's results given."""
+    """Trial Jobs and pods as the operator's indexes summarise them (observe.job_summary and
+    observe.pod_summary), observed as a reconcile does."""
 
     def __init__(self) -> None:
-        self.states: dict[str, TrialState] = {}
+        self.jobs: dict[str, dict[str, Any]] = {}
+        self.pods: dict[str, dict[str, Any]] = {}
+
+    def run(self, name: str) -> None:
+        self._set(name, complete=False, phase="Running", message="")
+
+    def end(self, name: str, message: str = RESULT) -> None:
+        """The trial succeeds; `message` is its termination message ("" when it wrote none)."""
+        self._set(name, complete=True, phase="Succeeded", message=message)
+
+    def _set(self, name: str, complete: bool, phase: str, message: str) -> None:
+        self.jobs[name] = {
+            **dict.fromkeys(("uid", "failure"), ""),
+            **dict.fromkeys(("finished_at", "started_at", "stopped", "queue")),
+            **dict.fromkeys(("deleting", "failed", "suspended"), False),
+            "name": name,
+            "index": int(name.rsplit("-", 1)[1]),
+            "parameters": {},
+            "complete": complete,
+            "ready": 0 if complete else 1,
+        }
+        pod = {"phase": phase, "message": message, "exit_code": None}
+        self.pods[name] = {"trial": name, "name": f"{name}-pod", **pod}
 
     def observe(self, results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
-        return [
-            ObservedTrial(
-                name=name,
-                index=index,
-                parameters={},
-                state=state,
-                value=0.5 if state == TrialState.SUCCEEDED else None,  # its termination message
-                mlflow_run_id=(results.get(name) or {}).get("run_id"),
-            )
-            for index, (name, state) in enumerate(self.states.items())
-        ]
+        jobs, pods = list(self.jobs.values()), list(self.pods.values())
+        return trials_observer(jobs, pods, "eval_loss")(results)
 
 
 def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlflow_uri):
@@ -88,16 +106,16 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
         return {t.name: t for t in observed}
 
     def start(name: str) -> str:
-        trials.states[name] = TrialState.RUNNING
+        trials.run(name)
         run = mlflow.create_run(experiment, tags={TAG_SWEEP: "sw", TAG_TRIAL: name})
         mlflow.log_metric(run.info.run_id, "eval_loss", 0.9, step=1)
         return run.info.run_id
 
     first = start("sw-0000")
-    trials.states["sw-0000"] = TrialState.SUCCEEDED
+    trials.end("sw-0000")
     assert observe()["sw-0000"].mlflow_run_id is None
     assert cache.due is not None and cache.due.ended == {"sw-0000"}
-    assert cache.read()
+    assert cache.catch_up()
     assert observe()["sw-0000"].mlflow_run_id == first
     assert cache.due is None or not cache.due.ended  # an ended trial's run is searched once
 
@@ -105,20 +123,48 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
     observed = observe()
     assert observed["sw-0001"].mlflow_run_id is None and not observed["sw-0001"].curves
     assert cache.due is not None and cache.due.discover  # early stopping wants its curve
-    assert cache.read()
+    assert cache.catch_up()
     assert observe()["sw-0001"].mlflow_run_id == second
     time.sleep(CURVE_POLL_SECONDS)  # running trials' curves are read at most this often
     observe()
-    assert cache.read()
+    assert cache.catch_up()
     points = observe()["sw-0001"].curves["eval_loss"]
     assert [(p.step, p.value) for p in points] == [(1, 0.9)]
 
     third = start("sw-0002")
-    trials.states["sw-0002"] = TrialState.SUCCEEDED
+    trials.end("sw-0002")
     assert observe()["sw-0002"].mlflow_run_id is None
     assert cache.read_results()
     assert observe()["sw-0002"].mlflow_run_id == third
     assert not cache.read_results()  # nothing is missing any more
+
+
+def test_a_result_only_in_mlflow_is_awaited_while_mlflow_answers(mlflow_uri, monkeypatch):
+    """A trial that wrote no termination message and logged its objective only to MLflow is
+    still reporting until its run is read: it is not counted as succeeded without an objective
+    (nor announced so in an Event). While MLflow does not answer, it is, as before."""
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
+    spec = make_spec()
+    cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
+    trials = Trials()
+    run = mlflow.create_run(experiment, tags={TAG_SWEEP: "sw", TAG_TRIAL: "sw-0000"})
+    mlflow.log_metric(run.info.run_id, "eval_loss", 0.3)
+    trials.end("sw-0000", message="")
+
+    [reporting] = cache.observe(spec, "sw", experiment, trials.observe)
+    assert reporting.state == TrialState.RUNNING and reporting.value is None
+    assert cache.catch_up()
+    [scored] = cache.observe(spec, "sw", experiment, trials.observe)
+    assert (scored.state, scored.value) == (TrialState.SUCCEEDED, 0.3)
+
+    # The operator's settings (handlers.configure): MLflow's client would retry for minutes.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    down = RunsCache(f"http://127.0.0.1:{free_port()}", logging.getLogger(__name__))
+    assert down.observe(spec, "sw", experiment, trials.observe)[0].state == TrialState.RUNNING
+    assert not down.catch_up()
+    [unscored] = down.observe(spec, "sw", experiment, trials.observe)
+    assert (unscored.state, unscored.value) == (TrialState.SUCCEEDED, None)
 
 
 def test_an_unreachable_mlflow_changes_no_observation_and_is_read_again(monkeypatch):
@@ -126,11 +172,11 @@ def test_an_unreachable_mlflow_changes_no_observation_and_is_read_again(monkeypa
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = RunsCache(f"http://127.0.0.1:{free_port()}", logging.getLogger(__name__))
     trials = Trials()
-    trials.states["sw-0000"] = TrialState.SUCCEEDED
+    trials.end("sw-0000")
     observed = down.observe(make_spec(), "sw", "1", trials.observe)
     assert [(t.state, t.value, t.mlflow_run_id) for t in observed] == [
         (TrialState.SUCCEEDED, 0.5, None)
     ]
-    assert not down.read() and not down.read_results()
+    assert not down.catch_up() and not down.read_results()
     down.observe(make_spec(), "sw", "1", trials.observe)
     assert down.due is not None and down.due.ended == {"sw-0000"}  # asked again
