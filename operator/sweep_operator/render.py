@@ -28,6 +28,7 @@ from sweep_operator.templating import (
     load_yaml,
     params_json,
     render_text,
+    render_yaml,
     yaml_scalar,
 )
 from sweep_operator.trials import (
@@ -394,9 +395,11 @@ def render_trial_job(
         source, field = builtin_template(), "built-in template"
     env = trial_env(spec, sweep, trial, tracking_uri=tracking_uri, parent_run_id=parent_run_id)
     context = _context(spec, sweep, trial, env)
-    text = render_text(source, field, context)
     try:
-        job = _check_job(load_yaml(text), field)
+        if source is builtin_template():
+            job = _check_job(render_yaml(source, field, context), field)
+        else:
+            job = _check_job(load_yaml(render_text(source, field, context)), field)
     except yaml.YAMLError as error:
         raise RenderError(field, f"the template did not render valid YAML: {error}") from error
     found = host_access(job["spec"]["template"]["spec"], "spec.template.spec")

@@ -19,7 +19,7 @@ from sweep_operator.render import (
     render_trial_job,
     render_trial_service,
 )
-from sweep_operator.templating import yaml_flow, yaml_scalar
+from sweep_operator.templating import render_text, render_yaml, yaml_flow, yaml_scalar
 from sweep_operator.trials import NewTrial
 from tests.unit.sweep_helpers import make_spec, raw_spec
 
@@ -576,3 +576,49 @@ def test_the_model_download_job_writes_the_cache_once_without_a_gpu():
     [_, fatal] = job["spec"]["podFailurePolicy"]["rules"]
     assert fatal["onExitCodes"] == {"containerName": "fetch", "operator": "In", "values": [2]}
     assert job["spec"]["backoffLimit"] == 3
+
+
+SHAPES = {
+    "bundled trainer": make_spec(),
+    "two nodes": trainer_spec(gpus=2, nodes=2),
+    "custom program": trainer_spec(**CUSTOM),
+    "queued, with checkpoints": trainer_spec(
+        queueName="team-a", checkpoints={"claimName": "ckpt", "intervalSteps": 50}
+    ),
+    "pod settings": trainer_spec(
+        nodeSelector={"gpu": "h100"},
+        tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists"}],
+        env=[{"name": "NOTE", "value": "yes"}, {"name": "EMPTY", "value": ""}],
+        podAnnotations={"a": "1e-4"},
+        activeDeadlineSeconds=3600,
+    ),
+}
+PARAMETERS = [
+    {"learning_rate": 2e-4, "lora_rank": 16},
+    {"learning_rate": 1e-5, "lora_rank": 8, "lora_dropout": 0.0},
+    {"learning_rate": 1e300, "lora_target": "yes", "lora_rank": 1},
+    {"learning_rate": 0.1, "lora_target": 'ünï: x\ny "q"', "lora_rank": 2**40},
+]
+
+
+@pytest.mark.parametrize("spec", SHAPES.values(), ids=SHAPES.keys())
+def test_the_built_in_template_gives_the_job_its_rendered_text_reads_as(spec):
+    """The built-in template's shape is read as YAML once and each trial's values are put into
+    it (templating.render_yaml): each Job is exactly what its whole rendered text reads as."""
+    as_text = builtin_template() + "\n"  # another template: rendered and read as text
+    for index, parameters in enumerate(PARAMETERS):
+        trial = NewTrial(index=index, name=f"rank-lr-{index:04d}", parameters=parameters)
+        assert render(spec, trial) == render(spec, trial, template=as_text)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ name | yaml }}: {{ value | yaml }}\nlist: [{{ value | yaml }}, 2]\n",
+        "a: prefix {{ name | yaml }}\n",  # a value inside a longer string
+        "a: {{ value | yaml }}\n{% if value.k %}b: {{ name | yaml }}\n{% endif %}",
+    ],
+)
+def test_a_template_that_writes_values_anywhere_reads_as_its_text(source):
+    context = {"name": "yes", "value": {"k": [1.5, None, "x"], 2: (3,)}}
+    assert render_yaml(source, "f", context) == yaml.safe_load(render_text(source, "f", context))
