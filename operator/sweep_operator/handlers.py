@@ -12,7 +12,7 @@ import contextvars
 import logging
 import os
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -182,11 +182,20 @@ async def run_sweep(
                 logger.exception("reconcile of %s/%s failed; retrying", namespace, name)
 
     def caught_up(work: asyncio.Future) -> None:
-        if not work.cancelled() and work.exception() is None and work.result():
+        if work.cancelled():
+            return
+        if work.exception() is not None:
+            logger.error("MLflow work of %s/%s failed: %r", namespace, name, work.exception())
+        elif work.result():
             wakeup.set()
+
+    def published(_: Future) -> None:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(wakeup.set)
 
     loop = asyncio.get_running_loop()
     catching_up: asyncio.Future | None = None
+    publishing: Future | None = None
     try:
         while True:
             wakeup.clear()
@@ -207,6 +216,10 @@ async def run_sweep(
                     _mlflow_pool, contextvars.copy_context().run, reconciler.catch_up_mlflow
                 )
                 catching_up.add_done_callback(caught_up)
+            # The parent run is closed after the report being published (Reconciler).
+            if reconciler.report.publishing not in (None, publishing):
+                publishing = reconciler.report.publishing
+                publishing.add_done_callback(published)
             # A burst of trial events (a large sweep starting, trials ending by the dozen) is
             # handled in one reconcile per interval, not one per event: each reconcile may
             # patch the status. Counted start to start: a reconcile that took longer (creating

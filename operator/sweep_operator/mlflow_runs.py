@@ -71,6 +71,7 @@ class RunsCache:
         self.registered: dict[str, str] = {}  # trial -> models:/ URI of its registered adapter
         self.parent_closed = False
         self.answered = True  # by MLflow, at the last read
+        self._first_read_tried = False
         self._parent_wanted: tuple[str, str, str, str] | None = None  # experiment, sweep, ns, uid
         self._merging = threading.Lock()
         self._curves_read_at = -math.inf  # time.monotonic() of the last read of curves
@@ -105,15 +106,21 @@ class RunsCache:
     def pending(self) -> bool:
         """Whether the last reconcile left work for `catch_up`."""
         unmade = self.parent is None and self._parent_wanted is not None
-        return unmade or self.due is not None or bool(self.to_tag)
+        untagged = any(trial not in self.tagged for trial in self.to_tag)
+        return unmade or self.due is not None or untagged
 
     def catch_up(self) -> bool:
         """What the last reconcile left: the parent run if it could not be made, the reads it
-        missed, the stopped trials' tags. Whether MLflow answered (then plan again)."""
+        missed, the stopped trials' tags. Whether anything came of it (then plan again with
+        it); what was done is not pending any more, so a sweep whose reconciles stop asking
+        (a sweep refused for a bad spec) is not read again and again."""
         wanted = self._parent_wanted
-        if self.parent is None and wanted is not None and not self._ensure_parent(wanted):
-            return False
-        return self._read(self.due) is not False and self._tag(self.to_tag)
+        made = self.parent is None and wanted is not None and self._ensure_parent(wanted)
+        due = self.due
+        read = self._read(due)
+        if read and self.due is due:
+            self.due = None
+        return made or bool(read) or self._tag(self.to_tag) > 0
 
     def observe(
         self, spec: SweepSpec, sweep: str, experiment_id: str | None, observe: Observe
@@ -122,6 +129,14 @@ class RunsCache:
         stopping); what is missing becomes `due`."""
         observed = observe(self.results)
         self.due = self._missing(spec, sweep, experiment_id, observed)
+        if self.due and self.due.ended and not self._first_read_tried:
+            # A new cache (the operator started or restarted) reads the runs of the trials that
+            # ended before it at once, as one search: else each one that reported only to
+            # MLflow would be shown still reporting, and an ended sweep Running, until then.
+            self._first_read_tried = True
+            self.read_results()
+            observed = observe(self.results)
+            self.due = self._missing(spec, sweep, experiment_id, observed)
         if self.due and self.due.ended and self.answered:
             observed = [self._reporting(t, self.due.ended) for t in observed]
         if spec.early_stopping:
@@ -250,9 +265,9 @@ class RunsCache:
             for trial, run in self.results.items()
         }
 
-    def _tag(self, reasons: Mapping[str, str]) -> bool:
-        """Tag each stopped trial's run with why it was stopped; whether MLflow answered."""
-        results = self.results
+    def _tag(self, reasons: Mapping[str, str]) -> int:
+        """Tag each stopped trial's run with why it was stopped; how many were tagged."""
+        results, tagged = self.results, 0
         for trial, reason in reasons.items():
             if trial in self.tagged:
                 continue
@@ -260,9 +275,10 @@ class RunsCache:
                 self.tracker.mark_stopped(results[trial]["run_id"], reason)
             except Exception as error:
                 self.logger.warning("cannot mark %s stopped in MLflow yet: %s", trial, error)
-                return False
+                continue
             self.tagged |= {trial}
-        return True
+            tagged += 1
+        return tagged
 
     def register_adapter(self, model: str, trial: str, sweep: str, namespace: str) -> None:
         """Register the trial's uploaded adapter as a new version of `model`."""

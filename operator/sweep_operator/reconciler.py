@@ -164,6 +164,7 @@ class Reconciler:
 
     def _runs(self, uri: str | None) -> RunsCache | None:
         if not uri:
+            self.runs = None
             return None
         if self.runs is None or self.runs.uri != uri:
             self.runs = RunsCache(uri, self.logger)
@@ -263,12 +264,21 @@ class Reconciler:
                     sweep.namespace,
                 )
         post_events(body, result.events)
+        # The last report is published here, before the parent run is closed: whoever waits
+        # for the run to end reads the whole report.
         if result.report is not None and self.report.publish(
-            self.writer, runs, sweep, spec, list(observation.trials), result.status
+            self.writer,
+            runs,
+            sweep,
+            spec,
+            list(observation.trials),
+            result.status,
+            at_once=result.close_parent_run,
         ):
             self.reported = result.report
             self.reported_at = time.monotonic()
-        if runs is not None and result.close_parent_run:
+        # Not while an earlier report is being published (the daemon wakes the sweep then).
+        if runs is not None and result.close_parent_run and not self.report.publishing_now:
             runs.close_parent_run(result.status)
 
     @property

@@ -66,26 +66,28 @@ class ReportPublisher:
         spec: SweepSpec,
         observed: list[ObservedTrial],
         status: SweepStatus,
+        at_once: bool = False,
     ) -> bool:
-        """Start publishing the report of these trials in the background, and computing their
-        importance; whether it started (not while the last report is being published).
+        """Start publishing the report of these trials in the background (`at_once`: publish
+        it now), and computing their importance; whether it started (not while the last
+        report is being published), or with `at_once`, whether it was published.
 
         The report: best_config.yaml, trials_summary.csv, importance.csv, sensitivity.csv and
         correlations.csv in the ConfigMap, those and the plots as artifacts of the parent run,
         importance as its metrics."""
-        if self.publishing is not None and not self.publishing.done():
+        if self.publishing_now:
             return False
         importance, best = self.importance, status.best_trial
 
         def write() -> bool:
-            files: dict[str, str | bytes] = {
-                "best_config.yaml": best_config_yaml(spec, best, sweep_name=sweep.name),
-                "trials_summary.csv": trials_summary_csv(spec, observed),
-                "importance.csv": importance_csv(importance),
-                "sensitivity.csv": sensitivity_csv(spec, observed),
-                "correlations.csv": correlations_csv(spec, observed),
-            }
             try:
+                files: dict[str, str | bytes] = {
+                    "best_config.yaml": best_config_yaml(spec, best, sweep_name=sweep.name),
+                    "trials_summary.csv": trials_summary_csv(spec, observed),
+                    "importance.csv": importance_csv(importance),
+                    "sensitivity.csv": sensitivity_csv(spec, observed),
+                    "correlations.csv": correlations_csv(spec, observed),
+                }
                 writer.write_report(sweep, {k: v for k, v in files.items() if isinstance(v, str)})
                 if runs is not None and status.mlflow and status.mlflow.parent_run_id:
                     # With early stopping the trials have their curves already.
@@ -101,9 +103,15 @@ class ReportPublisher:
                 return False
             return True
 
-        self.publishing = _publish_pool.submit(write)
         self._start_importance(spec, observed)
+        if at_once:
+            return write()
+        self.publishing = _publish_pool.submit(write)
         return True
+
+    @property
+    def publishing_now(self) -> bool:
+        return self.publishing is not None and not self.publishing.done()
 
     def failed(self) -> bool:
         """Whether the last report could not be published (it is due again)."""
@@ -111,7 +119,7 @@ class ReportPublisher:
         if job is None or not job.done():
             return False
         self.publishing = None
-        return job.exception() is not None or not job.result()
+        return not job.result()
 
     def _start_importance(self, spec: SweepSpec, observed: list[ObservedTrial]) -> None:
         """Ask the background pool for the importance of these trials, unless it is computing

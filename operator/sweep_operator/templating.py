@@ -13,6 +13,7 @@ import contextlib
 import functools
 import json
 import math
+import re
 import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -60,11 +61,10 @@ def yaml_flow(value: Any) -> str:
             text = f"{mantissa}.0e{exponent}"
         return text
     if isinstance(value, str):
-        return json.dumps(value)
+        return _yaml_string(value)
     if isinstance(value, dict):
-        return (
-            "{" + ", ".join(f"{json.dumps(str(k))}: {yaml_flow(v)}" for k, v in value.items()) + "}"
-        )
+        items = (f"{_yaml_string(str(k))}: {yaml_flow(v)}" for k, v in value.items())
+        return "{" + ", ".join(items) + "}"
     if isinstance(value, list | tuple):
         return "[" + ", ".join(yaml_flow(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} as YAML: {value!r}")
@@ -79,8 +79,24 @@ def yaml_scalar(value: Any) -> str:
                 plain = load_yaml(value) == value
             except yaml.YAMLError:
                 plain = False
-        return value if plain else json.dumps(value)
+        return value if plain else _yaml_string(value)
     return yaml_flow(value)
+
+
+# A JSON escape of a character beyond the BMP (a surrogate pair) that no backslash escapes.
+_SURROGATE_PAIR = re.compile(r"(?<!\\)((?:\\\\)*)\\u(d[89ab][0-9a-f]{2})\\u(d[c-f][0-9a-f]{2})")
+
+
+def _yaml_string(value: str) -> str:
+    """A double-quoted YAML string: JSON's, except that a character beyond the BMP is written
+    as YAML's `\\U` escape (libyaml refuses JSON's surrogate pairs, so an emoji in a value
+    would fail the Job)."""
+
+    def code_point(pair: re.Match[str]) -> str:
+        high, low = int(pair[2], 16), int(pair[3], 16)
+        return f"{pair[1]}\\U{0x10000 + ((high - 0xD800) << 10) + (low - 0xDC00):08x}"
+
+    return _SURROGATE_PAIR.sub(code_point, json.dumps(value))
 
 
 def params_json(parameters: dict[str, Any]) -> str:

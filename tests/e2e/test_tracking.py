@@ -94,7 +94,7 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
     """A reconcile observes a sweep's trials with the runs read so far, so a slow or
     unreachable MLflow holds none back (and with it no new trial). What it misses (the run of
     a trial that ended) is read apart and seen by the next reconcile; one about to end the
-    sweep reads it at once."""
+    sweep reads it at once, and so does a started (or restarted) operator's first one."""
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
     spec = make_spec(earlyStopping={"algorithm": "median"})
@@ -111,60 +111,71 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
         mlflow.log_metric(run.info.run_id, "eval_loss", 0.9, step=1)
         return run.info.run_id
 
-    first = start("sw-0000")
+    before = start("sw-0000")
     trials.end("sw-0000")
-    assert observe()["sw-0000"].mlflow_run_id is None
-    assert cache.due is not None and cache.due.ended == {"sw-0000"}
-    assert cache.catch_up()
-    assert observe()["sw-0000"].mlflow_run_id == first
-    assert cache.due is None or not cache.due.ended  # an ended trial's run is searched once
+    assert observe()["sw-0000"].mlflow_run_id == before  # read by the first reconcile
 
-    second = start("sw-0001")
+    running = start("sw-0001")
     observed = observe()
     assert observed["sw-0001"].mlflow_run_id is None and not observed["sw-0001"].curves
     assert cache.due is not None and cache.due.discover  # early stopping wants its curve
     assert cache.catch_up()
-    assert observe()["sw-0001"].mlflow_run_id == second
+    assert not cache.pending  # until a reconcile finds something missing again
+    assert observe()["sw-0001"].mlflow_run_id == running
     time.sleep(CURVE_POLL_SECONDS)  # running trials' curves are read at most this often
     observe()
     assert cache.catch_up()
     points = observe()["sw-0001"].curves["eval_loss"]
     assert [(p.step, p.value) for p in points] == [(1, 0.9)]
 
-    third = start("sw-0002")
+    ended = start("sw-0002")
     trials.end("sw-0002")
     assert observe()["sw-0002"].mlflow_run_id is None
+    assert cache.due is not None and cache.due.ended == {"sw-0002"}
+    assert cache.catch_up()
+    assert observe()["sw-0002"].mlflow_run_id == ended
+    assert cache.due is None or not cache.due.ended  # an ended trial's run is searched once
+
+    last = start("sw-0003")
+    trials.end("sw-0003")
+    assert observe()["sw-0003"].mlflow_run_id is None
     assert cache.read_results()
-    assert observe()["sw-0002"].mlflow_run_id == third
+    assert observe()["sw-0003"].mlflow_run_id == last
     assert not cache.read_results()  # nothing is missing any more
 
 
 def test_a_result_only_in_mlflow_is_awaited_while_mlflow_answers(mlflow_uri, monkeypatch):
     """A trial that wrote no termination message and logged its objective only to MLflow is
     still reporting until its run is read: it is not counted as succeeded without an objective
-    (nor announced so in an Event). While MLflow does not answer, it is, as before."""
+    (nor announced so in an Event). A restarted operator reads those that ended before it at
+    once. While MLflow does not answer, such a trial is counted without its objective."""
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
     spec = make_spec()
-    cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
     trials = Trials()
-    run = mlflow.create_run(experiment, tags={TAG_SWEEP: "sw", TAG_TRIAL: "sw-0000"})
-    mlflow.log_metric(run.info.run_id, "eval_loss", 0.3)
-    trials.end("sw-0000", message="")
 
-    [reporting] = cache.observe(spec, "sw", experiment, trials.observe)
-    assert reporting.state == TrialState.RUNNING and reporting.value is None
+    def end_with(name: str, value: float) -> None:
+        run = mlflow.create_run(experiment, tags={TAG_SWEEP: "sw", TAG_TRIAL: name})
+        mlflow.log_metric(run.info.run_id, "eval_loss", value)
+        trials.end(name, message="")
+
+    end_with("sw-0000", 0.3)
+    cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
+    first = cache.observe(spec, "sw", experiment, trials.observe)  # a started operator's
+    assert [(t.state, t.value) for t in first] == [(TrialState.SUCCEEDED, 0.3)]
+
+    end_with("sw-0001", 0.4)
+    [_, reporting] = cache.observe(spec, "sw", experiment, trials.observe)
+    assert (reporting.state, reporting.value) == (TrialState.RUNNING, None)
     assert cache.catch_up()
-    [scored] = cache.observe(spec, "sw", experiment, trials.observe)
-    assert (scored.state, scored.value) == (TrialState.SUCCEEDED, 0.3)
+    [_, scored] = cache.observe(spec, "sw", experiment, trials.observe)
+    assert (scored.state, scored.value) == (TrialState.SUCCEEDED, 0.4)
 
     # The operator's settings (handlers.configure): MLflow's client would retry for minutes.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = RunsCache(f"http://127.0.0.1:{free_port()}", logging.getLogger(__name__))
-    assert down.observe(spec, "sw", experiment, trials.observe)[0].state == TrialState.RUNNING
-    assert not down.catch_up()
-    [unscored] = down.observe(spec, "sw", experiment, trials.observe)
-    assert (unscored.state, unscored.value) == (TrialState.SUCCEEDED, None)
+    unscored = down.observe(spec, "sw", experiment, trials.observe)
+    assert [(t.state, t.value) for t in unscored] == [(TrialState.SUCCEEDED, None)] * 2
 
 
 def test_an_unreachable_mlflow_changes_no_observation_and_is_read_again(monkeypatch):

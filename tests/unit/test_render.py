@@ -19,7 +19,7 @@ from sweep_operator.render import (
     render_trial_job,
     render_trial_service,
 )
-from sweep_operator.templating import render_text, render_yaml, yaml_flow, yaml_scalar
+from sweep_operator.templating import load_yaml, render_text, render_yaml, yaml_flow, yaml_scalar
 from sweep_operator.trials import NewTrial
 from tests.unit.sweep_helpers import make_spec, raw_spec
 
@@ -137,10 +137,15 @@ def test_bundled_trainer_arguments_round_trip_through_the_trainers_parser():
 
 
 @pytest.mark.parametrize(
-    "value", [1e-5, 2e-4, 8, True, "all", "yes", "1e-4", "a: b", "x\ny", " pad", "ünï", "", 0.1]
+    "value",
+    [
+        *(1e-5, 2e-4, 8, True, "all", "yes", "1e-4", "a: b", "x\ny", " pad", "ünï", "", 0.1),
+        *("🦙 x", "\\🦙", "a\\ud83d\\ude00"),  # beyond the BMP; a surrogate pair's text
+    ],
 )
 def test_scalars_survive_yaml(value):
     assert yaml.safe_load(yaml_scalar(value)) == value
+    assert load_yaml(yaml_flow(value)) == value  # libyaml, as the operator reads a Job
     assert type(yaml.safe_load(yaml_scalar(value))) is type(value)
     assert yaml.safe_load(yaml_flow({"k": [value]})) == {"k": [value]}
 
@@ -597,7 +602,7 @@ PARAMETERS = [
     {"learning_rate": 2e-4, "lora_rank": 16},
     {"learning_rate": 1e-5, "lora_rank": 8, "lora_dropout": 0.0},
     {"learning_rate": 1e300, "lora_target": "yes", "lora_rank": 1},
-    {"learning_rate": 0.1, "lora_target": 'ünï: x\ny "q"', "lora_rank": 2**40},
+    {"learning_rate": 0.1, "lora_target": 'ünï 🦙: x\ny "q"', "lora_rank": 2**40},
 ]
 
 
