@@ -47,10 +47,11 @@ class RunsCache:
     it missed (`due`) and which stopped trials' runs to tag (`to_tag`); `catch_up` does that
     outside the reconcile, in a thread of its own, and the sweep is then woken to plan with
     it. The exceptions: the parent run is asked for once in the first reconcile, so that the
-    first trials' runs nest under it; a reconcile that would end the sweep while results are
-    missing reads them first (`read_results`), so that the best trial and the parent run are
-    not settled without them; and registering the adapter and closing the parent run, which
-    settle the sweep's outcome, are done in the reconcile.
+    first trials' runs nest under it; a new cache's first reconcile reads the runs of trials
+    that ended before it (the operator started or restarted); a reconcile that would end the
+    sweep while results are missing reads them first (`read_results`), so that the best trial
+    and the parent run are not settled without them; and registering the adapter and closing
+    the parent run, which settle the sweep's outcome, are done in the reconcile.
 
     What a reconcile reads here is replaced whole, never changed in place: `catch_up` may
     replace it meanwhile.
@@ -70,7 +71,7 @@ class RunsCache:
         self.parent: MlflowStatus | None = None
         self.registered: dict[str, str] = {}  # trial -> models:/ URI of its registered adapter
         self.parent_closed = False
-        self.answered = True  # by MLflow, at the last read
+        self._answered = True  # by MLflow, at the last read
         self._first_read_tried = False
         self._parent_wanted: tuple[str, str, str, str] | None = None  # experiment, sweep, ns, uid
         self._merging = threading.Lock()
@@ -137,7 +138,7 @@ class RunsCache:
             self.read_results()
             observed = observe(self.results)
             self.due = self._missing(spec, sweep, experiment_id, observed)
-        if self.due and self.due.ended and self.answered:
+        if self.due and self.due.ended and self._answered:
             observed = [self._reporting(t, self.due.ended) for t in observed]
         if spec.early_stopping:
             curves, live = self.curves, self.live_curves
@@ -210,9 +211,9 @@ class RunsCache:
             curves = self._read_curves(wanted, due.metrics) if wanted else {}
         except Exception as error:
             self.logger.warning("cannot read trial results from MLflow yet: %s", error)
-            self.answered = False
+            self._answered = False
             return False
-        self.answered = True
+        self._answered = True
         final = {trial for trial, _, ended in due.curves if ended}
         with self._merging:
             self.results = {**self.results, **found}

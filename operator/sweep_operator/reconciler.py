@@ -96,7 +96,7 @@ class Reconciler:
         result = plan(spec, observation, previous, now)
         # MLflow is read outside the reconcile (RunsCache), except when this plan would settle
         # the sweep's outcome while trials' results are missing: nothing is left to create.
-        runs = self.runs if observation.tracking_uri else None
+        runs = self.runs
         concludes = result.status.phase in TERMINAL or result.register_adapter is not None
         if concludes and runs is not None and runs.read_results():
             observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
@@ -253,7 +253,7 @@ class Reconciler:
         if queued:
             self.kueue.release(sweep.namespace, jobs, list(result.stop))
             self.kueue.waiting_event(body, spec, sweep.namespace, jobs, list(observation.trials))
-        runs = self.runs if observation.tracking_uri else None
+        runs = self.runs  # None without a tracking URI (_runs)
         if runs is not None:
             runs.to_tag = result.tag_stopped  # by catch_up, after this reconcile
             if result.register_adapter and spec.mlflow and spec.mlflow.registered_model:
@@ -288,7 +288,7 @@ class Reconciler:
 
     def catch_up_mlflow(self) -> bool:
         """The MLflow work the last reconcile left, done now (outside the reconcile): whether
-        MLflow answered, and the sweep should plan again with what it gave."""
+        anything came of it, and the sweep should plan again with it."""
         return self.runs is not None and self.runs.catch_up()
 
     def _remember(self, observation: Observation, result: Plan) -> None:
