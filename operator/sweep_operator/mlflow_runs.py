@@ -34,7 +34,7 @@ class Reads:
     experiment_id: str
     sweep: str
     ended: frozenset[str]  # trials that ended without their run's final data: search for them
-    discover: bool  # running trials whose runs are not known yet (early stopping reads curves)
+    unfound: frozenset[str]  # running trials whose runs are not known yet (with early stopping)
     curves: tuple[tuple[str, str, bool], ...]  # (trial, run id, ended) whose curves to read
     metrics: tuple[str, ...]  # the objective's metrics, for the curves
 
@@ -174,18 +174,21 @@ class RunsCache:
             and (t.mlflow_run_id is None or (t.state == TrialState.SUCCEEDED and t.value is None))
         )
         ended -= self.searched
-        discover, curves = False, ()
+        unfound: frozenset[str] = frozenset()
+        curves: tuple[tuple[str, str, bool], ...] = ()
         # Curves change while trials run, and each read of them costs a request per 100 runs.
         if spec.early_stopping and time.monotonic() - self._curves_read_at >= CURVE_POLL_SECONDS:
-            discover = any(t.state.active and t.name not in results for t in observed)
+            unfound = frozenset(
+                t.name for t in observed if t.state.active and t.name not in results
+            )
             curves = tuple(
                 (t.name, results[t.name]["run_id"], not t.state.active)
                 for t in observed
                 if t.name in results and t.name not in self.curves
             )
-        if not (ended or discover or curves):
+        if not (ended or unfound or curves):
             return None
-        return Reads(experiment_id, sweep, ended, discover, curves, _metrics(spec))
+        return Reads(experiment_id, sweep, ended, unfound, curves, _metrics(spec))
 
     def read_results(self) -> bool:
         """Read the runs of trials that ended without their results, for a reconcile about to
@@ -193,21 +196,24 @@ class RunsCache:
         due = self.due
         if due is None or not due.ended:
             return False
-        return bool(self._read(replace(due, discover=False, curves=())))
+        return bool(self._read(replace(due, unfound=frozenset(), curves=())))
 
     def _read(self, due: Reads | None) -> bool | None:
         """Whether MLflow answered; None when there was nothing to read."""
         if due is None:
             return None
-        if due.curves or due.discover:
+        if due.curves or due.unfound:
             self._curves_read_at = time.monotonic()
         try:
             found = (
                 self.tracker.trial_results(due.experiment_id, due.sweep)
-                if due.ended or due.discover
+                if due.ended or due.unfound
                 else {}
             )
             wanted = {trial: run_id for trial, run_id, _ in due.curves}
+            # A running trial's run found now has its curve read now too: early stopping does
+            # not wait one more poll before it first sees the trial's curve.
+            wanted |= {t: found[t]["run_id"] for t in due.unfound if t in found}
             curves = self._read_curves(wanted, due.metrics) if wanted else {}
         except Exception as error:
             self.logger.warning("cannot read trial results from MLflow yet: %s", error)
@@ -219,7 +225,7 @@ class RunsCache:
             self.results = {**self.results, **found}
             self.searched |= due.ended
             self.curves = {**self.curves, **{t: c for t, c in curves.items() if t in final}}
-            if due.curves:
+            if wanted:
                 self.live_curves = {t: c for t, c in curves.items() if t not in final}
         return True
 

@@ -28,6 +28,13 @@ def final_loss(lr: float, rank: int) -> float:
     return (math.log10(lr) + 3) ** 2 + (math.log2(rank) - 4) ** 2 / 4 + 0.1 + 1 / 13
 
 
+# A trial takes 12 steps of this long. A stop must reach it before its last step: curves are
+# read every CURVE_POLL_SECONDS, then a reconcile plans and the Job controller ends the pod, and
+# a loaded machine adds seconds to that. At 0.4 s a step, all five trials a run stopped had
+# already ended once in a CI run.
+SECONDS_PER_STEP = 0.8
+
+
 def curve_sweep(algorithm: dict, early_stopping: dict, trace: Path, mlflow_uri: str) -> dict:
     """8 trials of the curve program over learning rate and rank, 2 at a time, on local-gpu-0."""
     return {
@@ -47,6 +54,7 @@ def curve_sweep(algorithm: dict, early_stopping: dict, trace: Path, mlflow_uri: 
                 "--lr={{ params.learning_rate }}",
                 "--rank={{ params.lora_rank }}",
                 f"--trace={trace}",
+                f"--seconds-per-step={SECONDS_PER_STEP}",
             ],
             "env": devcluster.image_env_vars(),
             "nodeSelector": {"lorasweep.io/node-mode": "local"},

@@ -118,15 +118,19 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
     running = start("sw-0001")
     observed = observe()
     assert observed["sw-0001"].mlflow_run_id is None and not observed["sw-0001"].curves
-    assert cache.due is not None and cache.due.discover  # early stopping wants its curve
+    assert cache.due is not None and cache.due.unfound == {"sw-0001"}  # early stopping asks
     assert cache.catch_up()
     assert not cache.pending  # until a reconcile finds something missing again
-    assert observe()["sw-0001"].mlflow_run_id == running
+    found = observe()["sw-0001"]
+    assert found.mlflow_run_id == running
+    # Its curve is read with its run, not one poll later.
+    assert [(p.step, p.value) for p in found.curves["eval_loss"]] == [(1, 0.9)]
+    mlflow.log_metric(running, "eval_loss", 0.8, step=2)
     time.sleep(CURVE_POLL_SECONDS)  # running trials' curves are read at most this often
     observe()
     assert cache.catch_up()
     points = observe()["sw-0001"].curves["eval_loss"]
-    assert [(p.step, p.value) for p in points] == [(1, 0.9)]
+    assert [(p.step, p.value) for p in points] == [(1, 0.9), (2, 0.8)]
 
     ended = start("sw-0002")
     trials.end("sw-0002")
