@@ -280,6 +280,31 @@ def test_sweep_runs_with_only_the_chart_service_account(
         helm("uninstall", release, "--namespace", namespace, env=KUBE_ENV, check=False)
 
 
+def wait_until_allowed(
+    api: client.ApiClient, namespace: str, account: str, verb: str, group: str, resource: str
+) -> None:
+    """Until the apiserver allows the ServiceAccount this: RBAC reads bindings (and aggregated
+    roles) from a cache, so a binding just created may not be in force yet."""
+    review = {
+        "spec": {
+            "user": f"system:serviceaccount:{namespace}:{account}",
+            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
+            "resourceAttributes": {
+                "namespace": namespace,
+                "verb": verb,
+                "group": group,
+                "resource": resource,
+            },
+        }
+    }
+    authorization = client.AuthorizationV1Api(api)
+    wait_for(
+        lambda: authorization.create_subject_access_review(review).status.allowed,
+        30,
+        f"{account} to be allowed to {verb} {resource}",
+    )
+
+
 def sweep_user(api: client.ApiClient, namespace: str, name: str, jobs: bool, path: Path):
     """A ServiceAccount allowed to create and change HyperparameterSweeps in the namespace
     (and, with `jobs`, to create Jobs there), and nothing else; an API client as it."""
@@ -303,6 +328,9 @@ def sweep_user(api: client.ApiClient, namespace: str, name: str, jobs: bool, pat
             "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
         },
     )
+    wait_until_allowed(api, namespace, name, "create", GROUP, PLURAL)
+    if jobs:
+        wait_until_allowed(api, namespace, name, "create", "batch", "jobs")
     kubeconfig = service_account_kubeconfig(api, name, namespace, path)
     return client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
 
@@ -426,6 +454,7 @@ def bound_user(
                 "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
             },
         )
+    wait_until_allowed(api, namespace, name, "get", GROUP, PLURAL)  # what every role here grants
     kubeconfig = service_account_kubeconfig(api, name, namespace, path)
     return client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
 

@@ -297,10 +297,12 @@ def test_sim_job_fails_when_annotated_to(batch, core, namespace):
 
 def test_gpu_exhaustion_keeps_surplus_pods_pending_until_gpus_free(batch, core, namespace):
     """8 simulated GPUs, 10 one-GPU Jobs: 2 wait Pending, then run once others finish."""
+    # Long enough that the moment of 8 bound and 2 tried outlasts creating and scheduling
+    # them on a loaded machine: once a first pod ends, a waiting one is bound.
     for i in range(10):
         batch.create_namespaced_job(
             namespace,
-            one_gpu_job(f"fill-{i}", "sim", annotations={"lorasweep.io/sim-duration": "6s"}),
+            one_gpu_job(f"fill-{i}", "sim", annotations={"lorasweep.io/sim-duration": "20s"}),
         )
 
     def saturated():

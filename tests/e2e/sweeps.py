@@ -50,6 +50,23 @@ def replanned_with_room(custom, namespace: str, name: str, parallelism: int) -> 
     return wait_for(planned, 30, f"the operator to plan generation {generation} of {name}")
 
 
+def sweep_events(kube_client, namespace: str, sweep: str, reason: str) -> list[client.CoreV1Event]:
+    """The sweep's Events with this reason, once there is one (up to 30 s):
+    kopf posts an Event after the reconcile that made it, so it can come after the status
+    that the same reconcile wrote."""
+
+    def listed() -> list[client.CoreV1Event]:
+        return (
+            client.CoreV1Api(kube_client)
+            .list_namespaced_event(
+                namespace, field_selector=f"involvedObject.name={sweep},reason={reason}"
+            )
+            .items
+        )
+
+    return wait_for(listed, 30, f"a {reason} Event of {sweep}")
+
+
 def trial_jobs(batch, namespace: str, sweep: str) -> list[client.V1Job]:
     return batch.list_namespaced_job(namespace, label_selector=f"{LABEL_SWEEP}={sweep}").items
 

@@ -135,7 +135,10 @@ def test_disrupted_trial_resumes_from_its_checkpoint_in_the_same_run(
         mlflow_uri,
         checkpoints={"claimName": "checkpoints", "intervalSteps": CHECKPOINT_STEPS},
     )
-    spec["trainer"]["config"]["max_steps"] = 30
+    # Far more steps than a checkpoint's: the disruption lands mid-run even when the tiny model
+    # trains fast and the machine is slow to list and disrupt the pod.
+    max_steps = 100
+    spec["trainer"]["config"]["max_steps"] = max_steps
     create(custom, namespace, "resume", spec)
     trial = "resume-0000"
 
@@ -157,6 +160,7 @@ def test_disrupted_trial_resumes_from_its_checkpoint_in_the_same_run(
         "the disrupted pod to go",
     )
     trained_until = last_logged_step(devcluster.pod_log_path(namespace, first))
+    assert trained_until < max_steps, "the trial ended before it was disrupted"
 
     status = wait_for_phase(custom, namespace, "resume", ("Succeeded", "Failed"), 240)["status"]
     assert status["phase"] == "Succeeded", status
@@ -182,7 +186,7 @@ def test_disrupted_trial_resumes_from_its_checkpoint_in_the_same_run(
     history = MlflowClient(tracking_uri=mlflow_uri).get_metric_history(run.info.run_id, "loss")
     steps = [point.step for point in history]
     # One clean curve: every step once, none missing, across both pods.
-    assert sorted(steps) == list(range(1, 31)), steps
+    assert sorted(steps) == list(range(1, max_steps + 1)), steps
     print(
         f"{how}: pod {first} trained to step {trained_until}, resumed from {resumed_from}, "
         f"run {run.info.run_id}, {trained_until - resumed_from} steps trained twice"

@@ -109,8 +109,10 @@ def test_two_sweeps_share_eight_gpus_through_one_cluster_queue(
     other, _ = second_namespace
     # Each sweep alone would take all 8 GPUs: 16 trials in flight ask for twice the quota.
     sweeps = {(queued_namespace, "team-a"), (other, "team-b")}
+    # 6 s trials: more than 4 at once needs pods that start within a few seconds of each other
+    # (times have a resolution of a second), however slowly a loaded machine starts them.
     for namespace, name in sweeps:
-        create_sweep(custom, namespace, name, queued_sweep(10, 8, "3s"))
+        create_sweep(custom, namespace, name, queued_sweep(10, 8, "6s"))
     for namespace, name in sweeps:
         sweep = wait_for_phase(custom, namespace, name, ("Succeeded", "Failed"), 150)
         assert sweep["status"]["phase"] == "Succeeded", sweep["status"]
@@ -157,7 +159,10 @@ def test_a_high_priority_sweep_preempts_trials_that_later_finish_once(
     core = client.CoreV1Api(kube_client)
     other, _ = second_namespace
     low, high = priorities
-    spec = queued_sweep(8, 8, "12s", workloadPriorityClass=low)
+    # Long enough that none ends before the high sweep's trials are admitted and Kueue has
+    # preempted for them, one scheduling cycle each, on a loaded machine: a low trial that
+    # ended first would give its GPU up without a preemption.
+    spec = queued_sweep(8, 8, "40s", workloadPriorityClass=low)
     create_sweep(custom, queued_namespace, "low", spec)
 
     def all_running():
@@ -181,7 +186,7 @@ def test_a_high_priority_sweep_preempts_trials_that_later_finish_once(
 
     high_sweep = wait_for_phase(custom, other, "high", ("Succeeded", "Failed"), 90)
     assert high_sweep["status"]["phase"] == "Succeeded", high_sweep["status"]
-    low_sweep = wait_for_phase(custom, queued_namespace, "low", ("Succeeded", "Failed"), 120)
+    low_sweep = wait_for_phase(custom, queued_namespace, "low", ("Succeeded", "Failed"), 240)
     trials = low_sweep["status"]["trials"]
     assert low_sweep["status"]["phase"] == "Succeeded", low_sweep["status"]
     assert (trials["total"], trials["succeeded"]) == (8, 8)
@@ -288,14 +293,18 @@ def test_trials_the_operator_stops_stay_stopped_and_free_their_quota(
             len(workloads["items"]) == 3
         )
 
-    # Kueue frees the stopped trials' quota and suspends their Jobs; it never admits them
-    # again, so nothing of theirs runs afterwards.
+    def stopped() -> bool:
+        jobs = batch.list_namespaced_job(queued_namespace, label_selector=f"{LABEL_SWEEP}=budget")
+        pods = trial_pods(core, queued_namespace, "budget")
+        return all(job.spec.suspend for job in jobs.items) and not any(
+            p.status.phase == "Running" for p in pods
+        )
+
+    # Kueue frees the stopped trials' quota and suspends their Jobs (the operator deactivated
+    # their Workloads itself, so that comes after); it never admits them again, so nothing of
+    # theirs runs afterwards.
     wait_for(released, 30, "the stopped trials' Workloads to be deactivated")
+    wait_for(stopped, 30, "Kueue to suspend the stopped trials' Jobs and end their pods")
     time.sleep(3)
-    jobs = batch.list_namespaced_job(queued_namespace, label_selector=f"{LABEL_SWEEP}=budget")
-    assert all(job.spec.suspend for job in jobs.items)
-    running = [
-        p for p in trial_pods(core, queued_namespace, "budget") if p.status.phase == "Running"
-    ]
-    assert running == []
+    assert stopped()
     assert get_sweep(custom, queued_namespace, "budget")["status"]["trials"]["pruned"] == 3

@@ -7,12 +7,11 @@ import sys
 import uuid
 
 import pytest
-from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
+from tests.e2e.sweeps import sweep_events, sweep_manifest, trial_jobs, wait_for_phase
 from tests.e2e.test_operator import TRIAL_PROGRAM
 
 # Llama 3.1 8B with QLoRA at cutoff_len 1024, batch 2: the estimate is 12.6 GiB at rank 4,
@@ -88,9 +87,6 @@ def test_over_the_limit_never_starts_and_out_of_memory_is_infeasible(
     jobs = {job.metadata.name for job in trial_jobs(batch, namespace, "mem")}
     assert jobs == {"mem-0000", "mem-0001", "mem-0002"}  # no Job for rank 64 (index 3)
 
-    events = client.CoreV1Api(kube_client).list_namespaced_event(
-        namespace, field_selector="involvedObject.name=mem"
-    )
-    infeasible = [e for e in events.items if e.reason == "TrialInfeasible"]
+    infeasible = sweep_events(kube_client, namespace, "mem", "TrialInfeasible")
     assert [e.type for e in infeasible] == ["Warning"]
     assert infeasible[0].message.startswith("mem-0002: ran out of GPU memory: ")

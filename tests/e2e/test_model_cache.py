@@ -15,7 +15,7 @@ from kubernetes import client
 import devcluster
 from devcluster import demo
 from sweep_operator.api import GROUP, PLURAL, VERSION
-from tests.e2e.sweeps import sweep_manifest, wait_for_phase
+from tests.e2e.sweeps import sweep_events, sweep_manifest, wait_for_phase
 from tests.local_hub import LocalHub
 
 MODEL = "lorasweep/tiny-llama"
@@ -64,11 +64,6 @@ def run(kube_client, namespace: str, name: str, spec: dict) -> tuple[dict, float
     return sweep["status"], time.monotonic() - started
 
 
-def events(core: client.CoreV1Api, namespace: str, sweep: str) -> dict[str, str]:
-    found = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={sweep}")
-    return {e.reason: e.message for e in found.items}
-
-
 def test_a_sweep_downloads_its_model_once_and_every_trial_trains_from_the_cache(
     operator, kube_client, namespace, mlflow_uri, hub
 ):
@@ -107,11 +102,11 @@ def test_a_sweep_downloads_its_model_once_and_every_trial_trains_from_the_cache(
         assert "model_name_or_path=/models-cache/lorasweep--tiny-llama" in trainer.args
         [mount] = [m for m in trainer.volume_mounts if m.mount_path == "/models-cache"]
         assert mount.read_only
-    said = events(core, namespace, "cache")
-    assert said["FetchingModel"] == (
+    [fetching] = sweep_events(kube_client, namespace, "cache", "FetchingModel")
+    assert fetching.message == (
         f"cache-model: downloading model {MODEL} into PersistentVolumeClaim models"
     )
-    assert "ModelFetched" in said
+    assert sweep_events(kube_client, namespace, "cache", "ModelFetched")
     print(f"cached sweep: {elapsed:.1f}s from apply to Succeeded, {len(files)} files fetched once")
 
 
@@ -137,5 +132,5 @@ def test_a_model_that_cannot_be_downloaded_fails_the_sweep_before_any_trial(
     # Exit code 2 fails the Job at once: no retry of a hopeless download.
     [fetch] = batch.list_namespaced_job(namespace, label_selector="lorasweep.io/model-fetch").items
     assert fetch.status.failed == 1
-    assert "ModelFetchFailed" in events(core, namespace, "nomodel")
+    assert sweep_events(kube_client, namespace, "nomodel", "ModelFetchFailed")
     print(f"failed download: {elapsed:.1f}s from apply to Failed")

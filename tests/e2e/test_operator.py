@@ -175,7 +175,7 @@ def test_parallelism_change_takes_effect(operator, custom, batch, namespace):
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("widen", spec)
     )
-    wait_for(lambda: len(trial_jobs(batch, namespace, "widen")) == 1, 30, "the first trial")
+    wait_for(lambda: len(trial_jobs(batch, namespace, "widen")) >= 1, 30, "the first trial")
     custom.patch_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, "widen", {"spec": {"parallelism": 3}}
     )

@@ -12,6 +12,7 @@ from kubernetes.client.exceptions import ApiException
 
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from tests.e2e.sweeps import sweep_manifest, trial_jobs, wait_for_phase
+from tests.support import wait_for
 
 RESTRICTED = {
     "pod-security.kubernetes.io/enforce": "restricted",
@@ -59,11 +60,19 @@ def test_trials_run_in_a_namespace_that_enforces_the_restricted_level(
 ):
     core = client.CoreV1Api(kube_client)
     core.patch_namespace(namespace, {"metadata": {"labels": RESTRICTED}})
-    # The apiserver's PodSecurity admission is on and enforces the level here.
-    with pytest.raises(ApiException) as refused:
-        core.create_namespaced_pod(namespace, unrestricted_pod())
-    assert refused.value.status == 403
-    assert 'violates PodSecurity "restricted:latest"' in json.loads(refused.value.body)["message"]
+
+    def refused() -> ApiException | None:
+        try:
+            core.create_namespaced_pod(namespace, unrestricted_pod(), dry_run="All")
+        except ApiException as error:
+            return error
+        return None
+
+    # The apiserver's PodSecurity admission is on and enforces the level here (once its cache
+    # of the namespace has the new labels: a dry run goes through admission and creates none).
+    error = wait_for(refused, 30, "the restricted level to be enforced")
+    assert error.status == 403
+    assert 'violates PodSecurity "restricted:latest"' in json.loads(error.body)["message"]
 
     custom.create_namespaced_custom_object(
         GROUP, VERSION, namespace, PLURAL, sweep_manifest("restricted", local_spec())

@@ -200,8 +200,12 @@ def test_time_budget_stops_running_trials_at_the_deadline(operator, custom, batc
 def test_bohb_with_hyperband_brackets(operator, custom, batch, namespace, mlflow_uri, tmp_path):
     """bohb proposes from the values at a rung, Hyperband stops trials within their bracket,
     and the sweep's best is the best of the trials that finished."""
+    # Five random startup trials: the fourth and fifth (indexes 3 and 4, bracket 1) are then
+    # known draws worse than the second (index 1), so they are stopped at the first rung, step
+    # 3 of 12, whatever the timing. With three, whether any trial was stopped before it ended
+    # hung on what bohb proposed and on the last rung, 3 steps before the end.
     spec = curve_sweep(
-        {"name": "bohb", "seed": 3, "startupTrials": 3},
+        {"name": "bohb", "seed": 3, "startupTrials": 5},
         {
             "algorithm": "hyperband",
             "minSteps": 1,

@@ -25,6 +25,7 @@ from sweep_operator.space import in_space
 from tests.e2e.sweeps import (
     get_sweep,
     replanned_with_room,
+    sweep_events,
     sweep_manifest,
     trial_jobs,
     wait_for_phase,
@@ -60,13 +61,6 @@ def curve_spec(trace: Path, mlflow_uri: str) -> dict:
         },
         "mlflow": {"trackingUri": mlflow_uri, "experimentName": f"e2e-warm-{uuid.uuid4().hex[:8]}"},
     }
-
-
-def events(kube_client, namespace: str, name: str, reason: str) -> list[str]:
-    listed = client.CoreV1Api(kube_client).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name},reason={reason}"
-    )
-    return [e.message for e in listed.items]
 
 
 def parameters(job: client.V1Job) -> dict:
@@ -148,17 +142,13 @@ def test_refine_a_finished_sweep_and_warm_start_from_it(
     assert done["status"]["phase"] == "Succeeded", done["status"]
     inside = [n for n, p in coarse_jobs.items() if in_space(refined.parameters, p) is None]
     assert len(inside) >= 3  # the top three at least
-    [said] = wait_for(
-        lambda: events(kube_client, namespace, "coarse-refined", "WarmStart"),
-        30,
-        "the WarmStart Event",
-    )
+    [said] = sweep_events(kube_client, namespace, "coarse-refined", "WarmStart")
     left_out = 6 - len(inside)
-    assert said.startswith(
+    assert said.message.startswith(
         f"TPE starts from {len(inside)} of the 6 succeeded trials of coarse"
         + (f" ({left_out} outside this sweep's space left out)" if left_out else "")
     )
-    assert said.endswith("; 0 random startup trials")
+    assert said.message.endswith("; 0 random startup trials")
     # The refined sweep's own trials, named and counted as usual; the coarse ones unchanged.
     jobs = {j.metadata.name: parameters(j) for j in trial_jobs(batch, namespace, "coarse-refined")}
     assert sorted(jobs) == ["coarse-refined-0000", "coarse-refined-0001", "coarse-refined-0002"]
@@ -187,8 +177,6 @@ def test_a_warm_start_from_a_missing_sweep_fails_without_a_job(
         "spec.algorithm.warmStart.sweeps[0]: there is no HyperparameterSweep coarse in this "
         "namespace; warm start reads the finished trials of an existing sweep"
     )
-    assert wait_for(
-        lambda: events(kube_client, namespace, "orphan", "WarmStartNotFound"), 30, "the Warning"
-    )
+    assert sweep_events(kube_client, namespace, "orphan", "WarmStartNotFound")
     assert replanned_with_room(custom, namespace, "orphan", 4)["status"]["phase"] == "Failed"
     assert trial_jobs(batch, namespace, "orphan") == []
