@@ -23,13 +23,18 @@ turnover: the GPU idle gap. Sweeps of parallelism P (`--parallelism`, e.g. 8,100
     are counted apart, with the ramp-up's length. Also: the operator's CPU time per trial.
     With `--mlflow`, the sweep tracks to the dev cluster's MLflow, and the bench logs each
     trial's run as a trainer would (created when its Job appears, ended with its metric when
-    it completes): the operator then looks up thousands of runs as trials end.
+    it completes): the operator then looks up thousands of runs as trials end. With
+    `--early-stopping` too, the sweep stops trials by the median rule, and each run logs a
+    learning curve as it is created: the operator then also reads every running trial's
+    curve every 2 s. The curves are all alike, so the rule stops none and turnover is as
+    without it: what is measured is the cost of reading them.
 sweeps: many sweeps on one operator. `--sweeps` N sweeps: half of them one-trial sweeps that
     have finished, then the rest, each running 20 trials 4 at a time: the time until all have
     finished, and the longest any of them waited for its first trial.
 
     .venv/bin/python bench/operator_scale.py [--mode fanout --trials 1000]
-    .venv/bin/python bench/operator_scale.py --mode turnover --parallelism 8,1000 [--mlflow]
+    .venv/bin/python bench/operator_scale.py --mode turnover --parallelism 8,1000 \
+        [--mlflow [--early-stopping]]
     .venv/bin/python bench/operator_scale.py --mode sweeps --sweeps 100
 """
 
@@ -53,6 +58,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -71,6 +77,7 @@ from tests.unit.sweep_helpers import trial_parameters  # noqa: E402
 GPUS_PER_NODE = 100
 CONCURRENCY = 16
 SETTLE_SECONDS = 10  # after the last pod: the reconciles its events cause
+CURVE_STEPS = 5  # points of each run's curve, with --early-stopping
 
 
 def bench_nodes(gpus: int) -> dict[str, int]:
@@ -260,10 +267,11 @@ class TrialRuns:
     """Each trial's MLflow run, as the trainer would log it: created when its Job appears,
     ended with its objective when the Job completes (in a pool, off the watch)."""
 
-    def __init__(self, uri: str, experiment: str, sweep: str) -> None:
+    def __init__(self, uri: str, experiment: str, sweep: str, curves: bool) -> None:
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self.client.create_experiment(experiment)
         self.sweep = sweep
+        self.curves = curves
         self.run_ids: dict[str, str] = {}
         self.pool = ThreadPoolExecutor(4, thread_name_prefix="bench-mlflow")
 
@@ -276,6 +284,10 @@ class TrialRuns:
     def _create(self, trial: str) -> None:
         tags = {TAG_SWEEP: self.sweep, TAG_TRIAL: trial}
         run = self.client.create_run(self.experiment_id, run_name=trial, tags=tags)
+        if self.curves:  # one request: the same curve for every trial, which stops none
+            now = int(time.time() * 1000)
+            points = [Metric("eval_loss", 0.5, now, step) for step in range(1, CURVE_STEPS + 1)]
+            self.client.log_batch(run.info.run_id, metrics=points)
         self.run_ids[trial] = run.info.run_id
 
     def _end(self, trial: str) -> None:
@@ -371,7 +383,7 @@ class Stamps:
         return steady, len(pairs) - len(steady)
 
 
-def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None) -> dict:
+def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopping: bool) -> dict:
     long = parallelism >= 100
     trials = parallelism * 2 if long else parallelism * 10
     low, high = ("20s", "60s") if long else ("2s", "6s")
@@ -385,7 +397,9 @@ def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None) -> dict:
     runs = None
     if mlflow_uri:
         spec["mlflow"] = {"trackingUri": mlflow_uri, "experimentName": bench.namespace}
-        runs = TrialRuns(mlflow_uri, bench.namespace, name)
+        runs = TrialRuns(mlflow_uri, bench.namespace, name, early_stopping)
+        if early_stopping:
+            spec["earlyStopping"] = {"algorithm": "median", "minSteps": 1, "minTrials": 1}
     bench.operator.start()
     cpu_before = cpu_seconds(bench.operator.pid)
     stamps = Stamps(bench, runs)
@@ -411,6 +425,7 @@ def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None) -> dict:
         "parallelism": parallelism,
         "trials": trials,
         "mlflow": runs is not None,
+        "early_stopping": "earlyStopping" in spec,
         "trial_seconds": f"{low}-{high}",
         "ramp_up_seconds": round(jobs[parallelism - 1] - jobs[0], 2),
         "ended_during_ramp_up": ramp_up_ends,
@@ -481,9 +496,16 @@ def main() -> None:
         "--mlflow", action="store_true", help="turnover: track to the dev cluster's MLflow"
     )
     parser.add_argument(
+        "--early-stopping",
+        action="store_true",
+        help="turnover with --mlflow: stop trials by the median rule, runs log curves",
+    )
+    parser.add_argument(
         "--settle", type=float, default=300, help="fanout: longest wait for the trials' pods"
     )
     args = parser.parse_args()
+    if args.early_stopping and not (args.mode == "turnover" and args.mlflow):
+        parser.error("--early-stopping needs --mode turnover and --mlflow")
     parallelisms = [int(p) for p in args.parallelism.split(",")]
 
     devcluster.up()
@@ -514,7 +536,7 @@ def main() -> None:
             elif args.mode == "turnover":
                 assert run is not None
                 mlflow_uri = devcluster.Cluster.load().mlflow_url if args.mlflow else None
-                results.append(turnover(bench, run, mlflow_uri))
+                results.append(turnover(bench, run, mlflow_uri, args.early_stopping))
             else:
                 results.append(many_sweeps(bench, args.sweeps))
             # On stderr at once: cleaning 10,000 trials up takes minutes, and may fail.
