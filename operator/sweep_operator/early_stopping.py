@@ -23,6 +23,7 @@ Tune's:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import math
 import statistics
@@ -75,7 +76,23 @@ def median_decisions(
     trials: Mapping[str, Progress], *, minimize: bool, min_steps: int, min_trials: int
 ) -> dict[str, str]:
     """Running trials to stop -> why, by the median rule (module docstring)."""
-    completed = [t.curve for t in trials.values() if t.state == TrialState.SUCCEEDED]
+    completed = [t.curve for t in trials.values() if t.state == TrialState.SUCCEEDED and t.curve]
+    # The completed trials' median at each step a running trial is at, worked out once per
+    # step: running trials mostly share their evaluation steps, and per trial it cost a second
+    # at 1,000 running and 1,000 completed trials, in every reconcile.
+    medians: dict[int, tuple[int, float | None]] = {}
+
+    def median_at(step: int) -> tuple[int, float | None]:
+        if step not in medians:
+            peers = [
+                best
+                for curve in completed
+                if curve[-1].step >= step
+                if (best := _best_until(curve, step, minimize)) is not None
+            ]
+            medians[step] = (len(peers), statistics.median(peers) if peers else None)
+        return medians[step]
+
     stop = {}
     for name, trial in sorted(trials.items()):
         if trial.state != TrialState.RUNNING or not trial.curve:
@@ -83,20 +100,14 @@ def median_decisions(
         step = trial.curve[-1].step
         if step < min_steps:
             continue
-        peers = [
-            best
-            for curve in completed
-            if curve and curve[-1].step >= step
-            if (best := _best_until(curve, step, minimize)) is not None
-        ]
-        if len(peers) < min_trials:
+        peers, median = median_at(step)
+        if peers < min_trials or median is None:
             continue
         best = _best_until(trial.curve, step, minimize)
-        median = statistics.median(peers)
         if best is not None and best > median:
             stop[name] = (
                 f"median stopping at step {step}: best value so far {_fmt(best, minimize)} is "
-                f"worse than the median {_fmt(median, minimize)} of {len(peers)} completed "
+                f"worse than the median {_fmt(median, minimize)} of {peers} completed "
                 "trials at that step"
             )
     return stop
@@ -112,44 +123,6 @@ def rung_steps(min_steps: int, factor: int, below: int) -> list[int]:
     return rungs
 
 
-def _asha_stop(
-    name: str,
-    group: Mapping[str, Progress],
-    rungs: Sequence[int],
-    *,
-    minimize: bool,
-    reduction_factor: int,
-    min_trials: int,
-) -> str | None:
-    """Why trial `name` stops at its highest rung among the trials of `group`, if it does."""
-    curve = group[name].curve
-    reached = [r for r in rungs if arrival(curve, r) is not None]
-    if not reached:
-        return None
-    rung = reached[-1]
-    mine = arrival(curve, rung)
-    assert mine is not None
-    before = [
-        point
-        for other, trial in group.items()
-        if other != name
-        if (point := arrival(trial.curve, rung)) is not None and point.time <= mine.time
-    ]
-    if len(before) < min_trials:
-        return None
-    n = len(before) + 1
-    keep = max(1, n // reduction_factor)
-    ranked = sorted(_signed(p.value, minimize) for p in [*before, mine])
-    cutoff = ranked[keep - 1]  # the worst value that still goes on; ties go on together
-    value = _signed(mine.value, minimize)
-    if value <= cutoff:
-        return None
-    return (
-        f"ASHA rung at step {rung}: value {_fmt(value, minimize)} is not in the best {keep} of "
-        f"the {n} trials that reached it so far (cutoff {_fmt(cutoff, minimize)})"
-    )
-
-
 def asha_decisions(
     trials: Mapping[str, Progress],
     rungs: Sequence[int],
@@ -158,22 +131,46 @@ def asha_decisions(
     reduction_factor: int,
     min_trials: int,
 ) -> dict[str, str]:
-    """Running trials to stop -> why, by asynchronous successive halving (module docstring)."""
-    stop = {}
-    for name, trial in sorted(trials.items()):
+    """Running trials to stop -> why, by asynchronous successive halving (module docstring).
+
+    A running trial is judged at its highest rung, among the trials that reached that rung
+    no later than it (itself included). Each rung's arrivals are walked once in the order
+    they were logged, keeping their values sorted: comparing each running trial with every
+    other took seconds at 1,000 running and 1,000 ended trials, in every reconcile."""
+    judged: dict[int, set[str]] = {}  # rung -> the running trials judged there
+    for name, trial in trials.items():
         if trial.state != TrialState.RUNNING:
             continue
-        reason = _asha_stop(
-            name,
-            trials,
-            rungs,
-            minimize=minimize,
-            reduction_factor=reduction_factor,
-            min_trials=min_trials,
+        reached = [rung for rung in rungs if arrival(trial.curve, rung) is not None]
+        if reached:
+            judged.setdefault(reached[-1], set()).add(name)
+    stop = {}
+    for rung, here in judged.items():
+        arrivals = sorted(
+            (point.time, _signed(point.value, minimize), name)
+            for name, trial in trials.items()
+            if (point := arrival(trial.curve, rung)) is not None
         )
-        if reason:
-            stop[name] = reason
-    return stop
+        ranked: list[float] = []  # the values of the arrivals so far, best first
+        first = 0
+        while first < len(arrivals):
+            # Trials that arrived at the same time are each judged with the others among them.
+            last = first
+            while last < len(arrivals) and arrivals[last][0] == arrivals[first][0]:
+                bisect.insort(ranked, arrivals[last][1])
+                last += 1
+            n = len(ranked)
+            keep = max(1, n // reduction_factor)
+            cutoff = ranked[keep - 1]  # the worst value that still goes on; ties go on together
+            for _, value, name in arrivals[first:last]:
+                if name in here and n - 1 >= min_trials and value > cutoff:
+                    stop[name] = (
+                        f"ASHA rung at step {rung}: value {_fmt(value, minimize)} is not in the "
+                        f"best {keep} of the {n} trials that reached it so far (cutoff "
+                        f"{_fmt(cutoff, minimize)})"
+                    )
+            first = last
+    return dict(sorted(stop.items()))
 
 
 def brackets(min_steps: int, max_steps: int, factor: int) -> list[tuple[list[int], int]]:

@@ -6,6 +6,7 @@ Each scenario is one the rules got wrong before (see early_stopping's docstring)
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from datetime import UTC, datetime
 
@@ -281,3 +282,90 @@ def test_a_pruned_only_sweep_ends_without_recreating_pruned_indices():
     p = plan_trials(spec, seen, T0, sweep_name="sw")
     assert p.create == [] and p.status.phase == "Succeeded"
     assert (p.status.trials.succeeded, p.status.trials.pruned) == (1, 1)
+
+
+def _signed(value: float, minimize: bool) -> float:
+    return math.inf if not math.isfinite(value) else value if minimize else -value
+
+
+def _median_rule(trials: dict[str, Progress], minimize: bool, min_steps: int, min_trials: int):
+    """The median rule as the module docstring states it, trial by trial."""
+
+    def best(curve: list[Point], step: int) -> float | None:
+        values = [_signed(p.value, minimize) for p in curve if p.step <= step]
+        return min(values) if values else None
+
+    stopped = set()
+    for name, trial in trials.items():
+        if trial.state != S.RUNNING or not trial.curve or trial.curve[-1].step < min_steps:
+            continue
+        step = trial.curve[-1].step
+        peers = [
+            b
+            for t in trials.values()
+            if t.state == S.SUCCEEDED and t.curve and t.curve[-1].step >= step
+            if (b := best(t.curve, step)) is not None
+        ]
+        mine = best(trial.curve, step)
+        if len(peers) >= min_trials and mine is not None and mine > sorted_median(peers):
+            stopped.add(name)
+    return stopped
+
+
+def sorted_median(values: list[float]) -> float:
+    ordered, middle = sorted(values), len(values) // 2
+    return ordered[middle] if len(values) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def _asha_rule(trials: dict[str, Progress], rungs: list[int], minimize: bool, factor: int, k: int):
+    """ASHA as the module docstring states it: a running trial at its highest rung, against
+    the trials that reached the rung no later than it."""
+    stopped = set()
+    for name, trial in trials.items():
+        reached = [r for r in rungs if any(p.step >= r for p in trial.curve)]
+        if trial.state != S.RUNNING or not reached:
+            continue
+        rung = reached[-1]
+        mine = next(p for p in trial.curve if p.step >= rung)
+        others = [
+            point
+            for other, t in trials.items()
+            if other != name
+            if (point := next((p for p in t.curve if p.step >= rung), None)) is not None
+            if point.time <= mine.time
+        ]
+        ranked = sorted(_signed(p.value, minimize) for p in [*others, mine])
+        cutoff = ranked[max(1, len(ranked) // factor) - 1]
+        if len(others) >= k and _signed(mine.value, minimize) > cutoff:
+            stopped.add(name)
+    return stopped
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_rules_decide_as_stated_on_random_sweeps(seed):
+    """Median stopping and ASHA work out each step's and rung's standing once for all trials
+    (per trial it took seconds at 1,000 running and 1,000 finished trials): they stop exactly
+    the trials the rules, applied trial by trial, stop; with ties in time and value, NaNs and
+    every trial state."""
+    rng = random.Random(seed)
+    for _ in range(200):
+        trials = {}
+        for i in range(rng.randint(1, 25)):
+            steps = sorted(rng.sample(range(1, 13), rng.randint(0, 6)))
+            curve = [
+                Point(s, rng.choice([rng.random(), 0.5, math.nan]), float(rng.randint(0, 8)))
+                for s in steps
+            ]
+            state = rng.choice([S.RUNNING, S.RUNNING, S.SUCCEEDED, S.STOPPED, S.FAILED])
+            trials[f"t-{i:02d}"] = Progress(i, state, curve)
+        minimize = rng.random() < 0.5
+        min_steps, min_trials, factor = rng.randint(1, 4), rng.randint(1, 3), rng.randint(2, 4)
+        median = median_decisions(
+            trials, minimize=minimize, min_steps=min_steps, min_trials=min_trials
+        )
+        assert set(median) == _median_rule(trials, minimize, min_steps, min_trials)
+        rungs = rung_steps(min_steps, factor, 13)
+        asha = asha_decisions(
+            trials, rungs, minimize=minimize, reduction_factor=factor, min_trials=min_trials
+        )
+        assert set(asha) == _asha_rule(trials, rungs, minimize, factor, min_trials)
