@@ -268,6 +268,8 @@ class TrialRuns:
     ended with its objective when the Job completes (in a pool, off the watch)."""
 
     def __init__(self, uri: str, experiment: str, sweep: str, curves: bool) -> None:
+        # Ending a run prints a link to it: 2,000 lines around the one JSON line of the bench.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self.client.create_experiment(experiment)
         self.sweep = sweep

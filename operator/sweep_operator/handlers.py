@@ -97,6 +97,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # every reconcile (and with it the creation of trials) behind those retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    # Ending a run prints a link to it on stdout, not in the log: one line per stopped trial.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # kopf logs every handled event at INFO; a 1,000-trial sweep makes thousands a minute.
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     trial_defaults()  # a malformed LORASWEEP_DEFAULT_* variable stops the operator here

@@ -26,6 +26,14 @@ from sweep_operator.trials import Curve, ObservedTrial, TrialState
 # Observes a sweep's trials given MLflow's results by trial (observe.observe_trial per Job).
 Observe = Callable[[Mapping[str, dict[str, Any]]], list[ObservedTrial]]
 
+# A run's start time is the trainer's clock. A search for the runs started since the last one
+# reaches back this much further, for trainers whose clocks are behind the operator's and for
+# runs being created while the last search ran.
+CLOCK_SKEW_SECONDS = 60.0
+# All the sweep's runs are searched this often all the same, for a trainer whose clock is
+# further behind: its trial's result then comes this late, not never.
+FULL_SEARCH_SECONDS = 300.0
+
 
 @dataclass(frozen=True)
 class Reads:
@@ -33,7 +41,9 @@ class Reads:
 
     experiment_id: str
     sweep: str
-    ended: frozenset[str]  # trials that ended without their run's final data: search for them
+    # Trials that ended without their run's final data, with the run's id where it is known
+    # (then it is read by id; else the runs started since the last search are searched).
+    ended: Mapping[str, str | None]
     unfound: frozenset[str]  # running trials whose runs are not known yet (with early stopping)
     curves: tuple[tuple[str, str, bool], ...]  # (trial, run id, ended) whose curves to read
     metrics: tuple[str, ...]  # the objective's metrics, for the curves
@@ -76,6 +86,12 @@ class RunsCache:
         self._parent_wanted: tuple[str, str, str, str] | None = None  # experiment, sweep, ns, uid
         self._merging = threading.Lock()
         self._curves_read_at = -math.inf  # time.monotonic() of the last read of curves
+        # trial -> (observed trial, its curves, the two as one), as last made by _with_curves
+        self._with_curves_of: dict[str, tuple[ObservedTrial, dict[str, Curve], ObservedTrial]] = {}
+        # time.time() at the start of the last search that answered: runs started before it
+        # (less CLOCK_SKEW_SECONDS) have been found; None until a search of all of them.
+        self._searched_until: float | None = None
+        self._full_search_at = -math.inf  # time.monotonic() of the last search of all runs
 
     def parent_run(
         self, spec: SweepSpec, name: str, namespace: str, uid: str
@@ -143,10 +159,21 @@ class RunsCache:
         if spec.early_stopping:
             curves, live = self.curves, self.live_curves
             observed = [
-                t.model_copy(update={"curves": curves.get(t.name) or live.get(t.name, {})})
-                for t in observed
+                self._with_curves(t, curves.get(t.name) or live.get(t.name)) for t in observed
             ]
         return observed
+
+    def _with_curves(self, trial: ObservedTrial, curves: dict[str, Curve] | None) -> ObservedTrial:
+        """The trial with its curves: the copy made for the same trial and curves before, if
+        there was one (copying 2,000 trials took a third of a reconcile, twice a second)."""
+        if not curves:
+            return trial
+        kept = self._with_curves_of.get(trial.name)
+        if kept is not None and kept[0] is trial and kept[1] is curves:
+            return kept[2]
+        copy = trial.model_copy(update={"curves": curves})
+        self._with_curves_of[trial.name] = (trial, curves, copy)
+        return copy
 
     @staticmethod
     def _reporting(trial: ObservedTrial, unread: frozenset[str]) -> ObservedTrial:
@@ -167,13 +194,13 @@ class RunsCache:
         if experiment_id is None:
             return None
         results = self.results
-        ended = frozenset(
-            t.name
+        ended = {
+            t.name: t.mlflow_run_id
             for t in observed
             if not t.state.active
+            and t.name not in self.searched
             and (t.mlflow_run_id is None or (t.state == TrialState.SUCCEEDED and t.value is None))
-        )
-        ended -= self.searched
+        }
         unfound: frozenset[str] = frozenset()
         curves: tuple[tuple[str, str, bool], ...] = ()
         # Curves change while trials run, and each read of them costs a request per 100 runs.
@@ -205,11 +232,7 @@ class RunsCache:
         if due.curves or due.unfound:
             self._curves_read_at = time.monotonic()
         try:
-            found = (
-                self.tracker.trial_results(due.experiment_id, due.sweep)
-                if due.ended or due.unfound
-                else {}
-            )
+            found = self._search(due)
             wanted = {trial: run_id for trial, run_id, _ in due.curves}
             # A running trial's run found now has its curve read now too: early stopping does
             # not wait one more poll before it first sees the trial's curve.
@@ -223,11 +246,31 @@ class RunsCache:
         final = {trial for trial, _, ended in due.curves if ended}
         with self._merging:
             self.results = {**self.results, **found}
-            self.searched |= due.ended
+            self.searched |= frozenset(due.ended)
             self.curves = {**self.curves, **{t: c for t, c in curves.items() if t in final}}
             if wanted:
                 self.live_curves = {t: c for t, c in curves.items() if t not in final}
         return True
+
+    def _search(self, due: Reads) -> dict[str, dict[str, Any]]:
+        """The results of the runs `due` asks for: by id where the run is known, and the runs
+        started since the last search for the trials whose runs are not (all the sweep's runs
+        at first, and every FULL_SEARCH_SECONDS): a search of all of them takes seconds at
+        thousands of runs, and would be made every CURVE_POLL_SECONDS under early stopping."""
+        known = [run_id for run_id in due.ended.values() if run_id is not None]
+        found = self.tracker.runs_by_id(due.experiment_id, known) if known else {}
+        if not due.unfound and len(known) == len(due.ended):
+            return found
+        started = time.time()
+        since = self._searched_until
+        full = since is None or time.monotonic() - self._full_search_at >= FULL_SEARCH_SECONDS
+        window = None if full or since is None else since - CLOCK_SKEW_SECONDS
+        found |= self.tracker.trial_results(due.experiment_id, due.sweep, window)
+        with self._merging:
+            self._searched_until = max(started, self._searched_until or started)
+            if full:
+                self._full_search_at = time.monotonic()
+        return found
 
     def _read_curves(
         self, wanted: dict[str, str], metrics: tuple[str, ...]

@@ -34,6 +34,7 @@ from sweep_operator.trials import Curve, Point
 log = logging.getLogger(__name__)
 
 HISTORY_BATCH = 100  # run ids per bulk history request: the tracking server's maximum
+RUN_ID_BATCH = 100  # run ids per search by id
 HISTORY_MAX_POINTS = 2500  # per run: the server's maximum
 HTTP_TIMEOUT_SECONDS = 10
 
@@ -71,16 +72,31 @@ class SweepRuns:
         )
         return experiment_id, run.info.run_id
 
-    def trial_results(self, experiment_id: str, sweep: str) -> dict[str, dict[str, Any]]:
-        """Each trial run's id and final metrics, by trial name, in one search."""
+    def trial_results(
+        self, experiment_id: str, sweep: str, started_since: float | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Each trial run's id and metrics, by trial name, in one search: of all the sweep's
+        runs, or of those started since `started_since` (seconds since the epoch)."""
+        query = f"tags.`{TAG_SWEEP}` = '{sweep}'"
+        if started_since is not None:
+            query += f" and attributes.start_time >= {int(started_since * 1000)}"
+        return self._trial_runs(experiment_id, query)
+
+    def runs_by_id(self, experiment_id: str, run_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """These runs' ids and metrics, by trial name: one search per RUN_ID_BATCH runs, not
+        one of all the sweep's runs."""
+        results: dict[str, dict[str, Any]] = {}
+        for start in range(0, len(run_ids), RUN_ID_BATCH):
+            ids = ", ".join(f"'{run_id}'" for run_id in run_ids[start : start + RUN_ID_BATCH])
+            results |= self._trial_runs(experiment_id, f"attributes.run_id IN ({ids})")
+        return results
+
+    def _trial_runs(self, experiment_id: str, query: str) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
         page_token = None
         while True:
             page = self.client.search_runs(
-                [experiment_id],
-                filter_string=f"tags.`{TAG_SWEEP}` = '{sweep}'",
-                max_results=1000,
-                page_token=page_token,
+                [experiment_id], filter_string=query, max_results=1000, page_token=page_token
             )
             for run in page:
                 trial = run.data.tags.get(TAG_TRIAL)

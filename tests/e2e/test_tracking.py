@@ -11,6 +11,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL
+from sweep_operator import mlflow_runs
 from sweep_operator.mlflow_runs import RunsCache
 from sweep_operator.observe import trials_observer
 from sweep_operator.plan import CURVE_POLL_SECONDS
@@ -46,6 +47,12 @@ def test_trial_results_and_intermediate_values_in_bulk(mlflow_uri):
     results = runs.trial_results(experiment, "s")
     assert len(results) == 105
     assert results["s-0007"]["metrics"]["eval_loss"] == curves[results["s-0007"]["run_id"]][-1][1]
+    assert runs.trial_results(experiment, "s", started_since=time.time() - 600) == results
+    assert runs.trial_results(experiment, "s", started_since=time.time() + 600) == {}
+    ids = [results[f"s-{i:04d}"]["run_id"] for i in range(101)]  # more than one search names
+    assert runs.runs_by_id(experiment, ids) == {
+        f"s-{i:04d}": results[f"s-{i:04d}"] for i in range(101)
+    }
 
     got = runs.intermediate_values(list(curves), "eval_loss")
     assert {run: [(p.step, p.value) for p in points] for run, points in got.items()} == curves
@@ -135,7 +142,7 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
     ended = start("sw-0002")
     trials.end("sw-0002")
     assert observe()["sw-0002"].mlflow_run_id is None
-    assert cache.due is not None and cache.due.ended == {"sw-0002"}
+    assert cache.due is not None and cache.due.ended == {"sw-0002": None}
     assert cache.catch_up()
     assert observe()["sw-0002"].mlflow_run_id == ended
     assert cache.due is None or not cache.due.ended  # an ended trial's run is searched once
@@ -146,6 +153,67 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
     assert cache.read_results()
     assert observe()["sw-0003"].mlflow_run_id == last
     assert not cache.read_results()  # nothing is missing any more
+
+
+def test_early_stopping_searches_only_the_runs_started_since_its_last_search(
+    mlflow_uri, monkeypatch
+):
+    """Under early stopping the operator looks for running trials' runs every poll: it
+    searches the runs started since its last search, not all the sweep's (a search of
+    thousands takes seconds), and reads an ended trial's known run by its id. A run whose
+    trainer's clock is far behind is found by the search of all runs made every
+    FULL_SEARCH_SECONDS."""
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
+    spec = make_spec(earlyStopping={"algorithm": "median"})
+    cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
+    searched: list[int] = []  # how many runs each search of the sweep's runs returned
+    search = cache.tracker.trial_results
+
+    def counted(*args: Any) -> dict[str, dict[str, Any]]:
+        found = search(*args)
+        searched.append(len(found))
+        return found
+
+    monkeypatch.setattr(cache.tracker, "trial_results", counted)
+    trials = Trials()
+    ten_minutes_ago = int((time.time() - 600) * 1000)
+
+    def create_run(name: str, start_time: int | None = None) -> str:
+        tags = {TAG_SWEEP: "sw", TAG_TRIAL: name}
+        return mlflow.create_run(experiment, start_time=start_time, tags=tags).info.run_id
+
+    def poll() -> dict[str, ObservedTrial]:
+        time.sleep(CURVE_POLL_SECONDS)
+        cache.observe(spec, "sw", experiment, trials.observe)
+        cache.catch_up()
+        return {t.name: t for t in cache.observe(spec, "sw", experiment, trials.observe)}
+
+    for i in range(20):  # trials that ended long ago
+        create_run(f"sw-{i:04d}", ten_minutes_ago)
+        trials.end(f"sw-{i:04d}")
+    cache.observe(spec, "sw", experiment, trials.observe)
+    assert searched == [20]  # a started operator's first read: every run
+
+    trials.run("sw-0020")
+    running = create_run("sw-0020")
+    assert poll()["sw-0020"].mlflow_run_id == running
+    assert searched[-1] == 1  # only the run started since
+
+    trials.run("sw-0021")
+    late = create_run("sw-0021", ten_minutes_ago)  # its trainer's clock is behind
+    assert poll()["sw-0021"].mlflow_run_id is None
+    monkeypatch.setattr(mlflow_runs, "FULL_SEARCH_SECONDS", 0.0)
+    assert poll()["sw-0021"].mlflow_run_id == late
+    assert searched[-1] == 22
+    monkeypatch.setattr(mlflow_runs, "FULL_SEARCH_SECONDS", 300.0)
+
+    # The running trial ends, its objective only in MLflow: its run is read by its id.
+    mlflow.log_metric(running, "eval_loss", 0.25)
+    trials.end("sw-0020", message="")
+    searches = len(searched)
+    assert poll()["sw-0020"].value == 0.25
+    assert len(searched) == searches
 
 
 def test_a_result_only_in_mlflow_is_awaited_while_mlflow_answers(mlflow_uri, monkeypatch):
@@ -194,4 +262,4 @@ def test_an_unreachable_mlflow_changes_no_observation_and_is_read_again(monkeypa
     ]
     assert not down.catch_up() and not down.read_results()
     down.observe(make_spec(), "sw", "1", trials.observe)
-    assert down.due is not None and down.due.ended == {"sw-0000"}  # asked again
+    assert down.due is not None and down.due.ended == {"sw-0000": None}  # asked again
