@@ -161,6 +161,11 @@ class RunsCache:
             observed = [
                 self._with_curves(t, curves.get(t.name) or live.get(t.name)) for t in observed
             ]
+            if len(self._with_curves_of) > len(observed):  # trials deleted meanwhile
+                names = {t.name for t in observed}
+                self._with_curves_of = {
+                    name: kept for name, kept in self._with_curves_of.items() if name in names
+                }
         return observed
 
     def _with_curves(self, trial: ObservedTrial, curves: dict[str, Curve] | None) -> ObservedTrial:
@@ -176,7 +181,7 @@ class RunsCache:
         return copy
 
     @staticmethod
-    def _reporting(trial: ObservedTrial, unread: frozenset[str]) -> ObservedTrial:
+    def _reporting(trial: ObservedTrial, unread: Mapping[str, str | None]) -> ObservedTrial:
         """A trial that succeeded without its objective in its termination message is still
         reporting until its run is read (as `observe_trial` waits for the pod's message): it
         is not counted, nor announced, as succeeded without one. Not while MLflow does not
@@ -232,7 +237,7 @@ class RunsCache:
         if due.curves or due.unfound:
             self._curves_read_at = time.monotonic()
         try:
-            found = self._search(due)
+            found, searched = self._search(due)
             wanted = {trial: run_id for trial, run_id, _ in due.curves}
             # A running trial's run found now has its curve read now too: early stopping does
             # not wait one more poll before it first sees the trial's curve.
@@ -247,30 +252,41 @@ class RunsCache:
         with self._merging:
             self.results = {**self.results, **found}
             self.searched |= frozenset(due.ended)
+            # The runs searched are kept above, so the next search may start where this one did.
+            if searched is not None:
+                started, full = searched
+                self._searched_until = max(started, self._searched_until or started)
+                if full:
+                    self._full_search_at = time.monotonic()
             self.curves = {**self.curves, **{t: c for t, c in curves.items() if t in final}}
             if wanted:
                 self.live_curves = {t: c for t, c in curves.items() if t not in final}
         return True
 
-    def _search(self, due: Reads) -> dict[str, dict[str, Any]]:
-        """The results of the runs `due` asks for: by id where the run is known, and the runs
-        started since the last search for the trials whose runs are not (all the sweep's runs
-        at first, and every FULL_SEARCH_SECONDS): a search of all of them takes seconds at
-        thousands of runs, and would be made every CURVE_POLL_SECONDS under early stopping."""
+    def _search(self, due: Reads) -> tuple[dict[str, dict[str, Any]], tuple[float, bool] | None]:
+        """The results of the runs `due` asks for, and when the search of the sweep's runs
+        began and whether it was of all of them (None if there was none).
+
+        Runs known already are read by id. The others are looked for among the runs started
+        since the last search: every run is then found by the first search after it was
+        created, as a search of all of them (seconds at thousands of runs) would, every
+        CURVE_POLL_SECONDS under early stopping. All of them are searched at first, every
+        FULL_SEARCH_SECONDS, and when an ended trial's run is not among the new ones (its
+        trainer's clock is far behind, or it made none): else the sweep could end without it."""
         known = [run_id for run_id in due.ended.values() if run_id is not None]
         found = self.tracker.runs_by_id(due.experiment_id, known) if known else {}
         if not due.unfound and len(known) == len(due.ended):
-            return found
+            return found, None
         started = time.time()
         since = self._searched_until
         full = since is None or time.monotonic() - self._full_search_at >= FULL_SEARCH_SECONDS
         window = None if full or since is None else since - CLOCK_SKEW_SECONDS
         found |= self.tracker.trial_results(due.experiment_id, due.sweep, window)
-        with self._merging:
-            self._searched_until = max(started, self._searched_until or started)
-            if full:
-                self._full_search_at = time.monotonic()
-        return found
+        missed = any(run_id is None and t not in found for t, run_id in due.ended.items())
+        if window is not None and missed:
+            found |= self.tracker.trial_results(due.experiment_id, due.sweep)
+            full = True
+        return found, (started, full)
 
     def _read_curves(
         self, wanted: dict[str, str], metrics: tuple[str, ...]

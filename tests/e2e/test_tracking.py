@@ -215,6 +215,15 @@ def test_early_stopping_searches_only_the_runs_started_since_its_last_search(
     assert poll()["sw-0020"].value == 0.25
     assert len(searched) == searches
 
+    # A trial that ended before any look found its run, whose start time is ten minutes back
+    # (its trainer's clock is behind): its run is not among the new ones, so all are searched.
+    skewed = create_run("sw-0022", ten_minutes_ago)
+    mlflow.log_metric(skewed, "eval_loss", 0.125)
+    trials.end("sw-0022", message="")
+    ended = poll()["sw-0022"]
+    assert (ended.state, ended.value, ended.mlflow_run_id) == (TrialState.SUCCEEDED, 0.125, skewed)
+    assert searched[-1] == 23
+
 
 def test_a_result_only_in_mlflow_is_awaited_while_mlflow_answers(mlflow_uri, monkeypatch):
     """A trial that wrote no termination message and logged its objective only to MLflow is
