@@ -31,7 +31,8 @@ Observe = Callable[[Mapping[str, dict[str, Any]]], list[ObservedTrial]]
 # runs being created while the last search ran.
 CLOCK_SKEW_SECONDS = 60.0
 # All the sweep's runs are searched this often all the same, for a trainer whose clock is
-# further behind: its trial's result then comes this late, not never.
+# further behind: early stopping then sees its running trial this late, not never. (An ended
+# trial whose run is not among the new ones has all of them searched at once.)
 FULL_SEARCH_SECONDS = 300.0
 
 
