@@ -4,8 +4,11 @@ Each reconcile of a running sweep calls plan() once, so its time bounds how fast
 that size can react. For grid, random and TPE, the history is that many succeeded trials
 (with a final value and a short learning curve) and one running; plan() proposes the next
 trial. The baseline, measured in the same run, is the same plan() with no trial to propose
-(parallelism 1, taken by the running trial): what planning costs without search. Prints one
-JSON line.
+(parallelism 1, taken by the running trial): what planning costs without search.
+
+Early stopping: the same finished trials and 1,000 running ones, each with a curve, every
+slot taken; plan() with the median rule and with ASHA, against the same plan() without early
+stopping (the baseline). Prints one JSON line.
 
     .venv/bin/python bench/plan_scale.py [--sizes 1000,5000,10000] [--repeats 3]
 """
@@ -62,11 +65,14 @@ def spec_for(algorithm: str, trials: int) -> SweepSpec:
     )
 
 
-def history(spec: SweepSpec, finished: int) -> list[ObservedTrial]:
-    """`finished` succeeded trials with a value and a 5-point curve, then one running."""
+RUNNING = 1000  # running trials, in the early-stopping measurement
+
+
+def history(spec: SweepSpec, finished: int, running: int = 1) -> list[ObservedTrial]:
+    """`finished` succeeded trials with a value and a 4-point curve, then `running` ones."""
     rng = random.Random(finished)
     trials = []
-    for index in range(finished + 1):
+    for index in range(finished + running):
         value = rng.uniform(0.5, 2.0)
         done = index < finished
         trials.append(
@@ -110,6 +116,16 @@ def main() -> None:
             baseline = seconds_per_plan(busy, trials, args.repeats)
             result[f"{algorithm}_{size}_seconds"] = round(proposing, 3)
             result[f"{algorithm}_{size}_no_proposal_seconds"] = round(baseline, 3)
+        spec = spec_for("random", size + RUNNING).model_copy(update={"parallelism": RUNNING})
+        trials = history(spec, size, RUNNING)
+        baseline = seconds_per_plan(spec, trials, args.repeats)
+        result[f"no_early_stopping_{size}_{RUNNING}_running_seconds"] = round(baseline, 3)
+        for rule in ({"algorithm": "median"}, {"algorithm": "asha", "minSteps": 1}):
+            stopping = SweepSpec.model_validate(
+                {**spec.model_dump(by_alias=True, exclude_none=True), "earlyStopping": rule}
+            )
+            seconds = seconds_per_plan(stopping, trials, args.repeats)
+            result[f"{rule['algorithm']}_{size}_{RUNNING}_running_seconds"] = round(seconds, 3)
     print(json.dumps(result))
 
 
