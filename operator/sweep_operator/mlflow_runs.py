@@ -23,8 +23,11 @@ from sweep_operator.plan import CURVE_POLL_SECONDS
 from sweep_operator.tracking import SweepRuns
 from sweep_operator.trials import Curve, ObservedTrial, TrialState
 
-# Observes a sweep's trials given MLflow's results by trial (observe.observe_trial per Job).
-Observe = Callable[[Mapping[str, dict[str, Any]]], list[ObservedTrial]]
+# Observes a sweep's trials given MLflow's results and curves by trial (observe.observe_trial
+# per Job).
+Observe = Callable[
+    [Mapping[str, dict[str, Any]], Mapping[str, dict[str, Curve]]], list[ObservedTrial]
+]
 
 # A run's start time is the trainer's clock. A search for the runs started since the last one
 # reaches back this much further, for trainers whose clocks are behind the operator's and for
@@ -87,8 +90,6 @@ class RunsCache:
         self._parent_wanted: tuple[str, str, str, str] | None = None  # experiment, sweep, ns, uid
         self._merging = threading.Lock()
         self._curves_read_at = -math.inf  # time.monotonic() of the last read of curves
-        # trial -> (observed trial, its curves, the two as one), as last made by _with_curves
-        self._with_curves_of: dict[str, tuple[ObservedTrial, dict[str, Curve], ObservedTrial]] = {}
         # time.time() at the start of the last search that answered: runs started before it
         # (less CLOCK_SKEW_SECONDS) have been found; None until a search of all of them.
         self._searched_until: float | None = None
@@ -145,7 +146,10 @@ class RunsCache:
     ) -> list[ObservedTrial]:
         """The trials with the MLflow results read so far (and their curves, with early
         stopping); what is missing becomes `due`."""
-        observed = observe(self.results)
+        # An ended trial's final curve over the one last read while it ran. The curves are the
+        # objects read (so an observation memo sees them unchanged until they are read again).
+        curves = {**self.live_curves, **self.curves} if spec.early_stopping else {}
+        observed = observe(self.results, curves)
         self.due = self._missing(spec, sweep, experiment_id, observed)
         if self.due and self.due.ended and not self._first_read_tried:
             # A new cache (the operator started or restarted) reads the runs of the trials that
@@ -153,33 +157,11 @@ class RunsCache:
             # MLflow would be shown still reporting, and an ended sweep Running, until then.
             self._first_read_tried = True
             self.read_results()
-            observed = observe(self.results)
+            observed = observe(self.results, curves)
             self.due = self._missing(spec, sweep, experiment_id, observed)
         if self.due and self.due.ended and self._answered:
             observed = [self._reporting(t, self.due.ended) for t in observed]
-        if spec.early_stopping:
-            curves, live = self.curves, self.live_curves
-            observed = [
-                self._with_curves(t, curves.get(t.name) or live.get(t.name)) for t in observed
-            ]
-            if len(self._with_curves_of) > len(observed):  # trials deleted meanwhile
-                names = {t.name for t in observed}
-                self._with_curves_of = {
-                    name: kept for name, kept in self._with_curves_of.items() if name in names
-                }
         return observed
-
-    def _with_curves(self, trial: ObservedTrial, curves: dict[str, Curve] | None) -> ObservedTrial:
-        """The trial with its curves: the copy made for the same trial and curves before, if
-        there was one (copying 2,000 trials took a third of a reconcile, twice a second)."""
-        if not curves:
-            return trial
-        kept = self._with_curves_of.get(trial.name)
-        if kept is not None and kept[0] is trial and kept[1] is curves:
-            return kept[2]
-        copy = trial.model_copy(update={"curves": curves})
-        self._with_curves_of[trial.name] = (trial, curves, copy)
-        return copy
 
     @staticmethod
     def _reporting(trial: ObservedTrial, unread: Mapping[str, str | None]) -> ObservedTrial:

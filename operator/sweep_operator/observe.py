@@ -21,6 +21,7 @@ from sweep_operator.trials import (
     ANNOTATION_STOPPED,
     LABEL_QUEUE_NAME,
     LABEL_TRIAL,
+    Curve,
     FetchState,
     ObservedFetch,
     ObservedTrial,
@@ -153,8 +154,10 @@ def observe_trial(
     pods: list[Summary],
     metric: str,
     tracked: dict[str, Any] | None = None,
+    curves: dict[str, Curve] | None = None,
 ) -> ObservedTrial:
-    """One trial from its Job, its pods, and (optionally) its MLflow run's metrics.
+    """One trial from its Job, its pods, and (optionally) its MLflow run's metrics and
+    learning curves.
 
     The termination message wins over MLflow, as the trial contract says: it is what the trial
     itself reported, and it is there even when MLflow was unreachable.
@@ -202,6 +205,7 @@ def observe_trial(
         start_time=_time(job["started_at"]),
         finish_time=_time(job["finished_at"]),
         message=message,
+        curves=curves or {},
     )
 
 
@@ -211,16 +215,23 @@ class _Seen:
 
     metric: str
     tracked: dict[str, Any] | None
+    curves: dict[str, Curve] | None
     job: Summary
     pods: tuple[Summary, ...]
     trial: ObservedTrial
 
     def made_from(
-        self, job: Summary, pods: list[Summary], metric: str, tracked: dict[str, Any] | None
+        self,
+        job: Summary,
+        pods: list[Summary],
+        metric: str,
+        tracked: dict[str, Any] | None,
+        curves: dict[str, Curve] | None,
     ) -> bool:
         return (
             self.metric == metric
             and self.tracked is tracked
+            and self.curves is curves
             and self.job is job
             and len(self.pods) == len(pods)
             and all(a is b for a, b in zip(self.pods, pods, strict=True))
@@ -229,21 +240,26 @@ class _Seen:
 
 class TrialMemo:
     """The last observation of each trial and the summaries it was made from. The indexes
-    replace a Job's or pod's summary when the object changes, so while a trial's Job, pods and
-    MLflow result are the very objects seen last time, its observation is the same: a large
-    sweep's reconcile no longer re-reads thousands of unchanged trials."""
+    replace a Job's or pod's summary when the object changes, so while a trial's Job, pods,
+    MLflow result and curves are the very objects seen last time, its observation is the same:
+    a large sweep's reconcile no longer re-reads thousands of unchanged trials."""
 
     def __init__(self) -> None:
         self._last: dict[str, _Seen] = {}
 
     def observe(
-        self, job: Summary, pods: list[Summary], metric: str, tracked: dict[str, Any] | None
+        self,
+        job: Summary,
+        pods: list[Summary],
+        metric: str,
+        tracked: dict[str, Any] | None,
+        curves: dict[str, Curve] | None,
     ) -> ObservedTrial:
         last = self._last.get(job["name"])
-        if last is not None and last.made_from(job, pods, metric, tracked):
+        if last is not None and last.made_from(job, pods, metric, tracked, curves):
             return last.trial
-        trial = observe_trial(job, pods, metric, tracked)
-        self._last[job["name"]] = _Seen(metric, tracked, job, tuple(pods), trial)
+        trial = observe_trial(job, pods, metric, tracked, curves)
+        self._last[job["name"]] = _Seen(metric, tracked, curves, job, tuple(pods), trial)
         return trial
 
     def forget_others(self, names: set[str]) -> None:
@@ -253,9 +269,10 @@ class TrialMemo:
 
 def trials_observer(
     jobs: list[Summary], pods: list[Summary], metric: str, memo: TrialMemo | None = None
-) -> Callable[[Mapping[str, dict[str, Any]]], list[ObservedTrial]]:
+) -> Callable[..., list[ObservedTrial]]:
     """`observe_trial` of every trial Job with its pods, given MLflow's results by trial
-    (through `memo` when given: the observations of unchanged trials are reused)."""
+    and, with early stopping, their curves (through `memo` when given: the observations of
+    unchanged trials are reused)."""
     pods_by_trial: dict[str, list[Summary]] = defaultdict(list)
     for pod in pods:
         pods_by_trial[pod["trial"]].append(pod)
@@ -263,9 +280,19 @@ def trials_observer(
         memo.forget_others({job["name"] for job in jobs})
     observe_one = memo.observe if memo is not None else observe_trial
 
-    def observe(results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
+    def observe(
+        results: Mapping[str, dict[str, Any]],
+        curves: Mapping[str, dict[str, Curve]] | None = None,
+    ) -> list[ObservedTrial]:
+        curves = curves or {}
         return [
-            observe_one(job, pods_by_trial[job["name"]], metric, results.get(job["name"]))
+            observe_one(
+                job,
+                pods_by_trial[job["name"]],
+                metric,
+                results.get(job["name"]),
+                curves.get(job["name"]),
+            )
             for job in jobs
         ]
 

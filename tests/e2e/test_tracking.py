@@ -16,7 +16,7 @@ from sweep_operator.mlflow_runs import RunsCache
 from sweep_operator.observe import trials_observer
 from sweep_operator.plan import CURVE_POLL_SECONDS
 from sweep_operator.tracking import SweepRuns
-from sweep_operator.trials import ObservedTrial, TrialState
+from sweep_operator.trials import Curve, ObservedTrial, TrialState
 from tests.support import free_port
 from tests.unit.sweep_helpers import make_spec
 
@@ -92,9 +92,11 @@ class Trials:
         pod = {"phase": phase, "message": message, "exit_code": None}
         self.pods[name] = {"trial": name, "name": f"{name}-pod", **pod}
 
-    def observe(self, results: Mapping[str, dict[str, Any]]) -> list[ObservedTrial]:
+    def observe(
+        self, results: Mapping[str, dict[str, Any]], curves: Mapping[str, dict[str, Curve]]
+    ) -> list[ObservedTrial]:
         jobs, pods = list(self.jobs.values()), list(self.pods.values())
-        return trials_observer(jobs, pods, "eval_loss")(results)
+        return trials_observer(jobs, pods, "eval_loss")(results, curves)
 
 
 def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlflow_uri):

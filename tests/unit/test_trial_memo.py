@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from sweep_operator.observe import TrialMemo, job_summary, pod_summary, trials_observer
-from sweep_operator.trials import TrialState
+from sweep_operator.trials import Point, TrialState
 
 
 def job(name: str, index: int, complete: bool = False) -> dict:
@@ -44,9 +44,15 @@ def pod(trial: str, phase: str, message: str = "") -> dict:
     return summary
 
 
-def both(jobs: list[dict], pods: list[dict], memo: TrialMemo, results: dict | None = None):
-    fresh = trials_observer(jobs, pods, "eval_loss")(results or {})
-    remembered = trials_observer(jobs, pods, "eval_loss", memo)(results or {})
+def both(
+    jobs: list[dict],
+    pods: list[dict],
+    memo: TrialMemo,
+    results: dict | None = None,
+    curves: dict | None = None,
+):
+    fresh = trials_observer(jobs, pods, "eval_loss")(results or {}, curves)
+    remembered = trials_observer(jobs, pods, "eval_loss", memo)(results or {}, curves)
     assert remembered == fresh
     return remembered
 
@@ -71,6 +77,14 @@ def test_the_memo_sees_every_change_a_fresh_observation_sees():
     third = both(jobs, pods, memo, results)
     assert third[1].mlflow_run_id == "r1"
     assert third[2].state == TrialState.PENDING
+
+    # Early stopping reads trial 1's curve, then reads it again: each read is a new object.
+    curves = {"sw-0001": {"eval_loss": [Point(1, 0.9)]}}
+    fourth = both(jobs, pods, memo, results, curves)
+    assert fourth[1].curves == curves["sw-0001"] and fourth[0] is third[0]
+    assert both(jobs, pods, memo, results, curves)[1] is fourth[1]  # the same read: reused
+    curves = {"sw-0001": {"eval_loss": [Point(1, 0.9), Point(2, 0.7)]}}
+    assert len(both(jobs, pods, memo, results, curves)[1].curves["eval_loss"]) == 2
 
     # A Job deleted and created again under the same name is observed afresh.
     del jobs[2]
