@@ -31,7 +31,7 @@ from mlflow.entities import Metric, RunTag
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from devcluster.components import mlflow_ready  # noqa: E402
+from devcluster.components import mlflow_ready, mlflow_server_command  # noqa: E402
 from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL  # noqa: E402
 from sweep_operator.mlflow_runs import CLOCK_SKEW_SECONDS  # noqa: E402
 from sweep_operator.plan import CURVE_POLL_SECONDS  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
-        store = f"sqlite:///{Path(folder) / 'mlflow.db'}"
+        store = f"sqlite:///{Path(folder) / 'mlflow.db'}"  # as mlflow_server_command's
         filled = time.perf_counter()
         # Written straight into the store, not through the server: the same, in half the time.
         direct = MlflowClient(tracking_uri=store)
@@ -84,15 +84,7 @@ def main() -> None:
         filled = time.perf_counter() - filled
         port = free_port()
         server = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "mlflow"),
-                "server",
-                f"--backend-store-uri={store}",
-                f"--artifacts-destination={Path(folder) / 'artifacts'}",
-                "--host=127.0.0.1",
-                f"--port={port}",
-                "--workers=1",
-            ],
+            mlflow_server_command(Path(sys.executable).parent, Path(folder), port),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -102,6 +102,20 @@ def api_ready(api_url: str) -> bool:
     return http_ok(f"{api_url}/readyz", client_ssl_context())
 
 
+def mlflow_server_command(venv_bin: Path, folder: Path, port: int) -> list[str]:
+    """The MLflow server, its store (sqlite) and artifacts in `folder`: one worker, as small
+    as the dev cluster's 2 cores need."""
+    return [
+        str(venv_bin / "mlflow"),
+        "server",
+        f"--backend-store-uri=sqlite:///{folder / 'mlflow.db'}",
+        f"--artifacts-destination={folder / 'artifacts'}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--workers=1",
+    ]
+
+
 def mlflow_ready(mlflow_url: str) -> bool:
     return http_ok(f"{mlflow_url}/health")
 
@@ -230,15 +244,7 @@ def components(bin_dir: str, ports: Ports) -> dict[str, Component]:
         ),
         Component(
             "mlflow",
-            [
-                str(venv_bin / "mlflow"),
-                "server",
-                f"--backend-store-uri=sqlite:///{MLFLOW_DIR / 'mlflow.db'}",
-                f"--artifacts-destination={MLFLOW_DIR / 'artifacts'}",
-                "--host=127.0.0.1",
-                f"--port={ports.mlflow}",
-                "--workers=1",
-            ],
+            mlflow_server_command(venv_bin, MLFLOW_DIR, ports.mlflow),
             ready=lambda: mlflow_ready(ports.mlflow_url),
             ready_timeout=120,
         ),

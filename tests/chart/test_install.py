@@ -285,21 +285,9 @@ def wait_until_allowed(
 ) -> None:
     """Until the apiserver allows the ServiceAccount this: RBAC reads bindings (and aggregated
     roles) from a cache, so a binding just created may not be in force yet."""
-    review = {
-        "spec": {
-            "user": f"system:serviceaccount:{namespace}:{account}",
-            "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}"],
-            "resourceAttributes": {
-                "namespace": namespace,
-                "verb": verb,
-                "group": group,
-                "resource": resource,
-            },
-        }
-    }
-    authorization = client.AuthorizationV1Api(api)
+    user = f"system:serviceaccount:{namespace}:{account}"
     wait_for(
-        lambda: authorization.create_subject_access_review(review).status.allowed,
+        lambda: can(api, user, verb, resource, namespace, group=group),
         30,
         f"{account} to be allowed to {verb} {resource}",
     )
