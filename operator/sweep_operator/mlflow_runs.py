@@ -94,6 +94,7 @@ class RunsCache:
         # (less CLOCK_SKEW_SECONDS) have been found; None until a search of all of them.
         self._searched_until: float | None = None
         self._full_search_at = -math.inf  # time.monotonic() of the last search of all runs
+        self._runs: tuple[Mapping[str, dict[str, Any]], Mapping[str, TrialRun]] = ({}, {})
 
     def parent_run(
         self, spec: SweepSpec, name: str, namespace: str, uid: str
@@ -307,12 +308,17 @@ class RunsCache:
             for t in observed
         ]
 
-    def runs(self) -> dict[str, TrialRun]:
-        """The trials' runs as the plan reads them."""
-        return {
-            trial: TrialRun(run_id=run["run_id"], adapter=run.get("adapter"))
-            for trial, run in self.results.items()
-        }
+    def runs(self) -> Mapping[str, TrialRun]:
+        """The trials' runs as the plan reads them; made again only when the results change
+        (every reconcile reads them, and a sweep has thousands)."""
+        results = self.results
+        if self._runs[0] is not results:
+            made = {
+                trial: TrialRun(run_id=run["run_id"], adapter=run.get("adapter"))
+                for trial, run in results.items()
+            }
+            self._runs = (results, made)
+        return self._runs[1]
 
     def _tag(self, reasons: Mapping[str, str]) -> int:
         """Tag each stopped trial's run with why it was stopped; how many were tagged."""

@@ -42,12 +42,17 @@ def _finite(value: float | None) -> bool:
 
 def objective_values(spec: SweepSpec, trial: ObservedTrial) -> dict[str, float] | None:
     """The value of each objective metric (in metrics order), or None if one is missing."""
-    reported = metric_values(spec, trial)
-    names = [m.name for m in spec.objective.metrics] or [spec.objective.metric]
-    values = {name: reported.get(name) for name in names}
-    if not all(_finite(v) for v in values.values()):
-        return None
-    return {name: float(v) for name, v in values.items() if v is not None}
+    # Called for every trial in every reconcile: no copy of the trial's metrics.
+    primary = spec.objective.metric
+    values: dict[str, float] = {}
+    for name in [m.name for m in spec.objective.metrics] or [primary]:
+        value = trial.value if name == primary and trial.value is not None else None
+        if value is None:
+            value = trial.metrics.get(name)
+        if not _finite(value):
+            return None
+        values[name] = float(value)
+    return values
 
 
 def _scored(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> list[dict[str, float]]:
@@ -121,8 +126,10 @@ class Scorer:
 
 def scorer(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> Scorer:
     """The objective as normalised over `trials` (only a weighted objective depends on them)."""
+    if not spec.objective.metrics or spec.objective.mode != "weighted":
+        return Scorer(spec)
     scored = _scored(spec, trials)
-    if not spec.objective.metrics or spec.objective.mode != "weighted" or not scored:
+    if not scored:
         return Scorer(spec)
     ranges = {
         m.name: (min(v[m.name] for v in scored), max(v[m.name] for v in scored))

@@ -198,13 +198,14 @@ def test_succeeded_trials_without_the_metric_are_reported():
     assert condition(nothing, "Failed").reason == "NoScoredTrial"
 
 
-def test_best_trial_follows_the_goal_ignores_nan_and_breaks_ties_by_index():
-    values = [0.5, 0.3, float("nan"), 0.3, 0.9]
-    minimize = make_spec(maxTrials=5)
+def test_best_trial_follows_the_goal_ignores_non_finite_values_and_breaks_ties_by_index():
+    # A diverged trial (NaN, or an infinite loss) is never the best, wherever it comes.
+    values = [float("nan"), 0.5, 0.3, 0.3, 0.9, float("-inf")]
+    minimize = make_spec(maxTrials=6)
     seen = [obs(minimize, i, S.SUCCEEDED, v, mlflow_run_id=f"run{i}") for i, v in enumerate(values)]
     best = run(minimize, seen).status.best_trial
-    assert (best.index, best.value, best.mlflow_run_id) == (1, 0.3, "run1")
-    maximize = make_spec(maxTrials=5, objective={"metric": "accuracy", "goal": "maximize"})
+    assert (best.index, best.value, best.mlflow_run_id) == (2, 0.3, "run2")
+    maximize = make_spec(maxTrials=6, objective={"metric": "accuracy", "goal": "maximize"})
     assert run(maximize, seen).status.best_trial.index == 4
 
 

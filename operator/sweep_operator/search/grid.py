@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from sweep_operator.api import SweepSpec
 from sweep_operator.constraints import (
     NoFeasibleConfiguration,
     TrialIndices,
@@ -21,10 +22,14 @@ from sweep_operator.trials import ObservedTrial
 
 
 class GridSearch(Suggester):
+    def __init__(self, spec: SweepSpec, warm_trials: int = 0) -> None:
+        super().__init__(spec, warm_trials)
+        self.size = grid_size(spec.parameters)  # each trial's index is checked against it
+
     def indices(self) -> TrialIndices:
         """Every point (the first maxTrials); with a memory limit, the points that fit, and how
         many were passed over."""
-        size = grid_size(self.spec.parameters)
+        size = self.size
         target = size if self.spec.max_trials is None else min(size, self.spec.max_trials)
         if memory_limit(self.spec) is None:
             return TrialIndices(indices=range(target), skipped=0)
@@ -37,7 +42,7 @@ class GridSearch(Suggester):
         return grid_trial(self.spec, index)
 
     def mismatch(self, trial: ObservedTrial) -> str | None:
-        if not 0 <= trial.index < grid_size(self.spec.parameters):
+        if not 0 <= trial.index < self.size:
             return f"but the current grid has no index {trial.index}"
         return super().mismatch(trial)
 
