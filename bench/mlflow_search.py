@@ -31,7 +31,11 @@ from mlflow.entities import Metric, RunTag
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from devcluster.components import mlflow_ready, mlflow_server_command  # noqa: E402
+from devcluster.components import (  # noqa: E402
+    mlflow_ready,
+    mlflow_server_command,
+    mlflow_store_uri,
+)
 from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL  # noqa: E402
 from sweep_operator.mlflow_runs import CLOCK_SKEW_SECONDS  # noqa: E402
 from sweep_operator.plan import CURVE_POLL_SECONDS  # noqa: E402
@@ -75,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as folder:
-        store = f"sqlite:///{Path(folder) / 'mlflow.db'}"  # as mlflow_server_command's
+        store = mlflow_store_uri(Path(folder))
         filled = time.perf_counter()
         # Written straight into the store, not through the server: the same, in half the time.
         direct = MlflowClient(tracking_uri=store)

@@ -102,13 +102,18 @@ def api_ready(api_url: str) -> bool:
     return http_ok(f"{api_url}/readyz", client_ssl_context())
 
 
+def mlflow_store_uri(folder: Path) -> str:
+    """The MLflow store (sqlite) of a server whose files are in `folder`."""
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
 def mlflow_server_command(venv_bin: Path, folder: Path, port: int) -> list[str]:
-    """The MLflow server, its store (sqlite) and artifacts in `folder`: one worker, as small
-    as the dev cluster's 2 cores need."""
+    """The MLflow server, its store and artifacts in `folder`: one worker, as small as the
+    dev cluster's 2 cores need."""
     return [
         str(venv_bin / "mlflow"),
         "server",
-        f"--backend-store-uri=sqlite:///{folder / 'mlflow.db'}",
+        f"--backend-store-uri={mlflow_store_uri(folder)}",
         f"--artifacts-destination={folder / 'artifacts'}",
         "--host=127.0.0.1",
         f"--port={port}",

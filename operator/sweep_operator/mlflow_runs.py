@@ -310,15 +310,19 @@ class RunsCache:
 
     def runs(self) -> Mapping[str, TrialRun]:
         """The trials' runs as the plan reads them; made again only when the results change
-        (every reconcile reads them, and a sweep has thousands)."""
-        results = self.results
-        if self._runs[0] is not results:
-            made = {
-                trial: TrialRun(run_id=run["run_id"], adapter=run.get("adapter"))
-                for trial, run in results.items()
-            }
-            self._runs = (results, made)
-        return self._runs[1]
+        (every reconcile reads them, and a sweep has thousands). The results are replaced
+        whole, never changed in place: the same object holds the same runs."""
+        results, memo = self.results, self._runs
+        if memo[0] is not results:
+            memo = (
+                results,
+                {
+                    trial: TrialRun(run_id=run["run_id"], adapter=run.get("adapter"))
+                    for trial, run in results.items()
+                },
+            )
+            self._runs = memo
+        return memo[1]
 
     def _tag(self, reasons: Mapping[str, str]) -> int:
         """Tag each stopped trial's run with why it was stopped; how many were tagged."""

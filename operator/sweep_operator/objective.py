@@ -46,7 +46,7 @@ def objective_values(spec: SweepSpec, trial: ObservedTrial) -> dict[str, float] 
     primary = spec.objective.metric
     values: dict[str, float] = {}
     for name in [m.name for m in spec.objective.metrics] or [primary]:
-        value = trial.value if name == primary and trial.value is not None else None
+        value = trial.value if name == primary else None
         if value is None:
             value = trial.metrics.get(name)
         if not _finite(value):
@@ -126,11 +126,12 @@ class Scorer:
 
 def scorer(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> Scorer:
     """The objective as normalised over `trials` (only a weighted objective depends on them)."""
-    if not spec.objective.metrics or spec.objective.mode != "weighted":
-        return Scorer(spec)
+    unweighted = Scorer(spec)
+    if not unweighted.weighted:
+        return unweighted
     scored = _scored(spec, trials)
     if not scored:
-        return Scorer(spec)
+        return unweighted
     ranges = {
         m.name: (min(v[m.name] for v in scored), max(v[m.name] for v in scored))
         for m in spec.objective.metrics

@@ -200,7 +200,7 @@ def test_succeeded_trials_without_the_metric_are_reported():
 
 def test_best_trial_follows_the_goal_ignores_non_finite_values_and_breaks_ties_by_index():
     # A diverged trial (NaN, or an infinite loss) is never the best, wherever it comes.
-    values = [float("nan"), 0.5, 0.3, 0.3, 0.9, float("-inf")]
+    values = [float("nan"), float("inf"), 0.3, 0.3, 0.9, float("-inf")]
     minimize = make_spec(maxTrials=6)
     seen = [obs(minimize, i, S.SUCCEEDED, v, mlflow_run_id=f"run{i}") for i, v in enumerate(values)]
     best = run(minimize, seen).status.best_trial

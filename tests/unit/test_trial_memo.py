@@ -1,10 +1,14 @@
-"""The reconciler's memo of observed trials: the same trials as observing afresh, whatever
-changed between two reconciles (the kopf indexes replace a summary when its object changes)."""
+"""The reconciler's memos: of observed trials, the same trials as observing afresh, whatever
+changed between two reconciles (the kopf indexes replace a summary when its object changes);
+of MLflow runs, the runs last read."""
 
 from __future__ import annotations
 
 import json
+import logging
 
+from sweep_operator.mlflow_runs import RunsCache
+from sweep_operator.observation import TrialRun
 from sweep_operator.observe import TrialMemo, job_summary, pod_summary, trials_observer
 from sweep_operator.trials import Point, TrialState
 
@@ -92,3 +96,15 @@ def test_the_memo_sees_every_change_a_fresh_observation_sees():
     jobs.append(job("sw-0002", 2, complete=True))
     pods.append(pod("sw-0002", "Succeeded", '{"metrics": {"eval_loss": 0.5}}'))
     assert both(jobs, pods, memo, results)[2].value == 0.5
+
+
+def test_the_plan_sees_an_uploaded_adapter_once_its_run_is_read_again():
+    """RunsCache hands every plan the same runs until its results are replaced (read again);
+    no request is made here."""
+    cache = RunsCache("http://127.0.0.1:9", logging.getLogger("test"))
+    cache.results = {"sw-0000": {"run_id": "r0"}}
+    first = cache.runs()
+    assert first == {"sw-0000": TrialRun(run_id="r0")}
+    assert cache.runs() is first  # nothing read since: not made again
+    cache.results = {**cache.results, "sw-0000": {"run_id": "r0", "adapter": "adapter"}}
+    assert cache.runs() == {"sw-0000": TrialRun(run_id="r0", adapter="adapter")}
