@@ -21,6 +21,10 @@ turnover: the GPU idle gap. Sweeps of parallelism P (`--parallelism`, e.g. 8,100
     (the Job controller makes the pod). Gaps count once all P slots are filled: trials that end
     during the ramp-up (the first P Jobs take ~25 s at P=1000 on 2 cores, and trials last 20 s)
     are counted apart, with the ramp-up's length. Also: the operator's CPU time per trial.
+    The baseline, run first in a namespace of its own: the same trial Jobs, created by a plain
+    client the moment a watch sees one complete, its idle gap on the same cluster (what the Job
+    controller, the apiserver and the simulated nodes take, on cores the bench shares; it
+    logs no MLflow runs).
     With `--mlflow`, the sweep tracks to the dev cluster's MLflow, and the bench logs each
     trial's run as a trainer would (created when its Job appears, ended with its metric when
     it completes): the operator then looks up thousands of runs as trials end. With
@@ -52,7 +56,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import urllib3
 from kubernetes import client, config
@@ -139,7 +143,8 @@ def count(list_call: Any, namespace: str) -> int:
     return len(page.items) + (page.metadata.remaining_item_count or 0)
 
 
-def baseline(batch: client.BatchV1Api, namespace: str, spec: dict, trials: int) -> float:
+def plain_jobs(spec: dict, namespace: str, trials: int) -> list[dict]:
+    """The trial Jobs the sweep would render, for a plain client to create in `namespace`."""
     parsed = SweepSpec.model_validate(spec)
     sweep = SweepRef(name="baseline", namespace=namespace, uid=str(uuid.uuid4()))
     jobs = []
@@ -152,9 +157,15 @@ def baseline(batch: client.BatchV1Api, namespace: str, spec: dict, trials: int) 
         job = render_trial_job(sweep, parsed, trial)
         # No owner: the garbage collector would delete Jobs of a sweep that does not exist.
         del job["metadata"]["ownerReferences"]
+        jobs.append(job)
+    return jobs
+
+
+def baseline(batch: client.BatchV1Api, namespace: str, spec: dict, trials: int) -> float:
+    jobs = plain_jobs(spec, namespace, trials)
+    for job in jobs:
         # Suspended: no pods, so the cluster is as quiet after the baseline as before it.
         job["spec"]["suspend"] = True
-        jobs.append(job)
     started = time.monotonic()
     with ThreadPoolExecutor(CONCURRENCY) as pool:
         list(pool.map(lambda job: batch.create_namespaced_job(namespace, job), jobs))
@@ -301,13 +312,22 @@ class TrialRuns:
         self.pool.shutdown(cancel_futures=True)
 
 
-class Stamps:
-    """When a watch first saw each trial Job created, each Job complete and each pod created;
-    with `runs`, their MLflow runs are logged as they start and end."""
+class Listener(Protocol):
+    """What is told of each trial Job as a watch first sees it created, and then complete."""
 
-    def __init__(self, bench: Bench, runs: TrialRuns | None = None) -> None:
+    def started(self, trial: str) -> None: ...
+
+    def ended(self, trial: str) -> None: ...
+
+
+class Stamps:
+    """When a watch first saw each trial Job of `namespace` created, each Job complete and
+    each pod created; `listener` is told of each Job as it starts and ends."""
+
+    def __init__(self, bench: Bench, namespace: str, listener: Listener | None = None) -> None:
         self.bench = bench
-        self.runs = runs
+        self.namespace = namespace
+        self.listener = listener
         self.jobs: dict[str, float] = {}
         self.pods: dict[str, float] = {}
         self.completed: dict[str, float] = {}
@@ -326,7 +346,7 @@ class Stamps:
         version = None
         while not self.stopped.is_set():
             reply = list_call(
-                self.bench.namespace,
+                self.namespace,
                 watch=True,
                 timeout_seconds=5,
                 resource_version=version,
@@ -356,14 +376,14 @@ class Stamps:
             name = job["metadata"]["name"]
             if kind == "ADDED" and name not in self.jobs:
                 self.jobs[name] = now
-                if self.runs:
-                    self.runs.started(name)
+                if self.listener:
+                    self.listener.started(name)
             conditions = job.get("status", {}).get("conditions", [])
             complete = any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)
             if complete and name not in self.completed:
                 self.completed[name] = now
-                if self.runs:
-                    self.runs.ended(name)
+                if self.listener:
+                    self.listener.ended(name)
 
         self._stream(self.bench.batch.list_namespaced_job, record)
 
@@ -385,6 +405,73 @@ class Stamps:
         return steady, len(pairs) - len(steady)
 
 
+class PlainTurnover:
+    """The baseline of the idle gap: a plain client that creates the next trial Job the moment
+    a watch sees one complete (no status, no Events, no planning), P at a time."""
+
+    def __init__(self, batch: client.BatchV1Api, namespace: str, jobs: list[dict]) -> None:
+        self.batch = batch
+        self.namespace = namespace
+        self.waiting = iter(jobs)
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(CONCURRENCY, thread_name_prefix="bench-plain")
+        self.errors: list[Exception] = []
+
+    def fill(self, slots: int) -> None:
+        for _ in range(slots):
+            self.ended("")
+
+    def started(self, trial: str) -> None:
+        pass
+
+    def ended(self, trial: str) -> None:
+        with self.lock:
+            job = next(self.waiting, None)
+        if job is not None:
+            self.pool.submit(self._create, job)
+
+    def _create(self, job: dict) -> None:
+        """As the operator creates a Job: the reply is not decoded into models."""
+        try:
+            reply = self.batch.create_namespaced_job(self.namespace, job, _preload_content=False)
+            reply.drain_conn()
+            reply.release_conn()
+        except Exception as error:  # the baseline would wait for a Job that never comes
+            self.errors.append(error)
+
+    def all_ended(self, completed: int, trials: int) -> bool:
+        if self.errors:
+            raise RuntimeError(f"the baseline could not create a Job: {self.errors[0]}")
+        return completed == trials
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+def plain_turnover(bench: Bench, spec: dict, parallelism: int, trials: int) -> list[float]:
+    """The idle gaps of the same turnover made by PlainTurnover in a namespace of its own,
+    deleted with its pods before the operator's run."""
+    namespace = create_namespace(bench.core, "bench-baseline")
+    plain = PlainTurnover(bench.batch, namespace, plain_jobs(spec, namespace, trials))
+    stamps = Stamps(bench, namespace, plain)
+    try:
+        plain.fill(parallelism)
+        wait_for(
+            lambda: plain.all_ended(len(stamps.completed), trials),
+            120 + 5 * trials * 60 / parallelism,
+            f"the baseline's {trials} Jobs to complete",
+            interval=2,
+        )
+    finally:
+        stamps.stop()
+        plain.close()
+        delete_namespace(bench.batch, bench.core, namespace)
+    # Pods deleted by the thousand would weigh on the operator's run.
+    wait_for(lambda: count(bench.core.list_namespaced_pod, namespace) == 0, 600, "pods deleted")
+    gaps, _ = stamps.gaps(stamps.pods, parallelism)
+    return gaps
+
+
 def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopping: bool) -> dict:
     long = parallelism >= 100
     trials = parallelism * 2 if long else parallelism * 10
@@ -396,6 +483,7 @@ def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopp
     }
     name = f"turnover-{parallelism}"
     spec = sweep_spec(trials, parallelism, annotations)
+    baseline_gaps = plain_turnover(bench, spec, parallelism, trials)
     runs = None
     if mlflow_uri:
         spec["mlflow"] = {"trackingUri": mlflow_uri, "experimentName": bench.namespace}
@@ -404,7 +492,7 @@ def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopp
             spec["earlyStopping"] = {"algorithm": "median", "minSteps": 1, "minTrials": 1}
     bench.operator.start()
     cpu_before = cpu_seconds(bench.operator.pid)
-    stamps = Stamps(bench, runs)
+    stamps = Stamps(bench, bench.namespace, runs)
     try:
         bench.apply(name, spec)
         wait_for(
@@ -435,6 +523,11 @@ def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopp
         "idle_gap_p50_seconds": round(percentile(gaps, 0.5), 2),
         "idle_gap_p99_seconds": round(percentile(gaps, 0.99), 2),
         "idle_gap_max_seconds": round(max(gaps), 2),
+        "baseline_idle_gap_p50_seconds": round(percentile(baseline_gaps, 0.5), 2),
+        "baseline_idle_gap_p99_seconds": round(percentile(baseline_gaps, 0.99), 2),
+        "ratio_idle_gap_p99_to_baseline": round(
+            percentile(gaps, 0.99) / percentile(baseline_gaps, 0.99), 2
+        ),
         "operator_gap_p50_seconds": round(percentile(operator_gaps, 0.5), 2),
         "operator_gap_p99_seconds": round(percentile(operator_gaps, 0.99), 2),
         "operator_cpu_seconds_per_trial": round(cpu / trials, 3),
