@@ -11,8 +11,8 @@ import contextlib
 import contextvars
 import logging
 import os
-from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,6 +26,7 @@ from sweep_operator.defaults import trial_defaults
 from sweep_operator.kube_writes import API_WORKERS
 from sweep_operator.naming import label_value
 from sweep_operator.observe import (
+    ends_a_trial,
     fetch_job_summary,
     fetch_pod_summary,
     job_summary,
@@ -37,12 +38,28 @@ from sweep_operator.reconciler import Indexes, Reconciler
 from sweep_operator.trials import LABEL_MODEL_FETCH, LABEL_SWEEP
 
 RESYNC_SECONDS = 10.0
+# Reconciles of one sweep start at least this far apart, counted start to start...
 MIN_RECONCILE_INTERVAL = 0.5
+# ...unless a trial ended: then as soon as this, or ENDED_DUTY times as long as the last
+# reconcile took, whichever is longer (a large sweep's reconciles keep to a share of a core).
+# A reconcile that asks to plan again at once (Reconciler.again) keeps the longer interval.
+ENDED_INTERVAL = 0.05
+ENDED_DUTY = 4
 # Sweeps reconciled at the same moment; others wait for a free thread, not for a sweep to end.
 RECONCILE_WORKERS = 8
 
-# Set from kopf's event loop (trial events), awaited there by the sweep's daemon.
-_wakeups: dict[tuple[str, str], asyncio.Event] = defaultdict(asyncio.Event)
+
+@dataclass
+class Wakeup:
+    """What a sweep's daemon waits for, set from kopf's event loop by its trials' events."""
+
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # any change of a trial
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # one that may end a trial
+
+
+# The running daemons' wakeups, by (namespace, sweep label). Events of a sweep with no daemon
+# set nothing: its daemon's first reconcile reads them all.
+_wakeups: dict[tuple[str, str], Wakeup] = {}
 # Reconciles of all sweeps: a sweep holds a thread only while it reconciles.
 _reconcile_pool = ThreadPoolExecutor(RECONCILE_WORKERS, thread_name_prefix="lorasweep-reconcile")
 # MLflow work of all sweeps (one at a time per sweep), outside their reconciles.
@@ -57,8 +74,13 @@ def unreachable(error: Exception) -> bool:
     return isinstance(error, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError)
 
 
-def _wake(namespace: str, sweep: str) -> None:
-    _wakeups[(namespace, sweep)].set()
+def _wake(namespace: str, sweep: str, ended: bool) -> None:
+    wakeup = _wakeups.get((namespace, sweep))
+    if wakeup is None:
+        return
+    wakeup.changed.set()
+    if ended:
+        wakeup.ended.set()
 
 
 def _kube_client() -> client.ApiClient:
@@ -139,8 +161,10 @@ async def sweep_summaries(namespace: str, name: str, body: kopf.Body, **_: Any):
 # The model download Job and its pods carry the sweep label too: their changes wake it.
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
-async def trial_changed(namespace: str, labels: kopf.Labels, **_: Any) -> None:
-    _wake(namespace, labels[LABEL_SWEEP])
+async def trial_changed(
+    namespace: str, labels: kopf.Labels, event: kopf.RawEvent, body: kopf.Body, **_: Any
+) -> None:
+    _wake(namespace, labels[LABEL_SWEEP], ends_a_trial(event["type"], body))
 
 
 @kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=10)
@@ -162,7 +186,7 @@ async def run_sweep(
     # them all and starve the indexers. Reconciles run in a pool of their own instead.
     # Trial labels carry label_value(name): sweep names may be longer than a label allows.
     key = (namespace, label_value(name))
-    wakeup = _wakeups[key]
+    wakeup = _wakeups[key] = Wakeup()
     reconciler = Reconciler(memo.api, logger)
     indexes = Indexes(sweeps=sweep_summaries, jobs=trial_jobs, pods=trial_pods)
 
@@ -189,18 +213,19 @@ async def run_sweep(
         if work.exception() is not None:
             logger.error("MLflow work of %s/%s failed: %r", namespace, name, work.exception())
         elif work.result():
-            wakeup.set()
+            wakeup.changed.set()
 
     def published(_: Future) -> None:
         if not loop.is_closed():
-            loop.call_soon_threadsafe(wakeup.set)
+            loop.call_soon_threadsafe(wakeup.changed.set)
 
     loop = asyncio.get_running_loop()
     catching_up: asyncio.Future | None = None
     publishing: Future | None = None
     try:
         while True:
-            wakeup.clear()
+            wakeup.changed.clear()
+            wakeup.ended.clear()
             started = loop.time()
             # kopf keeps its settings and logging context in context variables.
             context = contextvars.copy_context()
@@ -226,8 +251,16 @@ async def run_sweep(
             # handled in one reconcile per interval, not one per event: each reconcile may
             # patch the status. Counted start to start: a reconcile that took longer (creating
             # trials) is followed at once when trials ended meanwhile, or their GPUs wait for
-            # nothing. Half a second: at 1 s the wait was half of a freed GPU's idle time.
-            await asyncio.sleep(MIN_RECONCILE_INTERVAL - (loop.time() - started))
+            # nothing. A trial that ends is planned on sooner: at half a second, the interval
+            # was nearly all of a freed GPU's idle time in a small sweep.
+            took = loop.time() - started
+            await asyncio.sleep(
+                min(MIN_RECONCILE_INTERVAL, max(ENDED_INTERVAL, ENDED_DUTY * took)) - took
+            )
+            rest = MIN_RECONCILE_INTERVAL - (loop.time() - started)
+            if rest > 0 and not wakeup.ended.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wakeup.ended.wait(), rest)
             if reconciler.again:
                 continue
             timeout = min(RESYNC_SECONDS, reconciler.recheck_after or RESYNC_SECONDS)
@@ -237,6 +270,7 @@ async def run_sweep(
                 timeout = max(0.5, min(timeout, until))
             # kopf cancels this wait when the sweep is deleted or the operator stops.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout)
+                await asyncio.wait_for(wakeup.changed.wait(), timeout)
     finally:
-        _wakeups.pop(key, None)
+        if _wakeups.get(key) is wakeup:  # not a newer daemon's, of a sweep made again
+            del _wakeups[key]

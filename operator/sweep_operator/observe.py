@@ -71,6 +71,21 @@ def _finished(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
     }
 
 
+def ends_a_trial(event_type: str | None, obj: Mapping[str, Any]) -> bool:
+    """Whether an event of a trial Job or pod (`event_type` ADDED, MODIFIED, DELETED, or None
+    in kopf's first listing) may end a trial, and with it free its GPUs: a Job complete,
+    failed or being deleted, a pod succeeded or failed, either deleted. Such an event is
+    planned on sooner than other changes. Later events of what has ended count too: telling
+    them apart would need the last state of each object, and they only bring a reconcile
+    forward."""
+    if event_type == "DELETED":
+        return True
+    status = obj.get("status") or {}
+    if obj.get("kind") == "Pod":  # one being deleted is replaced by its Job: no end
+        return status.get("phase") in ("Succeeded", "Failed")
+    return bool(_finished(status)) or bool((obj.get("metadata") or {}).get("deletionTimestamp"))
+
+
 def _pod_end(pod: dict[str, Any]) -> Summary:
     status = pod.get("status") or {}
     ends = [
