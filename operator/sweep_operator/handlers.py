@@ -179,6 +179,7 @@ async def run_sweep(
     sweep_summaries: kopf.Index,
     memo: kopf.Memo,
     logger: logging.Logger,
+    stopped: kopf.DaemonStopped,
     **_: Any,
 ) -> None:
     # An async daemon holds no thread while it waits: a sync one would hold one of kopf's
@@ -223,7 +224,10 @@ async def run_sweep(
     catching_up: asyncio.Future | None = None
     publishing: Future | None = None
     try:
-        while True:
+        # kopf cancels the daemon when the sweep is deleted or the operator stops; Python 3.11's
+        # asyncio.wait_for loses a cancellation that comes as its event is set, and kopf then
+        # leaves the daemon running. The flag kopf sets before cancelling ends it anyway.
+        while not stopped:
             wakeup.changed.clear()
             wakeup.ended.clear()
             started = loop.time()
