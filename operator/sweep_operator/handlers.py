@@ -47,6 +47,9 @@ ENDED_INTERVAL = 0.05
 ENDED_DUTY = 4
 # Sweeps reconciled at the same moment; others wait for a free thread, not for a sweep to end.
 RECONCILE_WORKERS = 8
+# What kopf watches of trials, as its decorators name resources.
+JOBS = ("batch", "v1", "jobs")
+PODS = ("", "v1", "pods")
 
 
 @dataclass
@@ -115,6 +118,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         prefix="lorasweep.io", key="last-handled-configuration"
     )
     settings.execution.max_workers = 64
+    # Only trial Jobs and pods (and the model download's) reach the operator: on a shared
+    # cluster, watching every Job and pod would bring it each one's every change to parse and
+    # filter here, at a cost per event that a large sweep already feels with its own.
+    settings.watching.label_selectors[JOBS] = LABEL_SWEEP
+    settings.watching.label_selectors[PODS] = LABEL_SWEEP
     # MLflow's client retries for minutes by default; an outage must delay results, not stall
     # every reconcile (and with it the creation of trials) behind those retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -127,13 +135,13 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.api = _kube_client()
 
 
-@kopf.index("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
+@kopf.index(*JOBS, labels={LABEL_SWEEP: kopf.PRESENT})
 async def trial_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     summary = job_summary(dict(body))
     return {(namespace, labels[LABEL_SWEEP]): summary} if summary else None
 
 
-@kopf.index("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
+@kopf.index(*PODS, labels={LABEL_SWEEP: kopf.PRESENT})
 async def trial_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     summary = pod_summary(dict(body))
     return {(namespace, labels[LABEL_SWEEP]): summary} if summary else None
@@ -142,12 +150,12 @@ async def trial_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
 _FETCH_LABELS = {LABEL_SWEEP: kopf.PRESENT, LABEL_MODEL_FETCH: kopf.PRESENT}
 
 
-@kopf.index("batch", "v1", "jobs", labels=_FETCH_LABELS)
+@kopf.index(*JOBS, labels=_FETCH_LABELS)
 async def model_fetch_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     return {(namespace, labels[LABEL_SWEEP]): fetch_job_summary(dict(body))}
 
 
-@kopf.index("", "v1", "pods", labels=_FETCH_LABELS)
+@kopf.index(*PODS, labels=_FETCH_LABELS)
 async def model_fetch_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any):
     return {(namespace, labels[LABEL_SWEEP]): fetch_pod_summary(dict(body))}
 
@@ -159,8 +167,8 @@ async def sweep_summaries(namespace: str, name: str, body: kopf.Body, **_: Any):
 
 
 # The model download Job and its pods carry the sweep label too: their changes wake it.
-@kopf.on.event("batch", "v1", "jobs", labels={LABEL_SWEEP: kopf.PRESENT})
-@kopf.on.event("", "v1", "pods", labels={LABEL_SWEEP: kopf.PRESENT})
+@kopf.on.event(*JOBS, labels={LABEL_SWEEP: kopf.PRESENT})
+@kopf.on.event(*PODS, labels={LABEL_SWEEP: kopf.PRESENT})
 async def trial_changed(
     namespace: str, labels: kopf.Labels, event: kopf.RawEvent, body: kopf.Body, **_: Any
 ) -> None:

@@ -226,30 +226,18 @@ def observe_trial(
 
 @dataclass(frozen=True)
 class _Seen:
-    """One trial's observation and what it was made from."""
+    """One trial's observation, the metric it scored and the objects it was made from (its
+    Job's and pods' summaries, MLflow's result and curves)."""
 
     metric: str
-    tracked: dict[str, Any] | None
-    curves: dict[str, Curve] | None
-    job: Summary
-    pods: tuple[Summary, ...]
+    sources: tuple[object, ...]
     trial: ObservedTrial
 
-    def made_from(
-        self,
-        job: Summary,
-        pods: list[Summary],
-        metric: str,
-        tracked: dict[str, Any] | None,
-        curves: dict[str, Curve] | None,
-    ) -> bool:
+    def made_from(self, metric: str, sources: tuple[object, ...]) -> bool:
         return (
             self.metric == metric
-            and self.tracked is tracked
-            and self.curves is curves
-            and self.job is job
-            and len(self.pods) == len(pods)
-            and all(a is b for a, b in zip(self.pods, pods, strict=True))
+            and len(self.sources) == len(sources)
+            and all(a is b for a, b in zip(self.sources, sources, strict=True))
         )
 
 
@@ -270,11 +258,12 @@ class TrialMemo:
         tracked: dict[str, Any] | None,
         curves: dict[str, Curve] | None,
     ) -> ObservedTrial:
+        sources = (job, tracked, curves, *pods)
         last = self._last.get(job["name"])
-        if last is not None and last.made_from(job, pods, metric, tracked, curves):
+        if last is not None and last.made_from(metric, sources):
             return last.trial
         trial = observe_trial(job, pods, metric, tracked, curves)
-        self._last[job["name"]] = _Seen(metric, tracked, curves, job, tuple(pods), trial)
+        self._last[job["name"]] = _Seen(metric, sources, trial)
         return trial
 
     def forget_others(self, names: set[str]) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from kubernetes import client
@@ -20,6 +23,7 @@ from tests.e2e.sweeps import (
     trial_jobs,
     wait_for_phase,
 )
+from tests.e2e.test_rbac import OPERATOR_USER, audit_files, events
 from tests.support import free_port, wait_for
 
 TRIAL_PROGRAM = Path(__file__).with_name("trial_program.py")
@@ -296,3 +300,43 @@ def test_more_sweeps_than_operator_workers_all_finish(operator, custom, batch, n
     apply(running, 3)
     wait_for(lambda: all_succeeded(running), 180, "30 three-trial sweeps to succeed")
     assert len(batch.list_namespaced_job(namespace).items) == 40 + 30 * 3
+
+
+@pytest.fixture
+def audit_offset() -> int:
+    """Where the audit log ends before the test's operator starts (ask for it first)."""
+    return devcluster.AUDIT_LOG.stat().st_size
+
+
+def test_only_trial_jobs_and_pods_reach_the_operator(audit_offset, operator, namespace):
+    """On a shared cluster most Jobs and pods are not trials: the operator lists and watches
+    them by the sweep label, so the apiserver never sends it the others and their changes."""
+
+    def audited() -> Iterator[dict]:
+        log = devcluster.AUDIT_LOG
+        if log.stat().st_size < audit_offset:  # rotated since: read the rotated files too
+            yield from events(audit_files())
+            return
+        with log.open() as lines:
+            lines.seek(audit_offset)
+            yield from (json.loads(line) for line in lines)
+
+    def requests() -> dict[str, list[dict[str, list[str]]]]:
+        queries: dict[str, list[dict[str, list[str]]]] = {"jobs": [], "pods": []}
+        for event in audited():
+            ref = event.get("objectRef") or {}
+            if (
+                event["user"]["username"] == OPERATOR_USER
+                and event["verb"] in ("list", "watch")
+                and ref.get("namespace") == namespace
+                and ref.get("resource") in queries
+            ):
+                queries[ref["resource"]].append(parse_qs(urlsplit(event["requestURI"]).query))
+        return queries
+
+    wait_for(lambda: all(requests().values()), 30, "the operator to list and watch trials")
+    for resource, queries in requests().items():
+        assert all(query.get("labelSelector") == [LABEL_SWEEP] for query in queries), (
+            resource,
+            queries,
+        )
