@@ -15,12 +15,15 @@ fanout (default): how fast the operator fans a large sweep out into Jobs, agains
     requests per trial (from the apiserver's audit log, which records only the operator's
     identity), its peak resident memory, the sweep's status size.
 turnover: the GPU idle gap. Sweeps of parallelism P (`--parallelism`, e.g. 8,1000) whose trials
-    run 20-60 s (P >= 100) or 2-6 s, so they end one after another: the time from a trial's
+    run 20-60 s (P >= 100) or 2-6 s (or `--trial-seconds LOW-HIGH`), so they end one after
+    another (at P=1000, 25 a second with 20-60 s): the time from a trial's
     Job completing (its Complete condition, as a watch sees it) to the next trial's pod being
     created, p50 and p99; and the operator's part of it, to the next trial's Job being created
     (the Job controller makes the pod). Gaps count once all P slots are filled: trials that end
     during the ramp-up (the first P Jobs take ~25 s at P=1000 on 2 cores, and trials last 20 s)
-    are counted apart, with the ramp-up's length. Also: the operator's CPU time per trial.
+    are counted apart, with the ramp-up's length. Also: the operator's CPU time and API
+    requests per trial, and the share of the machine's CPU that was busy during each run
+    (`machine_busy_share`; the rest of the machine, the bench's helpers included, counts too).
     The baseline, run first in a namespace of its own: the same trial Jobs, created by a plain
     client the moment a watch sees one complete, its idle gap on the same cluster (what the Job
     controller, the apiserver and the simulated nodes take, on cores the bench shares; it
@@ -38,7 +41,7 @@ sweeps: many sweeps on one operator. `--sweeps` N sweeps: half of them one-trial
 
     .venv/bin/python bench/operator_scale.py [--mode fanout --trials 1000]
     .venv/bin/python bench/operator_scale.py --mode turnover --parallelism 8,1000 \
-        [--mlflow [--early-stopping]]
+        [--trial-seconds 60-180] [--mlflow [--early-stopping]]
     .venv/bin/python bench/operator_scale.py --mode sweeps --sweeps 100
 """
 
@@ -189,6 +192,18 @@ def cpu_seconds(pid: int) -> float:
     """CPU time (user and system) the process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu() -> tuple[int, int]:
+    """The machine's busy and total CPU time so far, all cores (/proc/stat, in ticks)."""
+    ticks = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def busy_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time that was busy between two `machine_cpu()`."""
+    return round((after[0] - before[0]) / (after[1] - before[1]), 2)
 
 
 def percentile(values: list[float], share: float) -> float:
@@ -448,20 +463,25 @@ class PlainTurnover:
         self.pool.shutdown(cancel_futures=True)
 
 
-def plain_turnover(bench: Bench, spec: dict, parallelism: int, trials: int) -> list[float]:
+def plain_turnover(
+    bench: Bench, spec: dict, parallelism: int, trials: int, longest: float
+) -> tuple[list[float], float]:
     """The idle gaps of the same turnover made by PlainTurnover in a namespace of its own,
-    deleted with its pods before the operator's run."""
+    deleted with its pods before the operator's run, and the machine's busy share meanwhile;
+    `longest`: the longest trial's seconds."""
     namespace = create_namespace(bench.core, "bench-baseline")
     plain = PlainTurnover(bench.batch, namespace, plain_jobs(spec, namespace, trials))
     stamps = Stamps(bench, namespace, plain)
     try:
+        cpu_before = machine_cpu()
         plain.fill(parallelism)
         wait_for(
             lambda: plain.all_ended(len(stamps.completed), trials),
-            120 + 5 * trials * 60 / parallelism,
+            120 + 5 * trials * longest / parallelism,
             f"the baseline's {trials} Jobs to complete",
             interval=2,
         )
+        busy = busy_share(cpu_before, machine_cpu())
     finally:
         stamps.stop()
         plain.close()
@@ -469,44 +489,54 @@ def plain_turnover(bench: Bench, spec: dict, parallelism: int, trials: int) -> l
     # Pods deleted by the thousand would weigh on the operator's run.
     wait_for(lambda: count(bench.core.list_namespaced_pod, namespace) == 0, 600, "pods deleted")
     gaps, _ = stamps.gaps(stamps.pods, parallelism)
-    return gaps
+    return gaps, busy
 
 
-def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopping: bool) -> dict:
+def turnover(
+    bench: Bench,
+    parallelism: int,
+    mlflow_uri: str | None,
+    early_stopping: bool,
+    trial_seconds: tuple[int, int] | None,
+) -> dict:
     long = parallelism >= 100
     trials = parallelism * 2 if long else parallelism * 10
-    low, high = ("20s", "60s") if long else ("2s", "6s")
+    low, high = trial_seconds or ((20, 60) if long else (2, 6))
     annotations = {
-        "lorasweep.io/sim-duration": low,
-        "lorasweep.io/sim-duration-max": high,
+        "lorasweep.io/sim-duration": f"{low}s",
+        "lorasweep.io/sim-duration-max": f"{high}s",
         "lorasweep.io/sim-result": '{"metrics": {"eval_loss": 0.5}}',
     }
     name = f"turnover-{parallelism}"
     spec = sweep_spec(trials, parallelism, annotations)
-    baseline_gaps = plain_turnover(bench, spec, parallelism, trials)
+    baseline_gaps, baseline_busy = plain_turnover(bench, spec, parallelism, trials, high)
     runs = None
     if mlflow_uri:
         spec["mlflow"] = {"trackingUri": mlflow_uri, "experimentName": bench.namespace}
         runs = TrialRuns(mlflow_uri, bench.namespace, name, early_stopping)
         if early_stopping:
             spec["earlyStopping"] = {"algorithm": "median", "minSteps": 1, "minTrials": 1}
+    audit_offset = devcluster.AUDIT_LOG.stat().st_size
     bench.operator.start()
     cpu_before = cpu_seconds(bench.operator.pid)
     stamps = Stamps(bench, bench.namespace, runs)
     try:
+        machine_before = machine_cpu()
         bench.apply(name, spec)
         wait_for(
             lambda: bench.phases().get(name) == "Succeeded",
-            # The slowest trial takes 60 s; on 2 cores pods wait to be scheduled too.
-            120 + 5 * trials * 60 / parallelism,
+            # On 2 cores pods wait to be scheduled too.
+            120 + 5 * trials * high / parallelism,
             f"sweep {name} to succeed",
             interval=2,
         )
+        busy = busy_share(machine_before, machine_cpu())
     finally:
         stamps.stop()
         if runs:
             runs.close()
     cpu = cpu_seconds(bench.operator.pid) - cpu_before
+    requests = operator_requests(audit_offset)
     gaps, ramp_up_ends = stamps.gaps(stamps.pods, parallelism)
     # The operator's part: the next Job created; the rest is the Job controller's pod.
     operator_gaps, _ = stamps.gaps(stamps.jobs, parallelism)
@@ -516,7 +546,7 @@ def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopp
         "trials": trials,
         "mlflow": runs is not None,
         "early_stopping": "earlyStopping" in spec,
-        "trial_seconds": f"{low}-{high}",
+        "trial_seconds": f"{low}s-{high}s",
         "ramp_up_seconds": round(jobs[parallelism - 1] - jobs[0], 2),
         "ended_during_ramp_up": ramp_up_ends,
         "gaps": len(gaps),
@@ -530,7 +560,10 @@ def turnover(bench: Bench, parallelism: int, mlflow_uri: str | None, early_stopp
         ),
         "operator_gap_p50_seconds": round(percentile(operator_gaps, 0.5), 2),
         "operator_gap_p99_seconds": round(percentile(operator_gaps, 0.99), 2),
+        "machine_busy_share": busy,
+        "baseline_machine_busy_share": baseline_busy,
         "operator_cpu_seconds_per_trial": round(cpu / trials, 3),
+        "api_requests_per_trial": round(requests / trials, 2),
     }
 
 
@@ -581,11 +614,28 @@ def many_sweeps(bench: Bench, sweeps: int) -> dict:
     }
 
 
+def trial_seconds(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        bounds = int(low), int(high)
+    except ValueError:
+        bounds = (0, 0)
+    if not 0 < bounds[0] <= bounds[1]:
+        raise argparse.ArgumentTypeError(f"want LOW-HIGH whole seconds, 0 < LOW <= HIGH: {text}")
+    return bounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("fanout", "turnover", "sweeps"), default="fanout")
     parser.add_argument("--trials", type=int, default=1000, help="fanout: trials of the sweep")
     parser.add_argument("--parallelism", default="8,1000", help="turnover: comma-separated P")
+    parser.add_argument(
+        "--trial-seconds",
+        type=trial_seconds,
+        help="turnover: how long trials run, LOW-HIGH seconds (default 20-60 at P >= 100, "
+        "else 2-6)",
+    )
     parser.add_argument("--sweeps", type=int, default=100, help="sweeps: how many")
     parser.add_argument(
         "--mlflow", action="store_true", help="turnover: track to the dev cluster's MLflow"
@@ -631,7 +681,9 @@ def main() -> None:
             elif args.mode == "turnover":
                 assert run is not None
                 mlflow_uri = devcluster.Cluster.load().mlflow_url if args.mlflow else None
-                results.append(turnover(bench, run, mlflow_uri, args.early_stopping))
+                results.append(
+                    turnover(bench, run, mlflow_uri, args.early_stopping, args.trial_seconds)
+                )
             else:
                 results.append(many_sweeps(bench, args.sweeps))
             # On stderr at once: cleaning 10,000 trials up takes minutes, and may fail.
