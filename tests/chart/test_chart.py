@@ -288,14 +288,24 @@ def test_the_sweep_access_policy_covers_where_the_operator_acts(tmp_path: Path):
     assert policy({"sweepAccessPolicy": {"enabled": False}}) is None
 
 
-def operator_container(stream: str) -> dict[str, Any]:
-    deployment = next(
+def operator_deployment(stream: str) -> dict[str, Any]:
+    return next(
         d
         for d in documents(stream)
         if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("lorasweep")
     )
-    [container] = deployment["spec"]["template"]["spec"]["containers"]
+
+
+def operator_container(stream: str) -> dict[str, Any]:
+    [container] = operator_deployment(stream)["spec"]["template"]["spec"]["containers"]
     return container
+
+
+def test_a_single_operator_is_replaced_never_run_beside_its_successor(tmp_path: Path):
+    """Without peering (one replica), an upgrade must stop the old operator before the new
+    one starts; with peering, a rolling update is safe and keeps a standby working."""
+    assert operator_deployment(template({}, tmp_path))["spec"]["strategy"] == {"type": "Recreate"}
+    assert "strategy" not in operator_deployment(template({"replicas": 2}, tmp_path))["spec"]
 
 
 def test_deployment_arguments_and_defaults(tmp_path: Path):
