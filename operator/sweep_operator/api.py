@@ -91,8 +91,9 @@ class Objective(_Model):
     additional_metrics: list[str] = Field(
         default_factory=list,
         max_length=32,
-        description="Further metric names to collect from each trial and show with it; they do "
-        "not influence which trial is best.",
+        description="Further metrics to show with each trial: a column each in the report's "
+        "trials_summary.csv, with the trial's last reported value. They do not influence which "
+        "trial is best (status.bestTrial.metrics and MLflow have every metric anyway).",
     )
     metrics: list[ObjectiveMetric] = Field(
         default_factory=list,
@@ -482,7 +483,8 @@ class TrainerSpec(_Model):
     job_template: str | None = Field(
         None,
         description="A Jinja2 template of the whole trial Job (YAML), replacing the built-in "
-        "one. It is rendered in a sandbox; see the README for the variables in scope.",
+        "one. It is rendered in a sandbox; the variables in scope are listed at the top of "
+        "the built-in one (sweep_operator/templates/trial-job.yaml.j2).",
     )
     resources: dict[str, Any] | None = _free_form(
         "Compute resources of the trainer container (requests and limits: cpu, memory). The "
@@ -973,8 +975,8 @@ class SweepSpec(_Model):
     max_trials: int | None = Field(
         None,
         ge=1,
-        description="Number of trials to run. Required for random; for grid it defaults to "
-        "the whole grid and caps it otherwise.",
+        description="Number of trials to run. Required for random, tpe and bohb; for grid it "
+        "defaults to the whole grid and caps it otherwise.",
     )
     parallelism: int = Field(1, ge=1, description="Trials running at the same time.")
     max_failed_trials: int | None = Field(
@@ -1187,7 +1189,7 @@ class SweepStatus(_Model):
     pareto_front: list[ParetoTrial] = Field(
         default_factory=list,
         description="objective.mode pareto: the trials no other trial beats on every metric; "
-        "past 20, the 20 of them best by the primary metric (the report's trials.csv has all).",
+        "past 20, the 20 of them best by the primary metric (paretoFrontSize counts them all).",
     )
     pareto_front_size: int = Field(
         0, description="objective.mode pareto: how many trials the Pareto front holds."

@@ -7,9 +7,11 @@ Every write may meet what an earlier operator did before it stopped (409: create
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import kopf
@@ -34,6 +36,15 @@ EVENT_BURST = 5
 _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
 
 
+@dataclass
+class Creation:
+    """What one create_trials call did: the trials it created (not those that existed), and
+    the apiserver's reason for each it refused (a quota, an admission policy, an invalid Job)."""
+
+    created: list[NewTrial] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 class SweepWriter:
     """Writes one sweep's objects; remembers only that its Service exists."""
 
@@ -50,8 +61,9 @@ class SweepWriter:
         trials: list[NewTrial],
         tracking_uri: str | None,
         parent_run_id: str | None,
-    ) -> list[NewTrial]:
-        """Create the trials' Jobs; the ones this call created, not those that existed already.
+    ) -> Creation:
+        """Create the trials' Jobs. A Job the apiserver refuses does not hold back the others,
+        nor the rest of the reconcile (stops, status): it is planned again next time.
 
         Each Job is rendered in the pool, just before its request: rendering overlaps the other
         requests' round trips, and no more rendered Jobs exist at once than requests in flight
@@ -59,14 +71,24 @@ class SweepWriter:
         if trials:
             self.ensure_service(sweep, spec)
 
-        def create(trial: NewTrial) -> bool:
+        def create(trial: NewTrial) -> bool | str:
             job = render_trial_job(
                 sweep, spec, trial, tracking_uri=tracking_uri, parent_run_id=parent_run_id
             )
-            return self.create_job(sweep.namespace, job)
+            try:
+                return self.create_job(sweep.namespace, job)
+            except ApiException as error:
+                if error.status is None or not 400 <= error.status < 500:
+                    raise  # the apiserver did not answer: the next reconcile retries
+                return _reason(error)
 
-        answers = _api_pool.map(create, trials)
-        return [t for t, new in zip(trials, answers, strict=True) if new]
+        creation = Creation()
+        for trial, answer in zip(trials, _api_pool.map(create, trials), strict=True):
+            if isinstance(answer, str):
+                creation.refused[trial.name] = answer
+            elif answer:
+                creation.created.append(trial)
+        return creation
 
     def ensure_service(self, sweep: SweepRef, spec: SweepSpec) -> None:
         """The headless Service that gives the pods of multi-node trials their DNS names for
@@ -155,6 +177,14 @@ class SweepWriter:
                 sweep.namespace,
                 {"data": files},
             )
+
+
+def _reason(error: ApiException) -> str:
+    """The apiserver's message of a refused request (its Status), else the HTTP reason."""
+    try:
+        return str(json.loads(error.body)["message"])
+    except (TypeError, ValueError, KeyError):
+        return f"{error.status} {error.reason}"
 
 
 def _without_reply(call: Callable[..., Any], *args: Any) -> None:

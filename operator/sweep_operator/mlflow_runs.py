@@ -45,6 +45,7 @@ class Reads:
 
     experiment_id: str
     sweep: str
+    parent_run_id: str | None  # the sweep's, whose trials' runs are under it
     # Trials that ended without their run's final data, with the run's id where it is known
     # (then it is read by id; else the runs started since the last search are searched).
     ended: Mapping[str, str | None]
@@ -143,7 +144,7 @@ class RunsCache:
         return made or bool(read) or self._tag(self.to_tag) > 0
 
     def observe(
-        self, spec: SweepSpec, sweep: str, experiment_id: str | None, observe: Observe
+        self, spec: SweepSpec, sweep: str, mlflow: MlflowStatus | None, observe: Observe
     ) -> list[ObservedTrial]:
         """The trials with the MLflow results read so far (and their curves, with early
         stopping); what is missing becomes `due`."""
@@ -151,7 +152,7 @@ class RunsCache:
         # objects read (so an observation memo sees them unchanged until they are read again).
         curves = {**self.live_curves, **self.curves} if spec.early_stopping else {}
         observed = observe(self.results, curves)
-        self.due = self._missing(spec, sweep, experiment_id, observed)
+        self.due = self._missing(spec, sweep, mlflow, observed)
         if self.due and self.due.ended and not self._first_read_tried:
             # A new cache (the operator started or restarted) reads the runs of the trials that
             # ended before it at once, as one search: else each one that reported only to
@@ -159,7 +160,7 @@ class RunsCache:
             self._first_read_tried = True
             self.read_results()
             observed = observe(self.results, curves)
-            self.due = self._missing(spec, sweep, experiment_id, observed)
+            self.due = self._missing(spec, sweep, mlflow, observed)
         if self.due and self.due.ended and self._answered:
             observed = [self._reporting(t, self.due.ended) for t in observed]
         return observed
@@ -175,11 +176,16 @@ class RunsCache:
         return trial
 
     def _missing(
-        self, spec: SweepSpec, sweep: str, experiment_id: str | None, observed: list[ObservedTrial]
+        self,
+        spec: SweepSpec,
+        sweep: str,
+        mlflow: MlflowStatus | None,
+        observed: list[ObservedTrial],
     ) -> Reads | None:
         """A finished trial's run is searched for once after it ended (its final data do not
         change); with early stopping, running trials' curves at most every
         CURVE_POLL_SECONDS."""
+        experiment_id = mlflow.experiment_id if mlflow else None
         if experiment_id is None:
             return None
         results = self.results
@@ -204,7 +210,8 @@ class RunsCache:
             )
         if not (ended or unfound or curves):
             return None
-        return Reads(experiment_id, sweep, ended, unfound, curves, _metrics(spec))
+        parent = mlflow.parent_run_id if mlflow else None
+        return Reads(experiment_id, sweep, parent, ended, unfound, curves, _metrics(spec))
 
     def read_results(self) -> bool:
         """Read the runs of trials that ended without their results, for a reconcile about to
@@ -265,10 +272,11 @@ class RunsCache:
         since = self._searched_until
         full = since is None or time.monotonic() - self._full_search_at >= FULL_SEARCH_SECONDS
         window = None if full or since is None else since - CLOCK_SKEW_SECONDS
-        found |= self.tracker.trial_results(due.experiment_id, due.sweep, window)
+        parent = due.parent_run_id
+        found |= self.tracker.trial_results(due.experiment_id, due.sweep, window, parent)
         missed = any(run_id is None and t not in found for t, run_id in due.ended.items())
         if window is not None and missed:
-            found |= self.tracker.trial_results(due.experiment_id, due.sweep)
+            found |= self.tracker.trial_results(due.experiment_id, due.sweep, None, parent)
             full = True
         return found, (started, full)
 

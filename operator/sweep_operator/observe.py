@@ -8,6 +8,7 @@ for results a pod no longer holds) on every reconcile.
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from lora_trainer.contract import EXIT_OUT_OF_MEMORY, ResultError, TrialResult
+from sweep_operator.api import KIND
 from sweep_operator.trials import (
     ANNOTATION_INDEX,
     ANNOTATION_PARAMETERS,
@@ -46,12 +48,14 @@ def job_summary(job: dict[str, Any]) -> Summary | None:
     return {
         "name": meta["name"],
         "uid": meta.get("uid", ""),
+        "sweep_uid": _owner_uid(meta, KIND),
         "index": int(annotations[ANNOTATION_INDEX]),
         "parameters": json.loads(annotations.get(ANNOTATION_PARAMETERS, "{}")),
         "deleting": bool(meta.get("deletionTimestamp")),
         "complete": "Complete" in conditions,
         "failed": "Failed" in conditions,
         "failure": (conditions.get("Failed") or {}).get("message", ""),
+        "fatal_exit_code": _fatal_exit_code(conditions.get("Failed")),
         "finished_at": status.get("completionTime")
         or (conditions.get("Failed") or {}).get("lastTransitionTime"),
         "started_at": status.get("startTime"),
@@ -60,6 +64,32 @@ def job_summary(job: dict[str, Any]) -> Summary | None:
         "suspended": bool((job.get("spec") or {}).get("suspend")),
         "queue": (meta.get("labels") or {}).get(LABEL_QUEUE_NAME),
     }
+
+
+def _owner_uid(meta: dict[str, Any], kind: str) -> str:
+    """The uid of the object's owner of this kind; "" when it has none (orphaned)."""
+    owners = meta.get("ownerReferences") or []
+    return next((o.get("uid", "") for o in owners if o.get("kind") == kind), "")
+
+
+def owned_by(jobs: list[Summary], sweep_uid: str) -> list[Summary]:
+    """The trial Jobs of this sweep. An earlier sweep of the same name leaves Jobs with the
+    same label until the garbage collector has deleted them (a deleted sweep's Jobs go after
+    it): they are another sweep's trials."""
+    return [job for job in jobs if job["sweep_uid"] == sweep_uid]
+
+
+# How the Job controller says a podFailurePolicy FailJob rule ended a Job (pkg/controller/job).
+_FAIL_JOB_RULE = re.compile(r"failed with exit code (\d+) matching FailJob rule")
+
+
+def _fatal_exit_code(failed: dict[str, Any] | None) -> int | None:
+    """The exit code that made the Job fail at once by its podFailurePolicy: it outlives the pod
+    (which PodGC or a user may delete) on the Job's Failed condition."""
+    if failed is None or failed.get("reason") != "PodFailurePolicy":
+        return None
+    match = _FAIL_JOB_RULE.search(failed.get("message", ""))
+    return int(match.group(1)) if match else None
 
 
 def _finished(status: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -101,12 +131,12 @@ def _pod_end(pod: dict[str, Any]) -> Summary:
 
 
 def pod_summary(pod: dict[str, Any]) -> Summary | None:
-    """A trial pod's phase and the termination message its container left."""
-    labels = pod.get("metadata", {}).get("labels") or {}
-    trial = labels.get(LABEL_TRIAL)
-    if not trial:
+    """A trial pod's Job (by uid: an earlier sweep's pod of the same trial name may linger),
+    its phase and the termination message its container left."""
+    meta = pod.get("metadata", {})
+    if not (meta.get("labels") or {}).get(LABEL_TRIAL):
         return None
-    return {"trial": trial, **_pod_end(pod)}
+    return {"job_uid": _owner_uid(meta, "Job"), **_pod_end(pod)}
 
 
 def sweep_summary(sweep: dict[str, Any]) -> Summary:
@@ -186,7 +216,10 @@ def observe_trial(
         state = TrialState.SUCCEEDED
     elif job["complete"] or (job["failed"] and ending):
         state = TrialState.RUNNING
-    elif job["failed"] and any(p["exit_code"] == EXIT_OUT_OF_MEMORY for p in pods):
+    elif job["failed"] and EXIT_OUT_OF_MEMORY in (
+        job["fatal_exit_code"],
+        *(p["exit_code"] for p in pods),
+    ):
         state = TrialState.INFEASIBLE
     elif job["failed"]:
         state = TrialState.FAILED
@@ -277,9 +310,9 @@ def trials_observer(
     """`observe_trial` of every trial Job with its pods, given MLflow's results by trial
     and, with early stopping, their curves (through `memo` when given: the observations of
     unchanged trials are reused)."""
-    pods_by_trial: dict[str, list[Summary]] = defaultdict(list)
+    pods_by_job: dict[str, list[Summary]] = defaultdict(list)
     for pod in pods:
-        pods_by_trial[pod["trial"]].append(pod)
+        pods_by_job[pod["job_uid"]].append(pod)
     if memo is not None:
         memo.forget_others({job["name"] for job in jobs})
     observe_one = memo.observe if memo is not None else observe_trial
@@ -292,7 +325,7 @@ def trials_observer(
         return [
             observe_one(
                 job,
-                pods_by_trial[job["name"]],
+                pods_by_job[job["uid"]],
                 metric,
                 results.get(job["name"]),
                 curves.get(job["name"]),

@@ -28,7 +28,7 @@ from sweep_operator.mlflow_runs import RunsCache, results_of
 from sweep_operator.naming import label_value
 from sweep_operator.objective import objective_values
 from sweep_operator.observation import Memory, Observation
-from sweep_operator.observe import TrialMemo, trials_observer
+from sweep_operator.observe import TrialMemo, owned_by, trials_observer
 from sweep_operator.plan import TERMINAL, Plan, SweepEvent, format_parameters, plan
 from sweep_operator.render import RenderError, SweepRef
 from sweep_operator.report_publisher import ReportPublisher
@@ -60,6 +60,8 @@ class Reconciler:
         self.runs: RunsCache | None = None
         self.observed = TrialMemo()  # the last observation of each trial
         self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
+        self.said_taken: set[str] = set()  # trial names it warned are another owner's Job's
+        self.said_refused: set[tuple[str, str]] = set()  # (trial, apiserver's reason) warned
         self.deadline: datetime | None = None  # when the time budget runs out
         self.again = False  # plan again at once: the last one's outcome changes the status
         self.recheck_after: float | None = None  # plan again this soon, though nothing changes
@@ -92,6 +94,12 @@ class Reconciler:
             self._refuse(body, error.reason, str(error), now, previous)
             return
 
+        # Created, unless its name is taken by a Job: ours, or an earlier sweep's of the same name
+        # not yet deleted (creating it again gets 409 until the garbage collector is done).
+        taken = {job["name"] for job in jobs}
+        self.created = {n: t for n, t in self.created.items() if n not in taken}
+        jobs = owned_by(jobs, meta["uid"])
+        taken_elsewhere = taken - {job["name"] for job in jobs}
         observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
         result = plan(spec, observation, previous, now)
         # MLflow is read outside the reconcile (RunsCache), except when this plan would settle
@@ -102,7 +110,7 @@ class Reconciler:
             observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
             result = plan(spec, observation, previous, now)
         try:
-            self._carry_out(body, sweep, spec, observation, result, jobs)
+            self._carry_out(body, sweep, spec, observation, result, jobs, taken_elsewhere)
         except RenderError as error:
             self._refuse(body, "InvalidTemplate", str(error), now, previous)
             return
@@ -130,13 +138,7 @@ class Reconciler:
         if runs and not (mlflow and mlflow.parent_run_id):
             mlflow = runs.parent_run(spec, name, namespace, meta["uid"])
         observe = trials_observer(jobs, pods, spec.objective.metric, self.observed)
-        if runs:
-            experiment = mlflow.experiment_id if mlflow else None
-            trials = runs.observe(spec, name, experiment, observe)
-        else:
-            trials = observe({})
-        indexed = {job["name"] for job in jobs}
-        self.created = {n: t for n, t in self.created.items() if n not in indexed}
+        trials = runs.observe(spec, name, mlflow, observe) if runs else observe({})
         if self.report.collect_importance() or self.report.failed():
             self.reported = None  # published again: with the new importance, or at all
         return Observation(
@@ -227,6 +229,7 @@ class Reconciler:
         observation: Observation,
         result: Plan,
         jobs: list[dict],
+        taken_elsewhere: set[str],
     ) -> None:
         events: list[SweepEvent] = []
         if result.fetch_model:
@@ -239,13 +242,43 @@ class Reconciler:
                 events.append(SweepEvent("FetchingModel", fetch_job, detail))
         mlflow = result.status.mlflow
         parent = mlflow.parent_run_id if mlflow else None
-        created = self.writer.create_trials(
+        creation = self.writer.create_trials(
             sweep, spec, result.create, observation.tracking_uri, parent
         )
-        self.created.update({trial.name: trial for trial in result.create})
+        # Not a trial refused, nor one whose name another owner's Job holds: its 409 says
+        # nothing of ours, and that Job may be gone by the next reconcile.
+        self.created.update(
+            {
+                t.name: t
+                for t in result.create
+                if t.name not in creation.refused and t.name not in taken_elsewhere
+            }
+        )
         # Only what this call created: a 409 is a trial created before a restart.
         events += [
-            SweepEvent("TrialCreated", t.name, format_parameters(t.parameters)) for t in created
+            SweepEvent("TrialCreated", t.name, format_parameters(t.parameters))
+            for t in creation.created
+        ]
+        # Once per reason: a refused trial is tried again at every reconcile.
+        refused = set(creation.refused.items()) - self.said_refused
+        self.said_refused |= refused
+        events += [
+            SweepEvent("TrialCreateFailed", name, f"its Job was refused: {why}", "Warning")
+            for name, why in sorted(refused)
+        ]
+        # A Job of the trial's name owned by no sweep or another: usually an earlier sweep of
+        # this name deleted with its Jobs orphaned. Creating it gets 409 until it is deleted.
+        blocked = ({t.name for t in result.create} & taken_elsewhere) - self.said_taken
+        self.said_taken |= blocked
+        events += [
+            SweepEvent(
+                "TrialNameTaken",
+                name,
+                "a Job of this name exists and is not this sweep's (one of an earlier sweep of "
+                "this name, orphaned?); the trial waits until it is deleted",
+                "Warning",
+            )
+            for name in sorted(blocked)
         ]
         post_events(body, events)
         queued = bool(spec.trainer.queue_name)

@@ -366,6 +366,12 @@ def _check_job(job: Any, field: str) -> dict[str, Any]:
         )
     if job["spec"].get("podFailurePolicy") and pod["restartPolicy"] != "Never":
         raise fail("spec.podFailurePolicy needs spec.template.spec.restartPolicy Never")
+    if job["spec"].get("ttlSecondsAfterFinished") is not None:
+        # The Job is the trial's record: its index, parameters and outcome.
+        raise fail(
+            "spec.ttlSecondsAfterFinished would delete a finished trial's Job, and with it the "
+            "trial's result; leave it out (deleting the sweep deletes its Jobs)"
+        )
     return job
 
 

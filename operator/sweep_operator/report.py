@@ -62,12 +62,14 @@ def _duration(trial: ObservedTrial) -> float | None:
 
 
 def trials_summary_csv(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> str:
-    """One row per trial in index order: params, objective, state, duration in seconds."""
+    """One row per trial in index order: params, state, objective, each of
+    spec.objective.additionalMetrics (as the trial last reported it), duration in seconds."""
     trials = sorted(trials, key=lambda t: t.index)
     names = sorted({name for t in trials for name in t.parameters} | set(spec.parameters))
+    extra = spec.objective.additional_metrics
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["index", "name", "state", *names, "objective", "duration_s"])
+    writer.writerow(["index", "name", "state", *names, "objective", *extra, "duration_s"])
     score = scorer(spec, trials)
     for t in trials:
         value = score.value(t) if t.state == TrialState.SUCCEEDED else None
@@ -79,6 +81,7 @@ def trials_summary_csv(spec: SweepSpec, trials: Sequence[ObservedTrial]) -> str:
                 t.state.value,
                 *(t.parameters.get(name, "") for name in names),
                 "" if value is None else repr(value),
+                *(repr(t.metrics[name]) if name in t.metrics else "" for name in extra),
                 "" if duration is None else f"{duration:g}",
             ]
         )

@@ -23,6 +23,7 @@ from lora_trainer.contract import (
     TAG_ADAPTER,
     TAG_BEST_TRIAL,
     TAG_NAMESPACE,
+    TAG_PARENT_RUN_ID,
     TAG_ROLE,
     TAG_STOPPED,
     TAG_SWEEP,
@@ -73,14 +74,21 @@ class SweepRuns:
         return experiment_id, run.info.run_id
 
     def trial_results(
-        self, experiment_id: str, sweep: str, started_since: float | None = None
+        self,
+        experiment_id: str,
+        sweep: str,
+        started_since: float | None = None,
+        parent_run_id: str | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Each trial run's id and metrics, by trial name, in one search: of all the sweep's
-        runs, or of those started since `started_since` (seconds since the epoch)."""
+        runs, or of those started since `started_since` (seconds since the epoch). With
+        `parent_run_id`, runs under another parent run are left out: an earlier sweep of the
+        same name logged them (a trial created while MLflow was down has no parent, and
+        counts)."""
         query = f"tags.`{TAG_SWEEP}` = '{sweep}'"
         if started_since is not None:
             query += f" and attributes.start_time >= {int(started_since * 1000)}"
-        return self._trial_runs(experiment_id, query)
+        return self._trial_runs(experiment_id, query, parent_run_id)
 
     def runs_by_id(self, experiment_id: str, run_ids: list[str]) -> dict[str, dict[str, Any]]:
         """These runs' ids and metrics, by trial name: one search per RUN_ID_BATCH runs, not
@@ -91,16 +99,22 @@ class SweepRuns:
             results |= self._trial_runs(experiment_id, f"attributes.run_id IN ({ids})")
         return results
 
-    def _trial_runs(self, experiment_id: str, query: str) -> dict[str, dict[str, Any]]:
+    def _trial_runs(
+        self, experiment_id: str, query: str, parent_run_id: str | None = None
+    ) -> dict[str, dict[str, Any]]:
         results: dict[str, dict[str, Any]] = {}
         page_token = None
         while True:
+            # Newest first (MLflow's order): a trial's newest run is the one that counts.
             page = self.client.search_runs(
                 [experiment_id], filter_string=query, max_results=1000, page_token=page_token
             )
             for run in page:
                 trial = run.data.tags.get(TAG_TRIAL)
-                if trial:
+                parent = run.data.tags.get(TAG_PARENT_RUN_ID)
+                if parent_run_id and parent and parent != parent_run_id:
+                    continue
+                if trial and trial not in results:
                     results[trial] = {
                         "run_id": run.info.run_id,
                         "metrics": run.data.metrics,

@@ -242,6 +242,15 @@ def plan_trials(
     new_state = TrialState.QUEUED if spec.trainer.queue_name else TrialState.PENDING
     phase: Phase
     changed = _space_changed(search, trials)
+    # A sweep that ended creates no trial again while its spec stays the same: a trial Job
+    # deleted since (by a user, a TTL, a cleanup policy) is gone, not missing. A changed spec
+    # (a larger maxTrials, say) goes on.
+    concluded = (
+        previous is not None
+        and previous.phase in ("Succeeded", "Failed")
+        and generation is not None
+        and previous.observed_generation == generation
+    )
     budget = spec.max_failed_trials
     cache = spec.trainer.model_cache
     fetch_state = (fetch.state if fetch else FetchState.MISSING) if cache else None
@@ -288,7 +297,7 @@ def plan_trials(
             t.model_copy(update={"state": TrialState.STOPPED}) if t.name in stops else t
             for t in trials
         ]
-        missing = (i for i in planned.indices if i not in by_index)
+        missing = (i for i in planned.indices if i not in by_index and not concluded)
         unplannable: ConstraintError | None = None
         for index in missing:
             if len(create) == slots:
@@ -308,7 +317,11 @@ def plan_trials(
                     state=new_state,
                 )
             )
-        finished = not going_on and not create and all(i in by_index for i in planned.indices)
+        finished = (
+            not going_on
+            and not create
+            and (concluded or all(i in by_index for i in planned.indices))
+        )
         if unplannable is not None:
             phase, reason, message, create = "Failed", unplannable.reason, str(unplannable), []
             stops |= {t.name: f"the sweep failed: {reason}" for t in going_on}

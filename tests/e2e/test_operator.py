@@ -17,8 +17,10 @@ import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION
 from sweep_operator.trials import LABEL_SWEEP
 from tests.e2e.sweeps import (
+    get_sweep,
     replanned_with_room,
     sim_spec,
+    sweep_events,
     sweep_manifest,
     trial_jobs,
     wait_for_phase,
@@ -340,3 +342,138 @@ def test_only_trial_jobs_and_pods_reach_the_operator(audit_offset, operator, nam
             resource,
             queries,
         )
+
+
+def test_a_sweep_made_again_runs_its_own_trials_not_the_earlier_sweeps_jobs(
+    operator, custom, batch, namespace, kube_client
+):
+    """Deleted and applied again under its name, a sweep starts afresh. Here the earlier
+    sweep was deleted with its Jobs orphaned, so they stay: the new sweep says so and waits,
+    rather than taking their results as its own, and runs once they are deleted."""
+    quick = {"lorasweep.io/sim-duration": "1s", "lorasweep.io/sim-result": RESULT}
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("again", sim_spec(2, 2, quick))
+    )
+    wait_for_phase(custom, namespace, "again", ("Succeeded",), 60)
+    orphan = client.V1DeleteOptions(propagation_policy="Orphan")
+    custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "again", body=orphan)
+
+    def gone() -> bool:
+        try:
+            custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "again")
+        except ApiException as error:
+            return error.status == 404
+        return False
+
+    wait_for(gone, 30, "the earlier sweep to be deleted")
+    wait_for(
+        lambda: all(not j.metadata.owner_references for j in trial_jobs(batch, namespace, "again")),
+        30,
+        "its Jobs to be orphaned",
+    )
+    created = custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("again", sim_spec(2, 2, quick))
+    )
+    taken = wait_for(
+        lambda: sweep_events(kube_client, namespace, "again", "TrialNameTaken"),
+        30,
+        "a TrialNameTaken Event",
+    )
+    assert taken[0].type == "Warning"
+    assert get_sweep(custom, namespace, "again")["status"]["phase"] in ("Pending", "Running")
+
+    for job in trial_jobs(batch, namespace, "again"):
+        batch.delete_namespaced_job(job.metadata.name, namespace, propagation_policy="Background")
+    wait_for_phase(custom, namespace, "again", ("Succeeded",), 90)
+    jobs = trial_jobs(batch, namespace, "again")
+    owners = {ref.uid for job in jobs for ref in job.metadata.owner_references}
+    assert owners == {created["metadata"]["uid"]}
+
+
+def test_a_trial_job_the_apiserver_refuses_holds_back_nothing_else(
+    operator, custom, batch, namespace, kube_client
+):
+    """A quota or an admission policy may refuse one trial's Job: the sweep says why, goes
+    on with the rest (its other trials finish and are counted), and creates that one once
+    the apiserver lets it."""
+    admission = client.AdmissionregistrationV1Api(kube_client)
+    name = f"refuse-trial-1-{namespace}"[:63]
+    admission.create_validating_admission_policy(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["batch"],
+                            "apiVersions": ["v1"],
+                            "operations": ["CREATE"],
+                            "resources": ["jobs"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": "object.metadata.name != 'held-0001'",
+                        "message": "no room for held-0001",
+                    }
+                ],
+            },
+        }
+    )
+    admission.create_validating_admission_policy_binding(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+                },
+            },
+        }
+    )
+    try:
+        probe = {
+            "metadata": {"name": "held-0001"},
+            "spec": {
+                "template": {
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "containers": [{"name": "c", "image": "lorasweep-e2e"}],
+                    }
+                }
+            },
+        }
+
+        def refused() -> bool:
+            try:
+                batch.create_namespaced_job(namespace, probe, dry_run="All")
+            except ApiException as error:
+                return error.status in (403, 422)
+            return False
+
+        wait_for(refused, 30, "the admission policy to be in force")
+        quick = {"lorasweep.io/sim-duration": "1s", "lorasweep.io/sim-result": RESULT}
+        custom.create_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, sweep_manifest("held", sim_spec(3, 3, quick))
+        )
+        [event] = wait_for(
+            lambda: sweep_events(kube_client, namespace, "held", "TrialCreateFailed"),
+            30,
+            "a TrialCreateFailed Event",
+        )
+        assert event.type == "Warning"
+        assert event.message.startswith("held-0001: its Job was refused: ")
+        assert "no room for held-0001" in event.message
+        wait_for(
+            lambda: get_sweep(custom, namespace, "held")["status"]["trials"]["succeeded"] == 2,
+            60,
+            "the other two trials to succeed and be counted",
+        )
+    finally:
+        admission.delete_validating_admission_policy_binding(name)
+        admission.delete_validating_admission_policy(name)
+    wait_for_phase(custom, namespace, "held", ("Succeeded",), 60)
+    assert len(trial_jobs(batch, namespace, "held")) == 3

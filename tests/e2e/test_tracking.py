@@ -10,8 +10,9 @@ from typing import Any
 
 from mlflow import MlflowClient
 
-from lora_trainer.contract import TAG_SWEEP, TAG_TRIAL
+from lora_trainer.contract import TAG_PARENT_RUN_ID, TAG_SWEEP, TAG_TRIAL
 from sweep_operator import mlflow_runs
+from sweep_operator.api import MlflowStatus
 from sweep_operator.mlflow_runs import RunsCache
 from sweep_operator.observe import trials_observer
 from sweep_operator.plan import CURVE_POLL_SECONDS
@@ -60,6 +61,36 @@ def test_trial_results_and_intermediate_values_in_bulk(mlflow_uri):
     assert all(p.time > 1.7e9 for points in got.values() for p in points)
 
 
+def test_a_sweep_made_again_under_its_name_reads_its_own_runs_not_the_earlier_ones(mlflow_uri):
+    """Deleted and applied again, a sweep gets a new parent run in the same experiment: the
+    earlier sweep's trial runs, with the same trial names, are not its results."""
+    experiment = f"tracking-{uuid.uuid4().hex[:8]}"
+    runs = SweepRuns(mlflow_uri)
+    experiment_id, earlier = runs.ensure_parent_run(experiment, "s", "ns", str(uuid.uuid4()))
+    _, parent = runs.ensure_parent_run(experiment, "s", "ns", str(uuid.uuid4()))
+    mlflow = MlflowClient(tracking_uri=mlflow_uri)
+    started = int(time.time() * 1000)
+
+    def trial_run(parent_run_id: str | None, loss: float) -> str:
+        tags = {TAG_SWEEP: "s", TAG_TRIAL: "s-0000"}
+        if parent_run_id:
+            tags[TAG_PARENT_RUN_ID] = parent_run_id
+        nonlocal started
+        started += 1000  # each run a second after the last: MLflow lists the newest first
+        run_id = mlflow.create_run(experiment_id, start_time=started, tags=tags).info.run_id
+        mlflow.log_metric(run_id, "eval_loss", loss)
+        return run_id
+
+    trial_run(earlier, 0.1)
+    own = trial_run(parent, 0.5)
+    trial_run(earlier, 0.2)  # newer, still the earlier sweep's
+    assert runs.trial_results(experiment_id, "s", parent_run_id=parent)["s-0000"]["run_id"] == own
+    # A trial created while MLflow was down logs without a parent: it counts.
+    unparented = trial_run(None, 0.7)
+    found = runs.trial_results(experiment_id, "s", parent_run_id=parent)
+    assert found["s-0000"]["run_id"] == unparented  # the newest
+
+
 RESULT = '{"metrics": {"eval_loss": 0.5}}'
 
 
@@ -80,8 +111,9 @@ class Trials:
 
     def _set(self, name: str, complete: bool, phase: str, message: str) -> None:
         self.jobs[name] = {
-            **dict.fromkeys(("uid", "failure"), ""),
-            **dict.fromkeys(("finished_at", "started_at", "stopped", "queue")),
+            **dict.fromkeys(("sweep_uid", "failure"), ""),
+            **dict.fromkeys(("finished_at", "started_at", "stopped", "queue", "fatal_exit_code")),
+            "uid": f"uid-{name}",
             **dict.fromkeys(("deleting", "failed", "suspended"), False),
             "name": name,
             "index": int(name.rsplit("-", 1)[1]),
@@ -90,7 +122,7 @@ class Trials:
             "ready": 0 if complete else 1,
         }
         pod = {"phase": phase, "message": message, "exit_code": None}
-        self.pods[name] = {"trial": name, "name": f"{name}-pod", **pod}
+        self.pods[name] = {"job_uid": f"uid-{name}", **pod}
 
     def observe(
         self, results: Mapping[str, dict[str, Any]], curves: Mapping[str, dict[str, Curve]]
@@ -106,12 +138,13 @@ def test_observing_trials_asks_mlflow_nothing_what_is_missing_is_read_apart(mlfl
     sweep reads it at once, and so does a started (or restarted) operator's first one."""
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
+    tracked = MlflowStatus(experiment_id=experiment)
     spec = make_spec(earlyStopping={"algorithm": "median"})
     cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
     trials = Trials()
 
     def observe() -> dict[str, ObservedTrial]:
-        observed = cache.observe(spec, "sw", experiment, trials.observe)
+        observed = cache.observe(spec, "sw", tracked, trials.observe)
         return {t.name: t for t in observed}
 
     def start(name: str) -> str:
@@ -167,6 +200,7 @@ def test_early_stopping_searches_only_the_runs_started_since_its_last_search(
     FULL_SEARCH_SECONDS."""
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
+    tracked = MlflowStatus(experiment_id=experiment)
     spec = make_spec(earlyStopping={"algorithm": "median"})
     cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
     searched: list[int] = []  # how many runs each search of the sweep's runs returned
@@ -187,14 +221,14 @@ def test_early_stopping_searches_only_the_runs_started_since_its_last_search(
 
     def poll() -> dict[str, ObservedTrial]:
         time.sleep(CURVE_POLL_SECONDS)
-        cache.observe(spec, "sw", experiment, trials.observe)
+        cache.observe(spec, "sw", tracked, trials.observe)
         cache.catch_up()
-        return {t.name: t for t in cache.observe(spec, "sw", experiment, trials.observe)}
+        return {t.name: t for t in cache.observe(spec, "sw", tracked, trials.observe)}
 
     for i in range(20):  # trials that ended long ago
         create_run(f"sw-{i:04d}", ten_minutes_ago)
         trials.end(f"sw-{i:04d}")
-    cache.observe(spec, "sw", experiment, trials.observe)
+    cache.observe(spec, "sw", tracked, trials.observe)
     assert searched == [20]  # a started operator's first read: every run
 
     trials.run("sw-0020")
@@ -234,6 +268,7 @@ def test_a_result_only_in_mlflow_is_awaited_while_mlflow_answers(mlflow_uri, mon
     once. While MLflow does not answer, such a trial is counted without its objective."""
     mlflow = MlflowClient(tracking_uri=mlflow_uri)
     experiment = mlflow.create_experiment(f"tracking-{uuid.uuid4().hex[:8]}")
+    tracked = MlflowStatus(experiment_id=experiment)
     spec = make_spec()
     trials = Trials()
 
@@ -244,20 +279,20 @@ def test_a_result_only_in_mlflow_is_awaited_while_mlflow_answers(mlflow_uri, mon
 
     end_with("sw-0000", 0.3)
     cache = RunsCache(mlflow_uri, logging.getLogger(__name__))
-    first = cache.observe(spec, "sw", experiment, trials.observe)  # a started operator's
+    first = cache.observe(spec, "sw", tracked, trials.observe)  # a started operator's
     assert [(t.state, t.value) for t in first] == [(TrialState.SUCCEEDED, 0.3)]
 
     end_with("sw-0001", 0.4)
-    [_, reporting] = cache.observe(spec, "sw", experiment, trials.observe)
+    [_, reporting] = cache.observe(spec, "sw", tracked, trials.observe)
     assert (reporting.state, reporting.value) == (TrialState.RUNNING, None)
     assert cache.catch_up()
-    [_, scored] = cache.observe(spec, "sw", experiment, trials.observe)
+    [_, scored] = cache.observe(spec, "sw", tracked, trials.observe)
     assert (scored.state, scored.value) == (TrialState.SUCCEEDED, 0.4)
 
     # The operator's settings (handlers.configure): MLflow's client would retry for minutes.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     down = RunsCache(f"http://127.0.0.1:{free_port()}", logging.getLogger(__name__))
-    unscored = down.observe(spec, "sw", experiment, trials.observe)
+    unscored = down.observe(spec, "sw", tracked, trials.observe)
     assert [(t.state, t.value) for t in unscored] == [(TrialState.SUCCEEDED, None)] * 2
 
 
@@ -267,10 +302,10 @@ def test_an_unreachable_mlflow_changes_no_observation_and_is_read_again(monkeypa
     down = RunsCache(f"http://127.0.0.1:{free_port()}", logging.getLogger(__name__))
     trials = Trials()
     trials.end("sw-0000")
-    observed = down.observe(make_spec(), "sw", "1", trials.observe)
+    observed = down.observe(make_spec(), "sw", MlflowStatus(experiment_id="1"), trials.observe)
     assert [(t.state, t.value, t.mlflow_run_id) for t in observed] == [
         (TrialState.SUCCEEDED, 0.5, None)
     ]
     assert not down.catch_up() and not down.read_results()
-    down.observe(make_spec(), "sw", "1", trials.observe)
+    down.observe(make_spec(), "sw", MlflowStatus(experiment_id="1"), trials.observe)
     assert down.due is not None and down.due.ended == {"sw-0000": None}  # asked again

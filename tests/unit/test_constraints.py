@@ -307,3 +307,18 @@ def test_exit_code_4_makes_a_failed_trial_infeasible(pods, state):
     assert observed.state == state
     if state == S.INFEASIBLE:
         assert observed.message.endswith('failed with exit code 4: {"error": "out of GPU memory"}')
+
+
+def test_a_trial_out_of_memory_stays_infeasible_once_its_pod_is_gone():
+    """PodGC deletes terminated pods past a threshold, and users delete them: the Job's
+    condition still says which exit code its podFailurePolicy failed it on."""
+    job = failed_job()
+    [condition] = job["status"]["conditions"]
+    condition["reason"] = "PodFailurePolicy"
+    condition["message"] = (
+        "Container trainer for pod ns/sw-0000-x failed with exit code 4 matching FailJob rule at "
+        "index 1"
+    )
+    assert observe_trial(job_summary(job), [], "loss").state == S.INFEASIBLE
+    condition["message"] = condition["message"].replace("code 4", "code 3")
+    assert observe_trial(job_summary(job), [], "loss").state == S.FAILED

@@ -231,6 +231,23 @@ def test_status_is_stable_when_nothing_changed():
     assert later.status.observed_generation == 3
 
 
+def test_an_ended_sweep_runs_no_trial_again_whose_job_was_deleted():
+    """A TTL, a cleanup policy or a user may delete finished trials' Jobs: the sweep stays
+    ended, until its spec changes."""
+    spec = make_spec(maxTrials=3)
+    done = [obs(spec, 0, S.SUCCEEDED, 0.5), obs(spec, 1, S.SUCCEEDED, 0.3)]
+    done.append(obs(spec, 2, S.SUCCEEDED, 0.4))
+    ended = run(spec, done, generation=2)
+    assert ended.status.phase == "Succeeded"
+    later = T0 + timedelta(hours=3)
+    cleaned = run(spec, done[1:], now=later, generation=2, previous=ended.status)
+    assert cleaned.create == []
+    assert cleaned.status.phase == "Succeeded"
+    assert cleaned.status.best_trial.name == "sw-0001"
+    changed = run(spec, done[1:], now=later, generation=3, previous=ended.status)
+    assert [t.index for t in changed.create] == [0]
+
+
 def test_a_condition_transition_time_moves_when_its_status_changes():
     spec = make_spec(maxTrials=1)
     running = run(spec, [obs(spec, 0, S.RUNNING)])

@@ -278,6 +278,10 @@ def test_spec_template_wins_over_the_default_template():
             "{restartPolicy: Always, containers: [{name: a, image: b}]}}}\n",
             "restartPolicy is 'Always', expected Never or OnFailure",
         ),
+        (
+            builtin_template().replace("spec:\n", "spec:\n  ttlSecondsAfterFinished: 600\n", 1),
+            "spec.ttlSecondsAfterFinished would delete a finished trial's Job",
+        ),
         ("key: [unclosed\n", "did not render valid YAML"),
         ("{{ nothing_here }}", "UndefinedError"),
     ],

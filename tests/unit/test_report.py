@@ -98,6 +98,21 @@ def test_trials_summary_has_one_row_per_trial():
     assert len(rows) == 7
 
 
+def test_trials_summary_has_a_column_per_additional_metric():
+    spec = make_spec(
+        maxTrials=None,
+        objective={"metric": "eval_loss", "additionalMetrics": ["train_loss", "accuracy"]},
+    )
+    trials = [
+        observed_trial(spec, 0, S.SUCCEEDED, 0.5, metrics={"train_loss": 0.4, "epoch": 1.0}),
+        observed_trial(spec, 1, S.RUNNING),
+    ]
+    rows = list(csv.reader(io.StringIO(trials_summary_csv(spec, trials))))
+    assert rows[0][-4:] == ["objective", "train_loss", "accuracy", "duration_s"]
+    assert rows[1][-4:-1] == ["0.5", "0.4", ""]
+    assert rows[2][-4:-1] == ["", "", ""]
+
+
 def test_best_so_far_follows_the_goal():
     assert best_so_far(SPEC, TRIALS) == [(0, 0.5, 0.5), (1, 0.7, 0.5), (3, 0.3, 0.3)]
     maximize = make_spec(maxTrials=None, objective={"metric": "accuracy", "goal": "maximize"})

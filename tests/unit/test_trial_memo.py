@@ -40,7 +40,11 @@ def pod(trial: str, phase: str, message: str = "") -> dict:
     state = {"terminated": {"exitCode": 0, "message": message}} if phase == "Succeeded" else {}
     summary = pod_summary(
         {
-            "metadata": {"name": f"{trial}-pod", "labels": {"lorasweep.io/trial": trial}},
+            "metadata": {
+                "name": f"{trial}-pod",
+                "labels": {"lorasweep.io/trial": trial},
+                "ownerReferences": [{"kind": "Job", "name": trial, "uid": f"uid-{trial}"}],
+            },
             "status": {"phase": phase, "containerStatuses": [{"state": state}]},
         }
     )
