@@ -78,8 +78,9 @@ class SweepWriter:
             try:
                 return self.create_job(sweep.namespace, job)
             except ApiException as error:
-                if error.status is None or not 400 <= error.status < 500:
-                    raise  # the apiserver did not answer: the next reconcile retries
+                # Not answered, or asked to come back later (429): the next reconcile retries.
+                if error.status is None or error.status == 429 or not 400 <= error.status < 500:
+                    raise
                 return _reason(error)
 
         creation = Creation()
@@ -198,19 +199,31 @@ def _without_reply(call: Callable[..., Any], *args: Any) -> None:
 
 
 def post_events(body: kopf.Body, events: list[SweepEvent]) -> None:
-    """Kubernetes Events on the sweep: one per trial, or one per reason for a burst (a large
-    sweep starting at once must not cost the apiserver an Event per trial)."""
+    """Kubernetes Events on the sweep (`posted`)."""
+    for event in posted(events):
+        kopf.event(body, type=event.type, reason=event.reason, message=event.detail)
+
+
+def posted(events: list[SweepEvent]) -> list[SweepEvent]:
+    """The Events as posted, the trial named in each message: one per trial, or one per reason
+    for a burst (a large sweep starting at once must not cost the apiserver an Event per
+    trial), with the detail when it is the same for all."""
     by_reason: dict[str, list[SweepEvent]] = defaultdict(list)
     for event in events:
         by_reason[event.reason].append(event)
+    out = []
     for reason, group in by_reason.items():
         if len(group) <= EVENT_BURST:
             for event in group:
                 message = (
                     event.detail if event.subject is None else f"{event.subject}: {event.detail}"
                 )
-                kopf.event(body, type=event.type, reason=reason, message=message[:1000])
+                out.append(SweepEvent(reason, event.subject, message[:1000], event.type))
         else:
             names = [e.subject or "" for e in group]
             message = f"{len(group)} trials: {', '.join(names[:3])}, ..., {names[-1]}"
-            kopf.event(body, type=group[0].type, reason=reason, message=message)
+            details = {e.detail for e in group}
+            if len(details) == 1:  # the same for all, e.g. the quota that refused their Jobs
+                message += f": {details.pop()}"
+            out.append(SweepEvent(reason, None, message[:1000], group[0].type))
+    return out

@@ -245,13 +245,15 @@ class Reconciler:
         creation = self.writer.create_trials(
             sweep, spec, result.create, observation.tracking_uri, parent
         )
-        # Not a trial refused, nor one whose name another owner's Job holds: its 409 says
-        # nothing of ours, and that Job may be gone by the next reconcile.
+        # Not a trial refused, nor a 409 on a name another owner's Job holds: that says
+        # nothing of ours, and the Job may be gone by the next reconcile.
+        made = {t.name for t in creation.created}
         self.created.update(
             {
                 t.name: t
                 for t in result.create
-                if t.name not in creation.refused and t.name not in taken_elsewhere
+                if t.name not in creation.refused
+                and (t.name in made or t.name not in taken_elsewhere)
             }
         )
         # Only what this call created: a 409 is a trial created before a restart.

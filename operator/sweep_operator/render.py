@@ -366,12 +366,6 @@ def _check_job(job: Any, field: str) -> dict[str, Any]:
         )
     if job["spec"].get("podFailurePolicy") and pod["restartPolicy"] != "Never":
         raise fail("spec.podFailurePolicy needs spec.template.spec.restartPolicy Never")
-    if job["spec"].get("ttlSecondsAfterFinished") is not None:
-        # The Job is the trial's record: its index, parameters and outcome.
-        raise fail(
-            "spec.ttlSecondsAfterFinished would delete a finished trial's Job, and with it the "
-            "trial's result; leave it out (deleting the sweep deletes its Jobs)"
-        )
     return job
 
 
@@ -390,7 +384,8 @@ def render_trial_job(
     command-line default), then the built-in template. Whatever the template says, the Job's
     name, namespace, ownerReference and the operator's labels and annotations are set here,
     because the operator relies on them to find its trials and to cascade deletion; so are,
-    with spec.trainer.queueName, Kueue's labels and `suspend: true`. A Job whose pod would get
+    with spec.trainer.queueName, Kueue's labels and `suspend: true`; ttlSecondsAfterFinished
+    is dropped. A Job whose pod would get
     access to its node (host_access) is refused, whichever template asks for it.
     """
     if spec.trainer.job_template is not None:
@@ -428,6 +423,9 @@ def render_trial_job(
     }
     metadata["annotations"] = {**(metadata.get("annotations") or {}), **required["annotations"]}
     metadata["ownerReferences"] = required["ownerReferences"]
+    # A trial's Job is its record (index, parameters, outcome) until the sweep goes: a TTL
+    # would delete a finished trial, and the sweep would run it again.
+    job["spec"].pop("ttlSecondsAfterFinished", None)
     pod_metadata = job["spec"]["template"].setdefault("metadata", {}) or {}
     job["spec"]["template"]["metadata"] = pod_metadata
     pod_metadata["labels"] = {**(pod_metadata.get("labels") or {}), **required["labels"]}

@@ -227,6 +227,19 @@ def plan_trials(
     infeasible_text = f", {infeasible} infeasible" if infeasible else ""
     succeeded = [t for t in trials if t.state == TrialState.SUCCEEDED]
     unscored = [t for t in succeeded if objective_values(spec, t) is None]
+    # A sweep that ended stays as it ended while its spec is the one it ended at: a trial Job
+    # deleted since (a cleanup, a TTL policy) is gone, not missing, and the outcome stands
+    # (its best trial, or why it failed). Not while a succeeded trial's objective is unread
+    # (MLflow did not answer): the outcome settles once it is. A changed spec plans again.
+    if (
+        previous is not None
+        and previous.phase in ("Succeeded", "Failed")
+        and generation is not None
+        and previous.observed_generation == generation
+        and not unscored
+    ):
+        ended = {t.name: "the sweep has ended" for t in active}
+        return TrialPlan(stop=ended, status=previous)
     best = best_trial(spec, trials)
     metric = spec.objective.metric
     best_text = f"; best {metric}={best.value:g} ({best.name})" if best else ""
@@ -242,15 +255,6 @@ def plan_trials(
     new_state = TrialState.QUEUED if spec.trainer.queue_name else TrialState.PENDING
     phase: Phase
     changed = _space_changed(search, trials)
-    # A sweep that ended creates no trial again while its spec stays the same: a trial Job
-    # deleted since (by a user, a TTL, a cleanup policy) is gone, not missing. A changed spec
-    # (a larger maxTrials, say) goes on.
-    concluded = (
-        previous is not None
-        and previous.phase in ("Succeeded", "Failed")
-        and generation is not None
-        and previous.observed_generation == generation
-    )
     budget = spec.max_failed_trials
     cache = spec.trainer.model_cache
     fetch_state = (fetch.state if fetch else FetchState.MISSING) if cache else None
@@ -297,7 +301,7 @@ def plan_trials(
             t.model_copy(update={"state": TrialState.STOPPED}) if t.name in stops else t
             for t in trials
         ]
-        missing = (i for i in planned.indices if i not in by_index and not concluded)
+        missing = (i for i in planned.indices if i not in by_index)
         unplannable: ConstraintError | None = None
         for index in missing:
             if len(create) == slots:
@@ -317,11 +321,7 @@ def plan_trials(
                     state=new_state,
                 )
             )
-        finished = (
-            not going_on
-            and not create
-            and (concluded or all(i in by_index for i in planned.indices))
-        )
+        finished = not going_on and not create and all(i in by_index for i in planned.indices)
         if unplannable is not None:
             phase, reason, message, create = "Failed", unplannable.reason, str(unplannable), []
             stops |= {t.name: f"the sweep failed: {reason}" for t in going_on}

@@ -240,12 +240,22 @@ def test_an_ended_sweep_runs_no_trial_again_whose_job_was_deleted():
     ended = run(spec, done, generation=2)
     assert ended.status.phase == "Succeeded"
     later = T0 + timedelta(hours=3)
-    cleaned = run(spec, done[1:], now=later, generation=2, previous=ended.status)
-    assert cleaned.create == []
-    assert cleaned.status.phase == "Succeeded"
-    assert cleaned.status.best_trial.name == "sw-0001"
+    for left in (done[1:], done[:1], []):  # the best trial's Job deleted too, or every Job
+        cleaned = run(spec, left, now=later, generation=2, previous=ended.status)
+        assert (cleaned.create, cleaned.status) == ([], ended.status)
+    # A changed spec plans again from the Jobs there are.
     changed = run(spec, done[1:], now=later, generation=3, previous=ended.status)
     assert [t.index for t in changed.create] == [0]
+
+
+def test_a_failed_sweep_stays_failed_for_its_reason():
+    """Failed for a reason the next plan would not see again (no configuration fits a later
+    trial, a template that failed for one trial's parameters): it stays failed, and why."""
+    spec = make_spec(maxTrials=3)
+    failed = failed_status("NoFeasibleConfiguration", "trial 2: nothing fits", T0, generation=2)
+    seen = [obs(spec, 0, S.SUCCEEDED, 0.5), obs(spec, 1, S.SUCCEEDED, 0.3)]
+    again = run(spec, seen, now=T0 + timedelta(minutes=1), generation=2, previous=failed)
+    assert (again.create, again.status) == ([], failed)
 
 
 def test_a_condition_transition_time_moves_when_its_status_changes():
