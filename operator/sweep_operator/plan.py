@@ -221,6 +221,9 @@ def _report_due(
     key = (sum(not t.state.active for t in trials), status.phase)
     if not key[0] or key == seen.reported:
         return None
+    # An ended sweep some of whose Jobs were deleted since keeps the report of all its trials.
+    if status.phase in TERMINAL and len(trials) < status.trials.total:
+        return None
     due = status.phase in TERMINAL or seen.report_age >= REPORT_INTERVAL_SECONDS
     return key if due else None
 

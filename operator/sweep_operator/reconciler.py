@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from sweep_operator.api import SweepSpec, SweepStatus
 from sweep_operator.defaults import trial_defaults
-from sweep_operator.kube_writes import SweepWriter, post_events
+from sweep_operator.kube_writes import Creation, SweepWriter, post_events
 from sweep_operator.kueue import Kueue
 from sweep_operator.mlflow_runs import RunsCache, results_of
 from sweep_operator.naming import label_value
@@ -245,43 +245,7 @@ class Reconciler:
         creation = self.writer.create_trials(
             sweep, spec, result.create, observation.tracking_uri, parent
         )
-        # Not a trial refused, nor a 409 on a name another owner's Job holds: that says
-        # nothing of ours, and the Job may be gone by the next reconcile.
-        made = {t.name for t in creation.created}
-        self.created.update(
-            {
-                t.name: t
-                for t in result.create
-                if t.name not in creation.refused
-                and (t.name in made or t.name not in taken_elsewhere)
-            }
-        )
-        # Only what this call created: a 409 is a trial created before a restart.
-        events += [
-            SweepEvent("TrialCreated", t.name, format_parameters(t.parameters))
-            for t in creation.created
-        ]
-        # Once per reason: a refused trial is tried again at every reconcile.
-        refused = set(creation.refused.items()) - self.said_refused
-        self.said_refused |= refused
-        events += [
-            SweepEvent("TrialCreateFailed", name, f"its Job was refused: {why}", "Warning")
-            for name, why in sorted(refused)
-        ]
-        # A Job of the trial's name owned by no sweep or another: usually an earlier sweep of
-        # this name deleted with its Jobs orphaned. Creating it gets 409 until it is deleted.
-        blocked = ({t.name for t in result.create} & taken_elsewhere) - self.said_taken
-        self.said_taken |= blocked
-        events += [
-            SweepEvent(
-                "TrialNameTaken",
-                name,
-                "a Job of this name exists and is not this sweep's (one of an earlier sweep of "
-                "this name, orphaned?); the trial waits until it is deleted",
-                "Warning",
-            )
-            for name in sorted(blocked)
-        ]
+        events += self._created(result.create, creation, taken_elsewhere)
         post_events(body, events)
         queued = bool(spec.trainer.queue_name)
         self.writer.stop_trials(sweep.namespace, result.stop, queued)
@@ -315,6 +279,49 @@ class Reconciler:
         # Not while an earlier report is being published (the daemon wakes the sweep then).
         if runs is not None and result.close_parent_run and not self.report.publishing_now:
             runs.close_parent_run(result.status)
+
+    def _created(
+        self, planned: list[NewTrial], creation: Creation, taken_elsewhere: set[str]
+    ) -> list[SweepEvent]:
+        """Remember the trials created, and the Events of what became of each planned one."""
+        # Not a trial refused, nor a 409 on a name another owner's Job holds: that says
+        # nothing of ours, and the Job may be gone by the next reconcile.
+        made = {t.name for t in creation.created}
+        self.created.update(
+            {
+                t.name: t
+                for t in planned
+                if t.name not in creation.refused
+                and (t.name in made or t.name not in taken_elsewhere)
+            }
+        )
+        # Only what this call created: a 409 is a trial created before a restart.
+        events = [
+            SweepEvent("TrialCreated", t.name, format_parameters(t.parameters))
+            for t in creation.created
+        ]
+        # Once per reason: a refused trial is tried again at every reconcile.
+        refused = set(creation.refused.items()) - self.said_refused
+        self.said_refused |= refused
+        events += [
+            SweepEvent("TrialCreateFailed", name, f"its Job was refused: {why}", "Warning")
+            for name, why in sorted(refused)
+        ]
+        # A Job of the trial's name owned by no sweep or another: usually an earlier sweep of
+        # this name deleted with its Jobs orphaned. Creating it gets 409 until it is deleted.
+        blocked = ({t.name for t in planned} & taken_elsewhere) - self.said_taken
+        self.said_taken |= blocked
+        events += [
+            SweepEvent(
+                "TrialNameTaken",
+                name,
+                "a Job of this name exists and is not this sweep's (one of an earlier sweep of "
+                "this name, orphaned?); the trial waits until it is deleted",
+                "Warning",
+            )
+            for name in sorted(blocked)
+        ]
+        return events
 
     @property
     def mlflow_pending(self) -> bool:

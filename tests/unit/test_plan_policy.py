@@ -81,6 +81,16 @@ def test_the_report_is_due_as_trials_end_at_most_every_interval_and_at_the_end()
     assert plan(spec, observation(ended, memory=recent), None, T0).report == (6, "Succeeded")
 
 
+def test_an_ended_sweep_whose_jobs_were_deleted_keeps_its_report_and_status():
+    spec = make_spec()
+    ended = plan(spec, observation(all_succeeded(spec)), None, T0)
+    assert ended.report == (6, "Succeeded")
+    restarted = Memory()  # a restarted operator: it has published nothing yet
+    cleaned = observation(all_succeeded(spec)[1:], memory=restarted)
+    later = plan(spec, cleaned, ended.status, T0 + timedelta(hours=1))
+    assert (later.report, later.status, later.create) == (None, ended.status, [])
+
+
 def test_mlflow_work_follows_the_sweep():
     spec = make_spec()
     trials = [
