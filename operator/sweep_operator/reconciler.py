@@ -309,7 +309,7 @@ class Reconciler:
         ]
         # A Job of the trial's name owned by no sweep or another: usually an earlier sweep of
         # this name deleted with its Jobs orphaned. Creating it gets 409 until it is deleted.
-        blocked = ({t.name for t in planned} & taken_elsewhere) - self.said_taken
+        blocked = ({t.name for t in planned} & taken_elsewhere) - made - self.said_taken
         self.said_taken |= blocked
         events += [
             SweepEvent(

@@ -56,6 +56,9 @@ from sweep_operator.trials import FetchState, NewTrial, ObservedFetch, ObservedT
 from sweep_operator.warm_start import NOT_FOUND, WAITING, WarmStart, refusal
 
 CONDITION_TYPES = ("Running", "Succeeded", "Failed")
+# The reasons of failed_status, a sweep refused before planning (its spec, a template that
+# would not render): they hold only while the cause does, which the next reconcile checks.
+REFUSALS = ("InvalidSpec", "InvalidTemplate")
 
 
 @dataclass(frozen=True)
@@ -227,19 +230,21 @@ def plan_trials(
     infeasible_text = f", {infeasible} infeasible" if infeasible else ""
     succeeded = [t for t in trials if t.state == TrialState.SUCCEEDED]
     unscored = [t for t in succeeded if objective_values(spec, t) is None]
-    # A sweep that ended stays as it ended while its spec is the one it ended at: a trial Job
-    # deleted since (a cleanup, a TTL policy) is gone, not missing, and the outcome stands
-    # (its best trial, or why it failed). Not while a succeeded trial's objective is unread
-    # (MLflow did not answer): the outcome settles once it is. A changed spec plans again.
-    if (
+    # A sweep that ended creates no trial again while its spec is the one it ended at: a trial
+    # Job deleted since (a cleanup, a TTL policy) is gone, not missing. Its status stands too
+    # (the best trial, or why it failed; the trials it stopped were stopped then), unless it
+    # ended with succeeded trials that had no objective (MLflow may not have answered: the
+    # outcome settles as they come). A refusal stands only while it holds. A changed spec
+    # plans again.
+    ended = (
         previous is not None
         and previous.phase in ("Succeeded", "Failed")
         and generation is not None
         and previous.observed_generation == generation
-        and not unscored
-    ):
-        ended = {t.name: "the sweep has ended" for t in active}
-        return TrialPlan(stop=ended, status=previous)
+        and _reason(previous) not in REFUSALS
+    )
+    if ended and previous is not None and not previous.trials.unscored:
+        return TrialPlan(status=previous)
     best = best_trial(spec, trials)
     metric = spec.objective.metric
     best_text = f"; best {metric}={best.value:g} ({best.name})" if best else ""
@@ -301,7 +306,7 @@ def plan_trials(
             t.model_copy(update={"state": TrialState.STOPPED}) if t.name in stops else t
             for t in trials
         ]
-        missing = (i for i in planned.indices if i not in by_index)
+        missing = (i for i in planned.indices if i not in by_index and not ended)
         unplannable: ConstraintError | None = None
         for index in missing:
             if len(create) == slots:
@@ -321,7 +326,9 @@ def plan_trials(
                     state=new_state,
                 )
             )
-        finished = not going_on and not create and all(i in by_index for i in planned.indices)
+        finished = (
+            not going_on and not create and (ended or all(i in by_index for i in planned.indices))
+        )
         if unplannable is not None:
             phase, reason, message, create = "Failed", unplannable.reason, str(unplannable), []
             stops |= {t.name: f"the sweep failed: {reason}" for t in going_on}
@@ -408,6 +415,11 @@ def plan_trials(
         deadline=None if terminal else deadline,
         fetch_model=fetch_state == FetchState.MISSING and not terminal,
     )
+
+
+def _reason(status: SweepStatus) -> str | None:
+    """The reason of the status's true condition."""
+    return next((c.reason for c in status.conditions if c.status == "True"), None)
 
 
 def previous_completion(previous: SweepStatus | None) -> datetime | None:

@@ -250,12 +250,29 @@ def test_an_ended_sweep_runs_no_trial_again_whose_job_was_deleted():
 
 def test_a_failed_sweep_stays_failed_for_its_reason():
     """Failed for a reason the next plan would not see again (no configuration fits a later
-    trial, a template that failed for one trial's parameters): it stays failed, and why."""
+    trial): it stays failed, and why. A refusal holds only while its cause does."""
     spec = make_spec(maxTrials=3)
     failed = failed_status("NoFeasibleConfiguration", "trial 2: nothing fits", T0, generation=2)
     seen = [obs(spec, 0, S.SUCCEEDED, 0.5), obs(spec, 1, S.SUCCEEDED, 0.3)]
     again = run(spec, seen, now=T0 + timedelta(minutes=1), generation=2, previous=failed)
     assert (again.create, again.status) == ([], failed)
+    refused = failed_status("InvalidSpec", "spec.trainer.image: required", T0, generation=2)
+    fixed = run(spec, seen, now=T0 + timedelta(minutes=1), generation=2, previous=refused)
+    assert [t.index for t in fixed.create] == [2]
+
+
+def test_an_ended_sweep_with_an_unscored_trial_settles_but_runs_nothing_again():
+    """A succeeded trial without its objective (MLflow did not answer yet, or it never logged
+    it): the outcome is planned again as results come, but a deleted Job is not run again."""
+    spec = make_spec(maxTrials=3)
+    done = [obs(spec, 0, S.SUCCEEDED), obs(spec, 1, S.SUCCEEDED, 0.3), obs(spec, 2, S.SUCCEEDED)]
+    ended = run(spec, done, generation=2)
+    assert ended.status.phase == "Succeeded"
+    later = run(spec, done[:2], now=T0 + timedelta(hours=1), generation=2, previous=ended.status)
+    assert later.create == [] and later.status.phase == "Succeeded"
+    scored = [obs(spec, 0, S.SUCCEEDED, 0.2), *done[1:2]]
+    settled = run(spec, scored, now=T0 + timedelta(hours=1), generation=2, previous=ended.status)
+    assert settled.status.best_trial.name == "sw-0000"
 
 
 def test_a_condition_transition_time_moves_when_its_status_changes():
