@@ -18,7 +18,7 @@ from datetime import datetime
 from sweep_operator.api import SweepSpec, SweepStatus
 from sweep_operator.naming import model_fetch_name, run_url
 from sweep_operator.observation import Observation
-from sweep_operator.trial_plan import conditions, plan_trials
+from sweep_operator.trial_plan import conditions, plan_trials, true_reason
 from sweep_operator.trials import FetchState, NewTrial, ObservedTrial, TrialState
 from sweep_operator.warm_start import NOT_FOUND
 
@@ -260,7 +260,7 @@ def _events(
             events.append(SweepEvent("ModelFetchFailed", name, fetch.message, "Warning"))
     warm = observation.warm
     if warm is not None:
-        reason = next((c.reason for c in status.conditions if c.status == "True"), None)
+        reason = true_reason(status)
         if reason == NOT_FOUND and not (previous and previous.phase == "Failed"):
             events.append(SweepEvent(NOT_FOUND, None, status.message, "Warning"))
         if warm.summary and warm.summary != seen.warm_summary:

@@ -241,7 +241,7 @@ def plan_trials(
         and previous.phase in ("Succeeded", "Failed")
         and generation is not None
         and previous.observed_generation == generation
-        and _reason(previous) not in REFUSALS
+        and true_reason(previous) not in REFUSALS
     )
     if ended and previous is not None and not previous.trials.unscored:
         return TrialPlan(status=previous)
@@ -417,8 +417,8 @@ def plan_trials(
     )
 
 
-def _reason(status: SweepStatus) -> str | None:
-    """The reason of the status's true condition."""
+def true_reason(status: SweepStatus) -> str | None:
+    """The reason of the status's true condition (its phase's)."""
     return next((c.reason for c in status.conditions if c.status == "True"), None)
 
 
