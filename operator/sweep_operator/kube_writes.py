@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from sweep_operator.api import GROUP, PLURAL, VERSION, SweepSpec, SweepStatus
 from sweep_operator.naming import label_value
 from sweep_operator.plan import SweepEvent
 from sweep_operator.render import (
+    RenderError,
     SweepRef,
     render_model_fetch_job,
     render_trial_job,
@@ -38,11 +39,66 @@ _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
 
 @dataclass
 class Creation:
-    """What one create_trials call did: the trials it created (not those that existed), and
-    the apiserver's reason for each it refused (a quota, an admission policy, an invalid Job)."""
+    """What the apiserver answered to trial creations: the trials it created (not those that
+    existed), the apiserver's reason for each it refused (a quota, an admission policy, an
+    invalid Job), the error of each it did not answer (down, 429, 5xx), and of each whose Job
+    the sweep's template did not render."""
 
     created: list[NewTrial] = field(default_factory=list)
+    taken: list[NewTrial] = field(default_factory=list)  # 409: a Job of its name exists
     refused: dict[str, str] = field(default_factory=dict)
+    unanswered: dict[str, Exception] = field(default_factory=dict)
+    unrendered: dict[str, RenderError] = field(default_factory=dict)
+
+
+class Creations:
+    """Trial Jobs being created. A reconcile starts their requests and goes on (status, Events,
+    the next reconciles) while the apiserver answers: under load a creation takes up to half a
+    second, and the trials that ended meanwhile waited for it. The answers are collected by
+    the next reconcile."""
+
+    def __init__(self, on_answer: Callable[[], None]) -> None:
+        self._pending: dict[str, tuple[NewTrial, Future[bool | str]]] = {}
+        self._on_answer = on_answer
+
+    def start(self, trial: NewTrial, future: Future[bool | str]) -> None:
+        self._pending[trial.name] = (trial, future)
+        future.add_done_callback(lambda _: self._on_answer())
+
+    def wait(self, names: Iterable[str]) -> None:
+        """Until the apiserver answered for these trials (before they are stopped: a stop that
+        overtook its creation would find no Job, and the trial would run)."""
+        futures = [self._pending[n][1] for n in names if n in self._pending]
+        wait(futures)
+
+    def cancel(self) -> None:
+        """Drop the creations not started yet (the sweep was deleted, the operator stops): a
+        deleted sweep's trials must not start, and a restarted operator plans them again."""
+        for _, future in self._pending.values():
+            future.cancel()
+
+    def collect(self) -> Creation:
+        """The answers that came since the last collect."""
+        answered = Creation()
+        for name, (trial, future) in list(self._pending.items()):
+            if not future.done():
+                continue
+            del self._pending[name]
+            try:
+                answer = future.result()
+            except RenderError as error:
+                answered.unrendered[name] = error
+                continue
+            except Exception as error:  # the reconcile that collects it plans the trial again
+                answered.unanswered[name] = error
+                continue
+            if isinstance(answer, str):
+                answered.refused[name] = answer
+            elif answer:
+                answered.created.append(trial)
+            else:
+                answered.taken.append(trial)
+        return answered
 
 
 class SweepWriter:
@@ -61,9 +117,12 @@ class SweepWriter:
         trials: list[NewTrial],
         tracking_uri: str | None,
         parent_run_id: str | None,
-    ) -> Creation:
-        """Create the trials' Jobs. A Job the apiserver refuses does not hold back the others,
-        nor the rest of the reconcile (stops, status): it is planned again next time.
+        creations: Creations,
+    ) -> None:
+        """Start creating the trials' Jobs, into `creations`; each answer is True when the Job
+        was created, False when a Job of its name exists (409), the apiserver's reason when it
+        refused it. A refused Job holds back neither the others nor the reconcile: the trial is
+        planned again.
 
         Each Job is rendered in the pool, just before its request: rendering overlaps the other
         requests' round trips, and no more rendered Jobs exist at once than requests in flight
@@ -78,18 +137,13 @@ class SweepWriter:
             try:
                 return self.create_job(sweep.namespace, job)
             except ApiException as error:
-                # Not answered, or asked to come back later (429): the next reconcile retries.
+                # Not answered, or asked to come back later (429): planned again.
                 if error.status is None or error.status == 429 or not 400 <= error.status < 500:
                     raise
                 return _reason(error)
 
-        creation = Creation()
-        for trial, answer in zip(trials, _api_pool.map(create, trials), strict=True):
-            if isinstance(answer, str):
-                creation.refused[trial.name] = answer
-            elif answer:
-                creation.created.append(trial)
-        return creation
+        for trial in trials:
+            creations.start(trial, _api_pool.submit(create, trial))
 
     def ensure_service(self, sweep: SweepRef, spec: SweepSpec) -> None:
         """The headless Service that gives the pods of multi-node trials their DNS names for

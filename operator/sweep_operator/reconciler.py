@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from sweep_operator.api import SweepSpec, SweepStatus
 from sweep_operator.defaults import trial_defaults
-from sweep_operator.kube_writes import Creation, SweepWriter, post_events
+from sweep_operator.kube_writes import Creation, Creations, SweepWriter, post_events
 from sweep_operator.kueue import Kueue
 from sweep_operator.mlflow_runs import RunsCache, results_of
 from sweep_operator.naming import label_value
@@ -52,14 +52,19 @@ class Indexes:
 
 
 class Reconciler:
-    def __init__(self, api: client.ApiClient, logger: logging.Logger) -> None:
+    def __init__(
+        self, api: client.ApiClient, logger: logging.Logger, wake: Callable[[], None]
+    ) -> None:
+        """`wake` asks for a reconcile soon: the apiserver answered a creation (a refusal has no
+        watch event to wake the sweep)."""
         self.logger = logger
         self.writer = SweepWriter(api)
+        self.creations = Creations(wake)
         self.kueue = Kueue(api, logger)
         self.report = ReportPublisher(logger)
         self.runs: RunsCache | None = None
         self.observed = TrialMemo()  # the last observation of each trial
-        self.created: dict[str, NewTrial] = {}  # created here, not yet seen in the index
+        self.created: dict[str, NewTrial] = {}  # created here (or being), not yet indexed
         self.said_taken: set[str] = set()  # trial names it warned are another owner's Job's
         self.said_refused: set[tuple[str, str]] = set()  # (trial, apiserver's reason) warned
         self.deadline: datetime | None = None  # when the time budget runs out
@@ -100,6 +105,13 @@ class Reconciler:
         self.created = {n: t for n, t in self.created.items() if n not in taken}
         jobs = owned_by(jobs, meta["uid"])
         taken_elsewhere = taken - {job["name"] for job in jobs}
+        creation = self.creations.collect()
+        answered = self._answered(creation, taken_elsewhere)
+        if creation.unrendered:
+            post_events(body, answered)
+            error = next(iter(creation.unrendered.values()))
+            self._refuse(body, "InvalidTemplate", str(error), now, previous)
+            return
         observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
         result = plan(spec, observation, previous, now)
         # MLflow is read outside the reconcile (RunsCache), except when this plan would settle
@@ -110,7 +122,7 @@ class Reconciler:
             observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
             result = plan(spec, observation, previous, now)
         try:
-            self._carry_out(body, sweep, spec, observation, result, jobs, taken_elsewhere)
+            self._carry_out(body, sweep, spec, observation, result, jobs, answered)
         except RenderError as error:
             self._refuse(body, "InvalidTemplate", str(error), now, previous)
             return
@@ -229,9 +241,11 @@ class Reconciler:
         observation: Observation,
         result: Plan,
         jobs: list[dict],
-        taken_elsewhere: set[str],
+        answered: list[SweepEvent],
     ) -> None:
-        events: list[SweepEvent] = []
+        """Carry the plan out; `answered`: the Events of the creations the apiserver answered
+        since the last reconcile."""
+        events = list(answered)
         if result.fetch_model:
             fetch_job = self.writer.create_fetch_job(sweep, spec)
             if fetch_job:
@@ -242,12 +256,13 @@ class Reconciler:
                 events.append(SweepEvent("FetchingModel", fetch_job, detail))
         mlflow = result.status.mlflow
         parent = mlflow.parent_run_id if mlflow else None
-        creation = self.writer.create_trials(
-            sweep, spec, result.create, observation.tracking_uri, parent
+        self.writer.create_trials(
+            sweep, spec, result.create, observation.tracking_uri, parent, self.creations
         )
-        events += self._created(result.create, creation, taken_elsewhere)
+        self.created.update({t.name: t for t in result.create})
         post_events(body, events)
         queued = bool(spec.trainer.queue_name)
+        self.creations.wait(result.stop)
         self.writer.stop_trials(sweep.namespace, result.stop, queued)
         if queued:
             self.kueue.release(sweep.namespace, jobs, list(result.stop))
@@ -280,22 +295,24 @@ class Reconciler:
         if runs is not None and result.close_parent_run and not self.report.publishing_now:
             runs.close_parent_run(result.status)
 
-    def _created(
-        self, planned: list[NewTrial], creation: Creation, taken_elsewhere: set[str]
-    ) -> list[SweepEvent]:
-        """Remember the trials created, and the Events of what became of each planned one."""
-        # Not a trial refused, nor a 409 on a name another owner's Job holds: that says
-        # nothing of ours, and the Job may be gone by the next reconcile.
-        made = {t.name for t in creation.created}
-        self.created.update(
-            {
-                t.name: t
-                for t in planned
-                if t.name not in creation.refused
-                and (t.name in made or t.name not in taken_elsewhere)
-            }
-        )
-        # Only what this call created: a 409 is a trial created before a restart.
+    def _answered(self, creation: Creation, taken_elsewhere: set[str]) -> list[SweepEvent]:
+        """Settle the trials the apiserver answered for: those not created are planned again.
+        The Events of what became of each."""
+        # A 409 is not a creation either: a Job of this sweep's the index shows soon (until
+        # then the trial is planned again under its name and gets 409 again), or another
+        # owner's, which may be deleted by the next reconcile, or was as the answer came.
+        taken = {t.name for t in creation.taken}
+        for name in {*creation.refused, *creation.unanswered, *creation.unrendered, *taken}:
+            self.created.pop(name, None)
+        if creation.unanswered:
+            name, error = next(iter(creation.unanswered.items()))
+            self.logger.warning(
+                "the apiserver did not answer the creation of %d trials (%s: %s); planned again",
+                len(creation.unanswered),
+                name,
+                error,
+            )
+        # Only what was created now: a 409 is a trial created before a restart.
         events = [
             SweepEvent("TrialCreated", t.name, format_parameters(t.parameters))
             for t in creation.created
@@ -309,7 +326,7 @@ class Reconciler:
         ]
         # A Job of the trial's name owned by no sweep or another: usually an earlier sweep of
         # this name deleted with its Jobs orphaned. Creating it gets 409 until it is deleted.
-        blocked = ({t.name for t in planned} & taken_elsewhere) - made - self.said_taken
+        blocked = (taken & taken_elsewhere) - self.said_taken
         self.said_taken |= blocked
         events += [
             SweepEvent(
