@@ -130,13 +130,19 @@ def _pod_end(pod: dict[str, Any]) -> Summary:
     }
 
 
+# The Job controller's annotation of an Indexed Job's pods: the pod's index, its node rank.
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+
+
 def pod_summary(pod: dict[str, Any]) -> Summary | None:
     """A trial pod's Job (by uid: an earlier sweep's pod of the same trial name may linger),
-    its phase and the termination message its container left."""
+    whether it is the one that reports the result (of a multi-node trial, rank 0's), its phase
+    and the termination message its container left."""
     meta = pod.get("metadata", {})
     if not (meta.get("labels") or {}).get(LABEL_TRIAL):
         return None
-    return {"job_uid": _owner_uid(meta, "Job"), **_pod_end(pod)}
+    rank = (meta.get("annotations") or {}).get(COMPLETION_INDEX, "0")
+    return {"job_uid": _owner_uid(meta, "Job"), "reports": rank == "0", **_pod_end(pod)}
 
 
 def sweep_summary(sweep: dict[str, Any]) -> Summary:
@@ -208,8 +214,13 @@ def observe_trial(
     itself reported, and it is there even when MLflow was unreachable.
     """
     # The pod watch can lag the Job watch by a moment; until the pod's success (and with it the
-    # termination message) is seen too, the trial is still reporting.
-    reporting = bool(pods) and not any(p["phase"] == "Succeeded" for p in pods)
+    # termination message) is seen too, the trial is still reporting. Of a multi-node trial,
+    # rank 0's: another rank's pod may be seen succeeded first. Once every pod seen has ended
+    # (the succeeded one deleted, a failed attempt left) nothing more is coming.
+    reporters = [p for p in pods if p["reports"]]
+    reporting = not any(p["phase"] == "Succeeded" for p in reporters) and any(
+        p["phase"] not in ("Succeeded", "Failed") for p in reporters
+    )
     # Likewise a failed trial's exit code, which tells running out of memory from failing.
     ending = bool(pods) and not any(p["phase"] == "Failed" for p in pods)
     if job["complete"] and not reporting:
@@ -233,8 +244,7 @@ def observe_trial(
         state = TrialState.RUNNING
     else:
         state = TrialState.PENDING
-    # Of a multi-node trial's pods only index 0 (rank 0) writes the result.
-    messages = [p["message"] for p in pods if p["phase"] == "Succeeded" and p["message"]]
+    messages = [p["message"] for p in reporters if p["phase"] == "Succeeded" and p["message"]]
     reported = parse_result(messages[0]) if messages else {}
     metrics = dict((tracked or {}).get("metrics", {}))
     metrics.update(reported)

@@ -121,7 +121,7 @@ class Trials:
             "complete": complete,
             "ready": 0 if complete else 1,
         }
-        pod = {"phase": phase, "message": message, "exit_code": None}
+        pod = {"phase": phase, "message": message, "exit_code": None, "reports": True}
         self.pods[name] = {"job_uid": f"uid-{name}", **pod}
 
     def observe(
