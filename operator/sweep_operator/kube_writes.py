@@ -8,21 +8,23 @@ Every write may meet what an earlier operator did before it stopped (409: create
 from __future__ import annotations
 
 import json
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import kopf
+import urllib3
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from sweep_operator.api import GROUP, PLURAL, VERSION, SweepSpec, SweepStatus
+from sweep_operator.api import GROUP, KIND, PLURAL, VERSION, SweepSpec, SweepStatus
 from sweep_operator.naming import label_value
 from sweep_operator.plan import SweepEvent
 from sweep_operator.render import (
-    RenderError,
     SweepRef,
     render_model_fetch_job,
     render_trial_job,
@@ -31,45 +33,62 @@ from sweep_operator.render import (
 from sweep_operator.trials import ANNOTATION_STOPPED, LABEL_SWEEP, NewTrial
 
 API_WORKERS = 16
-# Beyond this many Events of one reason in one reconcile, a single summary Event is posted.
+# Beyond this many Events of one reason posted together, a single summary Event is posted.
 EVENT_BURST = 5
+# Trial Jobs rendered and waiting for an API thread, at most (create_trials).
+RENDERED_AHEAD = 2 * API_WORKERS
+# A sweep's Events are posted together at most this often (EventOutbox).
+EVENT_INTERVAL = 1.0
 
 _api_pool = ThreadPoolExecutor(API_WORKERS, thread_name_prefix="lorasweep-api")
+
+
+class Answer(Enum):
+    """The apiserver's answer to a trial Job's creation, but a refusal (its reason)."""
+
+    CREATED = "created"
+    OURS = "ours"  # 409: the sweep's own Job, created before a restart or not yet indexed
+    TAKEN = "taken"  # 409: another owner's Job holds the name (or did: it is gone since)
 
 
 @dataclass
 class Creation:
     """What the apiserver answered to trial creations: the trials it created (not those that
-    existed), the apiserver's reason for each it refused (a quota, an admission policy, an
-    invalid Job), the error of each it did not answer (down, 429, 5xx), and of each whose Job
-    the sweep's template did not render."""
+    existed), those whose name another owner's Job holds, the apiserver's reason for each it
+    refused (a quota, an admission policy, an invalid Job), the error of each it did not
+    answer (down, 429, 5xx), and of each that failed otherwise."""
 
     created: list[NewTrial] = field(default_factory=list)
-    taken: list[NewTrial] = field(default_factory=list)  # 409: a Job of its name exists
+    taken: list[NewTrial] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
     unanswered: dict[str, Exception] = field(default_factory=dict)
-    unrendered: dict[str, RenderError] = field(default_factory=dict)
+    broken: dict[str, Exception] = field(default_factory=dict)
 
 
 class Creations:
     """Trial Jobs being created. A reconcile starts their requests and goes on (status, Events,
     the next reconciles) while the apiserver answers: under load a creation takes up to half a
-    second, and the trials that ended meanwhile waited for it. The answers are collected by
-    the next reconcile."""
+    second, and the trials that ended meanwhile waited for it. The next reconcile collects the
+    answers (the Job's watch event wakes it; a refusal waits for the next one, as it did)."""
 
-    def __init__(self, on_answer: Callable[[], None]) -> None:
-        self._pending: dict[str, tuple[NewTrial, Future[bool | str]]] = {}
-        self._on_answer = on_answer
+    def __init__(self) -> None:
+        self._pending: dict[str, tuple[NewTrial, Future[Answer | str]]] = {}
 
-    def start(self, trial: NewTrial, future: Future[bool | str]) -> None:
+    def __contains__(self, name: str) -> bool:
+        return name in self._pending
+
+    def start(self, trial: NewTrial, future: Future[Answer | str]) -> None:
         self._pending[trial.name] = (trial, future)
-        future.add_done_callback(lambda _: self._on_answer())
 
-    def wait(self, names: Iterable[str]) -> None:
-        """Until the apiserver answered for these trials (before they are stopped: a stop that
-        overtook its creation would find no Job, and the trial would run)."""
-        futures = [self._pending[n][1] for n in names if n in self._pending]
-        wait(futures)
+    def withdraw(self, names: Iterable[str]) -> set[str]:
+        """Before these trials are stopped: drop the creations not started yet (their names
+        are returned) and wait for the others' answers (a stop that overtook its creation
+        would find no Job, and the trial would run)."""
+        withdrawn = {n for n in names if n in self._pending and self._pending[n][1].cancel()}
+        for name in withdrawn:
+            del self._pending[name]
+        wait([self._pending[n][1] for n in names if n in self._pending])
+        return withdrawn
 
     def cancel(self) -> None:
         """Drop the creations not started yet (the sweep was deleted, the operator stops): a
@@ -86,18 +105,17 @@ class Creations:
             del self._pending[name]
             try:
                 answer = future.result()
-            except RenderError as error:
-                answered.unrendered[name] = error
-                continue
-            except Exception as error:  # the reconcile that collects it plans the trial again
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as error:
                 answered.unanswered[name] = error
-                continue
-            if isinstance(answer, str):
-                answered.refused[name] = answer
-            elif answer:
-                answered.created.append(trial)
+            except Exception as error:
+                answered.broken[name] = error
             else:
-                answered.taken.append(trial)
+                if answer is Answer.CREATED:
+                    answered.created.append(trial)
+                elif answer is Answer.TAKEN:
+                    answered.taken.append(trial)
+                elif isinstance(answer, str):
+                    answered.refused[name] = answer
         return answered
 
 
@@ -119,31 +137,56 @@ class SweepWriter:
         parent_run_id: str | None,
         creations: Creations,
     ) -> None:
-        """Start creating the trials' Jobs, into `creations`; each answer is True when the Job
-        was created, False when a Job of its name exists (409), the apiserver's reason when it
-        refused it. A refused Job holds back neither the others nor the reconcile: the trial is
-        planned again.
+        """Start creating the trials' Jobs, into `creations`; each answer is an Answer, or the
+        apiserver's reason when it refused the Job. A refused Job holds back neither the others
+        nor the reconcile: the trial is planned again. A Job the template does not render
+        raises RenderError here (the sweep is refused at every reconcile while it does).
 
-        Each Job is rendered in the pool, just before its request: rendering overlaps the other
-        requests' round trips, and no more rendered Jobs exist at once than requests in flight
-        (10,000 rendered Jobs hold about 140 MiB)."""
+        Each Job is rendered here and sent by the API threads while the next ones are rendered;
+        at most RENDERED_AHEAD rendered Jobs wait for a thread (10,000 rendered Jobs hold about
+        140 MiB): a large fan-out's reconcile returns once its last Jobs are on their way."""
         if trials:
             self.ensure_service(sweep, spec)
+        ahead = threading.BoundedSemaphore(RENDERED_AHEAD)
 
-        def create(trial: NewTrial) -> bool | str:
+        def create(trial: NewTrial, job: dict) -> Answer | str:
+            try:
+                return self._create_trial(sweep, trial, job)
+            finally:
+                ahead.release()
+
+        for trial in trials:
+            if trial.name in creations:  # a name another's Job held as it was created
+                continue
             job = render_trial_job(
                 sweep, spec, trial, tracking_uri=tracking_uri, parent_run_id=parent_run_id
             )
-            try:
-                return self.create_job(sweep.namespace, job)
-            except ApiException as error:
-                # Not answered, or asked to come back later (429): planned again.
-                if error.status is None or error.status == 429 or not 400 <= error.status < 500:
-                    raise
-                return _reason(error)
+            ahead.acquire()
+            creations.start(trial, _api_pool.submit(create, trial, job))
 
-        for trial in trials:
-            creations.start(trial, _api_pool.submit(create, trial))
+    def _create_trial(self, sweep: SweepRef, trial: NewTrial, job: dict) -> Answer | str:
+        try:
+            if self.create_job(sweep.namespace, job):
+                return Answer.CREATED
+        except ApiException as error:
+            # Not answered, or asked to come back later (429): planned again.
+            if error.status is None or error.status == 429 or not 400 <= error.status < 500:
+                raise
+            return _reason(error)
+        # Read only on a 409, which is rare: whether the trial exists or waits for a name.
+        ours = self._job_owner(sweep.namespace, trial.name) == sweep.uid
+        return Answer.OURS if ours else Answer.TAKEN
+
+    def _job_owner(self, namespace: str, name: str) -> str | None:
+        """The uid of the sweep that owns Job `name`; None when it has none or is gone."""
+        try:
+            job = self.batch.read_namespaced_job(name, namespace)
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        owners = job.metadata.owner_references or []
+        return next((o.uid for o in owners if o.kind == KIND), None)
 
     def ensure_service(self, sweep: SweepRef, spec: SweepSpec) -> None:
         """The headless Service that gives the pods of multi-node trials their DNS names for
@@ -250,6 +293,34 @@ def _without_reply(call: Callable[..., Any], *args: Any) -> None:
     reply = call(*args, _preload_content=False)
     reply.drain_conn()
     reply.release_conn()
+
+
+class EventOutbox:
+    """A sweep's Events, posted together at most every EVENT_INTERVAL seconds: the first at
+    once, those that come sooner after it held until then. At 25 trials ending a second a
+    reconcile every ~0.15 s had one or two of each reason to post, each a request to the
+    apiserver (an Event per trial created, started and ended); a second's worth of them
+    is a burst, one Event per reason (`posted`). Events held when the operator stops are
+    lost, as an Event is: they say what the status and the trials show."""
+
+    def __init__(self) -> None:
+        self._held: list[SweepEvent] = []
+        self._posted_at = -float("inf")
+
+    def add(self, events: list[SweepEvent], now: float, last: bool = False) -> list[SweepEvent]:
+        """What to post now (`now`: a monotonic clock), of these and those held; all of them
+        when they are the `last` (the sweep has ended: whoever saw it end reads them)."""
+        self._held += events
+        if not self._held or (now - self._posted_at < EVENT_INTERVAL and not last):
+            return []
+        out, self._held = self._held, []
+        self._posted_at = now
+        return out
+
+    @property
+    def due(self) -> float | None:
+        """When the Events held are to be posted; None when none is."""
+        return self._posted_at + EVENT_INTERVAL if self._held else None
 
 
 def post_events(body: kopf.Body, events: list[SweepEvent]) -> None:

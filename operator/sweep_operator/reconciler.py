@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -22,7 +22,13 @@ from pydantic import ValidationError
 
 from sweep_operator.api import SweepSpec, SweepStatus
 from sweep_operator.defaults import trial_defaults
-from sweep_operator.kube_writes import Creation, Creations, SweepWriter, post_events
+from sweep_operator.kube_writes import (
+    Creation,
+    Creations,
+    EventOutbox,
+    SweepWriter,
+    post_events,
+)
 from sweep_operator.kueue import Kueue
 from sweep_operator.mlflow_runs import RunsCache, results_of
 from sweep_operator.naming import label_value
@@ -52,14 +58,11 @@ class Indexes:
 
 
 class Reconciler:
-    def __init__(
-        self, api: client.ApiClient, logger: logging.Logger, wake: Callable[[], None]
-    ) -> None:
-        """`wake` asks for a reconcile soon: the apiserver answered a creation (a refusal has no
-        watch event to wake the sweep)."""
+    def __init__(self, api: client.ApiClient, logger: logging.Logger) -> None:
         self.logger = logger
         self.writer = SweepWriter(api)
-        self.creations = Creations(wake)
+        self.creations = Creations()
+        self.events = EventOutbox()
         self.kueue = Kueue(api, logger)
         self.report = ReportPublisher(logger)
         self.runs: RunsCache | None = None
@@ -90,6 +93,7 @@ class Reconciler:
         now = datetime.now(UTC)
         meta = body["metadata"]
         name, namespace = meta["name"], meta["namespace"]
+        self._post(body, [])  # those held, when due
         previous = _stored_status(body)
         sweep = SweepRef(name=name, namespace=namespace, uid=meta["uid"])
         try:
@@ -105,13 +109,7 @@ class Reconciler:
         self.created = {n: t for n, t in self.created.items() if n not in taken}
         jobs = owned_by(jobs, meta["uid"])
         taken_elsewhere = taken - {job["name"] for job in jobs}
-        creation = self.creations.collect()
-        answered = self._answered(creation, taken_elsewhere)
-        if creation.unrendered:
-            post_events(body, answered)
-            error = next(iter(creation.unrendered.values()))
-            self._refuse(body, "InvalidTemplate", str(error), now, previous)
-            return
+        answered = self._answered(self.creations.collect(), taken_elsewhere)
         observation = self._observe(spec, body, previous, jobs, pods, fetch, indexes)
         result = plan(spec, observation, previous, now)
         # MLflow is read outside the reconcile (RunsCache), except when this plan would settle
@@ -254,15 +252,17 @@ class Reconciler:
                     f"downloading model {spec.trainer.model} into PersistentVolumeClaim {claim}"
                 )
                 events.append(SweepEvent("FetchingModel", fetch_job, detail))
+        self._post(body, events)  # before a template that does not render ends it
         mlflow = result.status.mlflow
         parent = mlflow.parent_run_id if mlflow else None
         self.writer.create_trials(
             sweep, spec, result.create, observation.tracking_uri, parent, self.creations
         )
         self.created.update({t.name: t for t in result.create})
-        post_events(body, events)
         queued = bool(spec.trainer.queue_name)
-        self.creations.wait(result.stop)
+        # A trial whose creation has not started is not created; the others are stopped.
+        for name in self.creations.withdraw(result.stop):
+            self.created.pop(name, None)
         self.writer.stop_trials(sweep.namespace, result.stop, queued)
         if queued:
             self.kueue.release(sweep.namespace, jobs, list(result.stop))
@@ -277,7 +277,7 @@ class Reconciler:
                     sweep.name,
                     sweep.namespace,
                 )
-        post_events(body, result.events)
+        self._post(body, result.events, last=result.status.phase in TERMINAL)
         # The last report is published here, before the parent run is closed: whoever waits
         # for the run to end reads the whole report.
         if result.report is not None and self.report.publish(
@@ -295,15 +295,21 @@ class Reconciler:
         if runs is not None and result.close_parent_run and not self.report.publishing_now:
             runs.close_parent_run(result.status)
 
+    def _post(self, body: kopf.Body, events: list[SweepEvent], last: bool = False) -> None:
+        post_events(body, self.events.add(events, time.monotonic(), last))
+
     def _answered(self, creation: Creation, taken_elsewhere: set[str]) -> list[SweepEvent]:
         """Settle the trials the apiserver answered for: those not created are planned again.
         The Events of what became of each."""
-        # A 409 is not a creation either: a Job of this sweep's the index shows soon (until
-        # then the trial is planned again under its name and gets 409 again), or another
-        # owner's, which may be deleted by the next reconcile, or was as the answer came.
+        # One whose name another owner's Job holds is planned again too: that Job may be
+        # deleted by the next reconcile. A 409 on the sweep's own Job (not indexed yet) is not,
+        # and neither is a creation not answered yet.
         taken = {t.name for t in creation.taken}
-        for name in {*creation.refused, *creation.unanswered, *creation.unrendered, *taken}:
+        dropped = {*creation.refused, *creation.unanswered, *creation.broken}
+        for name in dropped | taken:
             self.created.pop(name, None)
+        for name, error in creation.broken.items():
+            self.logger.error("creating trial %s failed", name, exc_info=error)
         if creation.unanswered:
             name, error = next(iter(creation.unanswered.items()))
             self.logger.warning(

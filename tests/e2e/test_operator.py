@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 import devcluster
 from sweep_operator.api import GROUP, PLURAL, VERSION
+from sweep_operator.render import builtin_template
 from sweep_operator.trials import LABEL_SWEEP
 from tests.e2e.sweeps import (
     get_sweep,
@@ -477,3 +478,35 @@ def test_a_trial_job_the_apiserver_refuses_holds_back_nothing_else(
         admission.delete_validating_admission_policy(name)
     wait_for_phase(custom, namespace, "held", ("Succeeded",), 60)
     assert len(trial_jobs(batch, namespace, "held")) == 3
+
+
+def test_a_trial_job_the_template_does_not_render_fails_the_sweep_once(
+    operator, custom, batch, namespace, kube_client
+):
+    """The check at apply renders the first trial's Job; a template that fails only for
+    another trial's parameters is found as that trial is created. The sweep fails, says so
+    once, and stays failed (the other trials' events keep waking it)."""
+    quick = {"lorasweep.io/sim-duration": "1s", "lorasweep.io/sim-result": RESULT}
+    spec = sim_spec(3, 3, quick)
+    failing = "{%- if params.lora_rank == 2 %}{{ params.no_such_parameter }}{% endif %}\n"
+    spec["trainer"]["jobTemplate"] = failing + builtin_template()
+    custom.create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, sweep_manifest("unrendered", spec)
+    )
+    status = wait_for_phase(custom, namespace, "unrendered", ("Failed",), 60)["status"]
+    assert "no_such_parameter" in status["message"]
+    [condition] = [c for c in status["conditions"] if c["type"] == "Failed"]
+    wait_for(
+        lambda: all(
+            job.status.succeeded == 1 for job in trial_jobs(batch, namespace, "unrendered")
+        ),
+        60,
+        "the trials that rendered to succeed",
+    )
+    status = get_sweep(custom, namespace, "unrendered")["status"]
+    assert status["phase"] == "Failed"
+    # Unchanged since it failed: it did not go back to Running in between.
+    assert [c for c in status["conditions"] if c["type"] == "Failed"] == [condition]
+    assert len(sweep_events(kube_client, namespace, "unrendered", "InvalidTemplate")) == 1
+    names = {job.metadata.name for job in trial_jobs(batch, namespace, "unrendered")}
+    assert "unrendered-0000" in names and "unrendered-0001" not in names

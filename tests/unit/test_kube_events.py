@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sweep_operator.kube_writes import EVENT_BURST, posted
+from sweep_operator.kube_writes import EVENT_BURST, EVENT_INTERVAL, EventOutbox, posted
 from sweep_operator.plan import SweepEvent
 
 
@@ -27,3 +27,24 @@ def test_a_burst_is_one_event_that_keeps_a_reason_they_share():
     created = [SweepEvent("TrialCreated", f"sw-{i:04d}", f"lora_rank={i}") for i in range(7)]
     [event] = posted(created)
     assert event.detail == "7 trials: sw-0000, sw-0001, sw-0002, ..., sw-0006"
+
+
+def test_events_that_come_sooner_than_the_interval_are_posted_together_once_it_passed():
+    outbox = EventOutbox()
+    created = SweepEvent("TrialCreated", "sw-0000", "lora_rank=2")
+    assert outbox.add([created], now=100.0) == [created]  # a quiet sweep's Event goes at once
+    assert outbox.due is None
+    started = SweepEvent("TrialStarted", "sw-0000", "running")
+    ended = SweepEvent("TrialSucceeded", "sw-0000", "eval_loss=0.5")
+    assert outbox.add([started], now=100.2) == []
+    assert outbox.due == 100.0 + EVENT_INTERVAL  # the sweep's daemon wakes for them
+    assert outbox.add([], now=100.5) == []
+    assert outbox.add([ended], now=100.0 + EVENT_INTERVAL) == [started, ended]
+    assert outbox.due is None
+
+
+def test_the_events_of_a_sweeps_end_are_posted_with_it():
+    outbox = EventOutbox()
+    outbox.add([SweepEvent("TrialStarted", "sw-0000", "running")], now=100.0)
+    ended = SweepEvent("TrialSucceeded", "sw-0000", "eval_loss=0.5")
+    assert outbox.add([ended], now=100.1, last=True) == [ended]

@@ -84,11 +84,12 @@ server's Service when mlflow.enabled, else none. */}}
   resources: [hyperparametersweeps/status]
   verbs: [patch]
 # Trials are Jobs: watched through an index, created, and suspended (patch) when stopped
-# early. Never deleted by the operator: they are owned by their sweep, so garbage collection
-# deletes them with it.
+# early; read (get) when a creation finds the name taken, for whose Job holds it. Never
+# deleted by the operator: they are owned by their sweep, so garbage collection deletes them
+# with it.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create, patch]
+  verbs: [get, list, watch, create, patch]
 # The sweep's report (best_config.yaml, trials_summary.csv) in a ConfigMap `<sweep>-report`:
 # written, never read, so no other ConfigMap's content is visible to the operator.
 - apiGroups: [""]
